@@ -1,0 +1,29 @@
+# `make test` and `make demo` do all set-up themselves: create .venv, install pinned requirements.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PYTEST_WORKERS ?= 2
+
+.PHONY: test demo install install-dev bench clean
+
+$(VENV)/.runtime: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.runtime
+install-dev: $(VENV)/.dev
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
+
+demo: $(VENV)/.dev
+	$(PY) -m ghostnetv2_jax parity --model ghostnetv2_100 --size 224 --size 97x131
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

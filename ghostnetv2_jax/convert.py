@@ -1,0 +1,300 @@
+"""PyTorch state_dict <-> Flax variables, strictly, plus checkpoint readers and writers.
+
+The mapping is a handful of explicit rules (efficientnet-jax style):
+
+- names: Flax module paths are joined with '.', then ``_RENAMES`` turns them into timm's keys
+  (``blocks_3_0.ghost1.primary_bn`` -> ``blocks.3.0.ghost1.primary_conv.1``);
+- leaves: ``kernel`` -> ``weight`` with conv HWIO -> OIHW (a depthwise (kh, kw, 1, C) becomes
+  (C, 1, kh, kw)) and dense (in, out) -> (out, in); BN ``scale``/``bias`` -> ``weight``/``bias``;
+  ``batch_stats`` ``mean``/``var`` -> ``running_mean``/``running_var``; every BN also owns a
+  ``num_batches_tracked`` buffer in PyTorch, consumed on import and written on export.
+
+Strict: every tensor of the state_dict is consumed, every Flax leaf is filled and every shape
+checked; anything else raises ``ConversionError`` naming the keys.
+
+Converted weights are stored as **safetensors** (``save_variables``/``load_variables``): flat keys
+``params/blocks_0_0/ghost1/primary_conv/kernel``, with the model name and its overrides in the
+metadata. Reading a ``.safetensors`` file never needs torch; ``.pth``/``.pth.tar`` files are read
+with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ghostnetv2_jax.models.registry import create_model
+
+StateDict = Dict[str, np.ndarray]
+
+
+class ConversionError(ValueError):
+    """A checkpoint that does not fit the model, or a file that is not a checkpoint."""
+
+
+# Flax module path (dotted) -> timm key. Applied in order, each to the whole dotted path.
+_RENAMES = (
+    (r'^blocks_(\d+)_(\d+)_', r'blocks.\1.\2.'),          # final 1x1 stage: blocks_9_0_conv
+    (r'^blocks_(\d+)_(\d+)\.', r'blocks.\1.\2.'),
+    (r'\.primary_conv\.', '.primary_conv.0.'),
+    (r'\.primary_bn\.', '.primary_conv.1.'),
+    (r'\.cheap_conv\.', '.cheap_operation.0.'),
+    (r'\.cheap_bn\.', '.cheap_operation.1.'),
+    (r'\.shortcut_dw\.', '.shortcut.0.'),
+    (r'\.shortcut_dw_bn\.', '.shortcut.1.'),
+    (r'\.shortcut_pw\.', '.shortcut.2.'),
+    (r'\.shortcut_pw_bn\.', '.shortcut.3.'),
+    # DFC attention: timm's short_conv Sequential (conv, BN, FC_W, BN, FC_H, BN).
+    (r'\.attn\.conv\.', '.short_conv.0.'),
+    (r'\.attn\.bn\.', '.short_conv.1.'),
+    (r'\.attn\.fc_w\.', '.short_conv.2.'),
+    (r'\.attn\.bn_w\.', '.short_conv.3.'),
+    (r'\.attn\.fc_h\.', '.short_conv.4.'),
+    (r'\.attn\.bn_h\.', '.short_conv.5.'),
+)
+_LEAVES = {('params', 'kernel'): 'weight', ('params', 'scale'): 'weight', ('params', 'bias'): 'bias',
+           ('batch_stats', 'mean'): 'running_mean', ('batch_stats', 'var'): 'running_var'}
+_PROFILER_KEYS = ('total_ops', 'total_params')   # thop leftovers in the authors' release files
+
+
+def torch_name(collection: str, path: Tuple[str, ...]) -> str:
+    """timm's state_dict key for the Flax leaf ``variables[collection][path[0]]...[path[-1]]``."""
+    module = '.'.join(path[:-1]) + '.'
+    for pattern, repl in _RENAMES:
+        module = re.sub(pattern, repl, module)
+    return module + _LEAVES[(collection, path[-1])]
+
+
+def _to_torch_layout(leaf: str, a: np.ndarray) -> np.ndarray:
+    if leaf == 'kernel' and a.ndim == 4:
+        return a.transpose(3, 2, 0, 1)           # HWIO -> OIHW
+    if leaf == 'kernel' and a.ndim == 2:
+        return a.T                                # (in, out) -> (out, in)
+    return a
+
+
+def _to_flax_layout(leaf: str, a: np.ndarray) -> np.ndarray:
+    if leaf == 'kernel' and a.ndim == 4:
+        return a.transpose(2, 3, 1, 0)           # OIHW -> HWIO
+    if leaf == 'kernel' and a.ndim == 2:
+        return a.T
+    return a
+
+
+def _flax_leaves(model_name: str, **overrides) -> Dict[Tuple[str, Tuple[str, ...]], jax.ShapeDtypeStruct]:
+    """Shapes of every Flax leaf of the model, keyed by (collection, path); nothing computed."""
+    model = create_model(model_name, **overrides)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
+    out = {}
+    for collection, tree in shapes.items():
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            out[(collection, tuple(k.key for k in path))] = leaf
+    return out
+
+
+def _bn_prefixes(names) -> set:
+    return {n[:-len('running_mean')] for n in names if n.endswith('running_mean')}
+
+
+def to_numpy(v: Any) -> np.ndarray:
+    """numpy float32 (or integer) array from a numpy array, jax array or torch tensor."""
+    if hasattr(v, 'detach'):                      # torch.Tensor, without importing torch
+        v = v.detach().cpu()
+        v = v.float() if v.is_floating_point() else v
+        return v.numpy()
+    a = np.asarray(v)
+    return a.astype(np.float32) if np.issubdtype(a.dtype, np.floating) else a
+
+
+def _nest(flat: Dict[Tuple[str, Tuple[str, ...]], np.ndarray]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for (collection, path), value in flat.items():
+        node = out.setdefault(collection, {})
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = value
+    return out
+
+
+def _summarise(keys, limit: int = 6) -> str:
+    keys = sorted(keys)
+    more = f' (+{len(keys) - limit} more)' if len(keys) > limit else ''
+    return ', '.join(keys[:limit]) + more
+
+
+def torch_to_flax(state_dict: Mapping[str, Any], model_name: str, **overrides) -> Dict[str, Any]:
+    """timm / authors' state_dict -> ``{'params', 'batch_stats'}`` for ``create_model(model_name,
+    **overrides)``. Raises ``ConversionError`` on any missing, unexpected or mis-shaped tensor."""
+    state_dict = filter_state_dict(state_dict)
+    targets = _flax_leaves(model_name, **overrides)
+    names = {key: torch_name(*key) for key in targets}
+    wanted = set(names.values()) | {p + 'num_batches_tracked' for p in _bn_prefixes(names.values())}
+    missing = sorted(n for n in names.values() if n not in state_dict)
+    unexpected = sorted(set(state_dict) - wanted)
+    mismatch = None
+    flat = {}
+    for key, name in names.items():
+        if name not in state_dict:
+            continue
+        a = _to_flax_layout(key[1][-1], to_numpy(state_dict[name]))
+        if a.shape != targets[key].shape and mismatch is None:
+            mismatch = (name, tuple(np.shape(state_dict[name])), _to_torch_layout(key[1][-1], np.zeros(targets[key].shape)).shape)
+        flat[key] = jnp.asarray(a, jnp.float32)
+    problems = []
+    if missing:
+        problems.append(f'{len(missing)} missing keys: {_summarise(missing)}')
+    if unexpected:
+        problems.append(f'{len(unexpected)} unexpected keys: {_summarise(unexpected)}')
+    if mismatch:
+        problems.append(f'shape mismatch at {mismatch[0]}: checkpoint {mismatch[1]} vs model {mismatch[2]}')
+    if problems:
+        raise ConversionError(f'checkpoint does not fit {model_name}: ' + '; '.join(problems))
+    return _nest(flat)
+
+
+def flax_to_torch(variables: Mapping[str, Any], model_name: str, *, as_torch: bool = False,
+                  **overrides) -> Dict[str, Any]:
+    """Flax variables -> timm state_dict (numpy arrays, or torch tensors with ``as_torch``) that
+    ``timm.create_model(model_name).load_state_dict(sd, strict=True)`` accepts."""
+    targets = _flax_leaves(model_name, **overrides)
+    out: Dict[str, Any] = {}
+    for collection, path in targets:
+        node = variables[collection]
+        for k in path:
+            node = node[k]
+        a = np.asarray(node, np.float32)
+        if a.shape != targets[(collection, path)].shape:
+            raise ConversionError(f"variables do not fit {model_name}: {collection}/{'/'.join(path)} "
+                                  f"has shape {a.shape}, model expects {targets[(collection, path)].shape}")
+        out[torch_name(collection, path)] = np.ascontiguousarray(_to_torch_layout(path[-1], a))
+    for prefix in _bn_prefixes(list(out)):
+        out[prefix + 'num_batches_tracked'] = np.zeros((), np.int64)
+    out = dict(sorted(out.items()))
+    if as_torch:
+        import torch
+        out = {k: torch.from_numpy(v) for k, v in out.items()}
+    return out
+
+
+# ----------------------------------------------------------------------------- files
+def filter_state_dict(sd: Mapping[str, Any]) -> Dict[str, Any]:
+    """Drop profiler leftovers and a DataParallel 'module.' prefix (the authors' files need it)."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(_PROFILER_KEYS):
+            continue
+        out[k[len('module.'):] if k.startswith('module.') else k] = v
+    return out
+
+
+def _unwrap(obj: Any, path: str, use_ema: bool) -> Mapping[str, Any]:
+    if not isinstance(obj, Mapping):
+        raise ConversionError(f'{path} holds a {type(obj).__name__}, not a state_dict')
+    ema_keys = [k for k in ('state_dict_ema', 'model_ema', 'ema') if k in obj]
+    if use_ema:
+        if not ema_keys:
+            raise ConversionError(f'{path} has no EMA weights (looked for state_dict_ema, model_ema, ema)')
+        obj = obj[ema_keys[0]]
+    else:
+        for k in ('state_dict', 'model'):
+            if k in obj and isinstance(obj[k], Mapping):
+                obj = obj[k]
+                break
+    if not obj or not all(isinstance(k, str) and hasattr(v, 'shape') for k, v in obj.items()):
+        raise ConversionError(f'{path} is not a state_dict of tensors')
+    return obj
+
+
+def load_state_dict(path: str, use_ema: bool = False) -> StateDict:
+    """Read a ``.safetensors`` (no torch needed) or ``.pth``/``.pth.tar``/``.pt``/``.bin`` file,
+    unwrap ``state_dict``/``model`` (or the EMA copy with ``use_ema``), drop profiler keys."""
+    if not os.path.isfile(path):
+        raise ConversionError(f'no such checkpoint file: {path}')
+    if path.endswith('.safetensors'):
+        from safetensors.numpy import load_file
+        try:
+            sd = load_file(path)
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise ConversionError(f'cannot read {path} as safetensors (truncated or not a checkpoint): '
+                                  f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from None
+        if use_ema:
+            raise ConversionError(f'{path}: safetensors files hold one set of weights; drop --ema')
+    else:
+        import torch
+        try:
+            sd = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConversionError(f'cannot read {path} as a PyTorch checkpoint (truncated or not a '
+                                  f'checkpoint): {msg}') from None
+        sd = _unwrap(sd, path, use_ema)
+    return {k: to_numpy(v) for k, v in filter_state_dict(sd).items()}
+
+
+def _flatten(variables: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+    flat = jax.tree_util.tree_flatten_with_path(dict(variables))[0]
+    return {'/'.join(k.key for k in p): np.ascontiguousarray(np.asarray(v)) for p, v in flat}
+
+
+def save_variables(path: str, variables: Mapping[str, Any], model_name: str,
+                   overrides: Optional[Mapping[str, Any]] = None) -> None:
+    """Write Flax variables to ``path`` (safetensors) atomically: a failed write leaves any
+    existing file untouched."""
+    from safetensors.numpy import save_file
+    meta = {'model': model_name, 'overrides': json.dumps(dict(overrides or {}), sort_keys=True),
+            'format': 'ghostnetv2_jax.variables/1'}
+    tmp = f'{path}.tmp-{os.getpid()}'
+    save_file(_flatten(variables), tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_variables(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(variables, {'model': name, 'overrides': {...}}) from a file written by ``save_variables``."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise ConversionError(f'no such file: {path}')
+    try:
+        with safe_open(path, framework='numpy') as f:
+            meta = f.metadata() or {}
+            flat = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ConversionError(f'cannot read {path} as safetensors: {str(e).splitlines()[0] if str(e) else e!r}') from None
+    if meta.get('format') != 'ghostnetv2_jax.variables/1':
+        raise ConversionError(f'{path} is not a ghostnetv2_jax variables file (convert it first)')
+    nested: Dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split('/')
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return nested, {'model': meta['model'], 'overrides': json.loads(meta.get('overrides', '{}'))}
+
+
+def convert_file(model_name: str, src: str, dst_dir: str, use_ema: bool = False, **overrides) -> str:
+    """Convert a PyTorch checkpoint file into ``dst_dir/<model_name>.safetensors``; returns the path."""
+    variables = torch_to_flax(load_state_dict(src, use_ema=use_ema), model_name, **overrides)
+    os.makedirs(dst_dir, exist_ok=True)
+    dst = os.path.join(dst_dir, f'{model_name}.safetensors')
+    save_variables(dst, variables, model_name, overrides)
+    return dst
+
+
+def export_file(src: str, dst: str) -> str:
+    """Flax variables file -> PyTorch state_dict file (``.safetensors``, or ``.pth`` via torch)."""
+    variables, meta = load_variables(src)
+    sd = flax_to_torch(variables, meta['model'], as_torch=not dst.endswith('.safetensors'), **meta['overrides'])
+    tmp = f'{dst}.tmp-{os.getpid()}'
+    if dst.endswith('.safetensors'):
+        from safetensors.numpy import save_file
+        save_file(sd, tmp)
+    else:
+        import torch
+        torch.save(sd, tmp)
+    os.replace(tmp, dst)
+    return dst

@@ -1,0 +1,1 @@
+"""GhostNet models and their registry."""

@@ -1,0 +1,177 @@
+"""GhostNet (V1) and GhostNetV2 in Flax linen, built from the architecture table.
+
+Module names follow timm's where they can, so the converter's rename table stays short
+(see ``ghostnetv2_jax/convert.py``). Inputs are NHWC images; ``train`` switches BatchNorm to batch
+statistics (``mutable=['batch_stats']``) and enables dropout (a ``'dropout'`` rng).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ghostnetv2_jax.nn.attention import make_attention
+from ghostnetv2_jax.nn.depthwise import DepthwiseConv
+from ghostnetv2_jax.nn.layers import BatchNorm, conv2d, make_divisible
+
+Dtype = Any
+
+# One row per bottleneck: kernel, expansion width, output width, SE ratio, stride.
+# Rows are grouped into timm's 9 stages; a 10th stage (1x1 conv to 960 * width) follows.
+GHOSTNET_CFGS: Tuple[Tuple[Tuple[float, ...], ...], ...] = (
+    ((3, 16, 16, 0, 1),),
+    ((3, 48, 24, 0, 2),),
+    ((3, 72, 24, 0, 1),),
+    ((5, 72, 40, 0.25, 2),),
+    ((5, 120, 40, 0.25, 1),),
+    ((3, 240, 80, 0, 2),),
+    ((3, 200, 80, 0, 1), (3, 184, 80, 0, 1), (3, 184, 80, 0, 1), (3, 480, 112, 0.25, 1),
+     (3, 672, 112, 0.25, 1)),
+    ((5, 672, 160, 0.25, 2),),
+    ((5, 960, 160, 0, 1), (5, 960, 160, 0.25, 1), (5, 960, 160, 0, 1), (5, 960, 160, 0.25, 1)),
+)
+HEAD_WIDTH = 1280
+
+
+class GhostModule(nn.Module):
+    """Primary 1x1 conv + cheap depthwise conv, concatenated, optionally enhanced by attention.
+
+    ``attention`` is applied as ``attn(module_input, ghost_output)`` (see nn/attention.py).
+    """
+    features: int
+    ratio: int = 2
+    dw_size: int = 3
+    use_act: bool = True
+    attention: str = 'none'
+    attention_kwargs: Optional[Dict[str, Any]] = None
+    depthwise_impl: str = 'auto'
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        act = nn.relu if self.use_act else (lambda v: v)
+        init_chs = math.ceil(self.features / self.ratio)
+        x1 = conv2d(init_chs, 1, dtype=self.dtype, name='primary_conv')(x)
+        x1 = act(BatchNorm(dtype=self.dtype, name='primary_bn')(x1, train))
+        x2 = DepthwiseConv(self.dw_size, multiplier=self.ratio - 1, impl=self.depthwise_impl,
+                           dtype=self.dtype, name='cheap_conv')(x1)
+        x2 = act(BatchNorm(dtype=self.dtype, name='cheap_bn')(x2, train))
+        out = jnp.concatenate([x1, x2], axis=-1)
+        if out.shape[-1] != self.features:
+            out = out[..., :self.features]
+        attn = make_attention(self.attention, self.features, depthwise_impl=self.depthwise_impl,
+                              dtype=self.dtype, **(self.attention_kwargs or {}))
+        return out if attn is None else attn(x, out, train)
+
+
+class GhostBottleneck(nn.Module):
+    """ghost1 (expand) -> [depthwise k x k, stride s, BN] -> [SE] -> ghost2 (project) + shortcut."""
+    mid_features: int
+    out_features: int
+    kernel_size: int = 3
+    stride: int = 1
+    se_ratio: float = 0.0
+    attention: str = 'none'
+    attention_position: str = 'ghost1'   # 'ghost1': expanded features; 'ghost2': block output
+    attention_kwargs: Optional[Dict[str, Any]] = None
+    depthwise_impl: str = 'auto'
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if self.attention_position not in ('ghost1', 'ghost2'):
+            raise ValueError(f"attention_position must be 'ghost1' or 'ghost2', got {self.attention_position!r}")
+        common = dict(depthwise_impl=self.depthwise_impl, dtype=self.dtype)
+        attn = lambda pos: (dict(attention=self.attention, attention_kwargs=self.attention_kwargs)
+                            if self.attention_position == pos else {})
+        dw = lambda k, s, name: DepthwiseConv(k, stride=s, impl=self.depthwise_impl, dtype=self.dtype, name=name)
+        bn = lambda name: BatchNorm(dtype=self.dtype, name=name)
+        in_features, k, s = x.shape[-1], self.kernel_size, self.stride
+
+        y = GhostModule(self.mid_features, use_act=True, name='ghost1', **attn('ghost1'), **common)(x, train)
+        if s > 1:
+            y = bn('bn_dw')(dw(k, s, 'conv_dw')(y), train)
+        if self.se_ratio > 0:
+            y = make_attention('se', self.mid_features, rd_ratio=self.se_ratio, dtype=self.dtype,
+                               module_name='se')(y, y, train)
+        y = GhostModule(self.out_features, use_act=False, name='ghost2', **attn('ghost2'), **common)(y, train)
+
+        if in_features == self.out_features and s == 1:
+            shortcut = x
+        else:
+            shortcut = bn('shortcut_dw_bn')(dw(k, s, 'shortcut_dw')(x), train)
+            shortcut = conv2d(self.out_features, 1, dtype=self.dtype, name='shortcut_pw')(shortcut)
+            shortcut = bn('shortcut_pw_bn')(shortcut, train)
+        return y + shortcut
+
+
+class GhostNet(nn.Module):
+    """GhostNet V1 (``attention='none'``) or V2 (``attention='dfc'``) classifier.
+
+    ``attention_blocks``: global indices of the bottlenecks (0..15) that get attention;
+    None means the released models' choice, every block with index > 1.
+    """
+    cfgs: Sequence[Sequence[Sequence[float]]] = GHOSTNET_CFGS
+    width: float = 1.0
+    num_classes: int = 1000
+    drop_rate: float = 0.2
+    attention: str = 'dfc'
+    attention_kwargs: Optional[Dict[str, Any]] = None
+    attention_blocks: Optional[Sequence[int]] = None
+    attention_position: str = 'ghost1'
+    depthwise_impl: str = 'auto'
+    dtype: Dtype = jnp.float32
+
+    def _attention_for(self, index: int) -> str:
+        chosen = range(2, 10 ** 6) if self.attention_blocks is None else self.attention_blocks
+        return self.attention if index in chosen else 'none'
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False, *, features_only: bool = False):
+        """Logits (N, num_classes) in float32; with ``features_only`` the list of 5 feature maps at
+        strides 2, 4, 8, 16, 32, the same maps as timm's ``features_only=True`` model."""
+        features: List[jax.Array] = []
+        x = images.astype(self.dtype)
+        x = conv2d(make_divisible(16 * self.width), 3, stride=2, dtype=self.dtype, name='conv_stem')(x)
+        features.append(x)  # timm takes the stride-2 map straight from conv_stem, before BN
+        x = nn.relu(BatchNorm(dtype=self.dtype, name='bn1')(x, train))
+
+        index = 0
+        for stage, rows in enumerate(self.cfgs):
+            for j, (k, exp, c, se, s) in enumerate(rows):
+                x = GhostBottleneck(
+                    make_divisible(exp * self.width), make_divisible(c * self.width), int(k), int(s), se,
+                    attention=self._attention_for(index), attention_position=self.attention_position,
+                    attention_kwargs=self.attention_kwargs, depthwise_impl=self.depthwise_impl,
+                    dtype=self.dtype, name=f'blocks_{stage}_{j}')(x, train)
+                index += 1
+            if int(rows[-1][4]) > 1:
+                features.append(x)
+        if features_only:
+            return features
+
+        last_width = make_divisible(self.cfgs[-1][-1][1] * self.width)
+        x = conv2d(last_width, 1, dtype=self.dtype, name=f'blocks_{len(self.cfgs)}_0_conv')(x)
+        x = nn.relu(BatchNorm(dtype=self.dtype, name=f'blocks_{len(self.cfgs)}_0_bn1')(x, train))
+        x = jnp.mean(x, axis=(1, 2), keepdims=True)
+        x = nn.relu(conv2d(HEAD_WIDTH, 1, use_bias=True, dtype=self.dtype, name='conv_head')(x))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
+        if self.num_classes <= 0:
+            return x.astype(jnp.float32)
+        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name='classifier')(x)
+        return x.astype(jnp.float32)
+
+
+def feature_info(model: GhostNet) -> List[Dict[str, int]]:
+    """Channels and stride of each map returned by ``features_only=True`` (timm's feature_info)."""
+    info = [dict(num_chs=make_divisible(16 * model.width), reduction=2)]
+    reduction = 2
+    for rows in model.cfgs:
+        if int(rows[-1][4]) > 1:
+            reduction *= 2
+            info.append(dict(num_chs=make_divisible(rows[-1][2] * model.width), reduction=reduction))
+    return info

@@ -1,0 +1,1 @@
+"""Layers shared by the models: PyTorch-exact basics, depthwise conv, attention variants."""

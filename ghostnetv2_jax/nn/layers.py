@@ -1,0 +1,151 @@
+"""Basic layers with PyTorch semantics: padding, BatchNorm, gates, resizing, channel rounding.
+
+Everything here exists because the Flax default differs from PyTorch in a way that changes
+numbers: 'SAME' padding is asymmetric for stride 2, ``flax.linen.BatchNorm`` keeps the biased
+variance, ``jax.image.resize`` uses half-pixel nearest and a different bicubic kernel.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+IntOrPair = Union[int, Tuple[int, int]]
+
+
+def make_divisible(v: float, divisor: int = 4, min_value: Optional[int] = None,
+                   round_limit: float = 0.9) -> int:
+    """Round a channel count to a multiple of ``divisor`` (timm/TF rule, never below 90% of v)."""
+    min_value = min_value or divisor
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < round_limit * v:
+        new_v += divisor
+    return new_v
+
+
+def pair(v: IntOrPair) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def hard_sigmoid(x: jax.Array) -> jax.Array:
+    """PyTorch's ``Hardsigmoid``: relu6(x + 3) / 6."""
+    return jnp.clip(x + 3.0, 0.0, 6.0) / 6.0
+
+
+def torch_padding(kernel_size: IntOrPair, padding: Optional[IntOrPair] = None):
+    """Explicit symmetric padding, PyTorch style (defaults to k // 2 per spatial dim)."""
+    kh, kw = pair(kernel_size)
+    ph, pw = (kh // 2, kw // 2) if padding is None else pair(padding)
+    return ((ph, ph), (pw, pw))
+
+
+def conv2d(features: int, kernel_size: IntOrPair = 1, stride: IntOrPair = 1,
+           padding: Optional[IntOrPair] = None, use_bias: bool = False,
+           dtype: Dtype = jnp.float32, name: Optional[str] = None) -> nn.Conv:
+    """A dense (groups=1) conv with PyTorch's symmetric padding; kernel layout HWIO."""
+    return nn.Conv(features, pair(kernel_size), strides=pair(stride),
+                   padding=torch_padding(kernel_size, padding), use_bias=use_bias,
+                   dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm2d with PyTorch semantics.
+
+    - eps 1e-5 and momentum 0.1 in PyTorch terms (new = (1 - m) * old + m * batch);
+    - normalises with the biased batch variance but stores the unbiased one in ``var``;
+    - statistics are always float32, whatever the compute dtype;
+    - the batch mean over axes (N, H, W) is a global reduction, so under ``jax.jit`` with the
+      batch sharded over devices it is computed over the global batch with no extra code.
+    """
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+        ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            x32 = x.astype(jnp.float32)
+            mean = jnp.mean(x32, axes)
+            var = jnp.mean(jnp.square(x32 - mean), axes)  # two-pass: matches torch closely
+            if not self.is_initializing():
+                n = math.prod(x.shape[:-1])
+                m = self.momentum
+                ra_mean.value = (1 - m) * ra_mean.value + m * mean
+                ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        # Fold into one per-channel affine: a single multiply-add over the activation.
+        mul = scale * jax.lax.rsqrt(var + self.epsilon)
+        add = bias - mean * mul
+        return x * mul.astype(self.dtype) + add.astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------- resizing
+def _nearest_index(in_size: int, out_size: int) -> np.ndarray:
+    # PyTorch: src = min(floor(dst * (float)(in / out)), in - 1), computed in float32.
+    scale = np.float32(in_size / out_size)
+    idx = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(idx, in_size - 1)
+
+
+def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+    """Weights of the 4 taps at offsets -1, 0, 1, 2 for fractional position t (Keys, a=-0.75)."""
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+def interp_matrix(in_size: int, out_size: int, method: str) -> np.ndarray:
+    """(out, in) matrix that reproduces ``F.interpolate(..., align_corners=False)`` on one axis."""
+    m = np.zeros((out_size, in_size), np.float64)
+    rows = np.arange(out_size)
+    if method == 'nearest':
+        m[rows, _nearest_index(in_size, out_size)] = 1.0
+        return m
+    scale = in_size / out_size
+    src = (rows + 0.5) * scale - 0.5
+    if method == 'bilinear':
+        src = np.maximum(src, 0.0)
+        i0 = np.floor(src).astype(np.int64)
+        i1 = np.minimum(i0 + 1, in_size - 1)
+        lam = src - i0
+        np.add.at(m, (rows, i0), 1.0 - lam)
+        np.add.at(m, (rows, i1), lam)
+        return m
+    if method == 'bicubic':
+        i0 = np.floor(src).astype(np.int64)
+        w = _cubic_weights(src - i0)
+        for k in range(4):
+            np.add.at(m, (rows, np.clip(i0 - 1 + k, 0, in_size - 1)), w[:, k])
+        return m
+    raise ValueError(f"unknown resize method {method!r}; expected nearest, bilinear or bicubic")
+
+
+def resize(x: jax.Array, size: Sequence[int], method: str = 'nearest') -> jax.Array:
+    """Resize NHWC ``x`` to ``size`` (H, W) exactly as PyTorch's ``F.interpolate`` does."""
+    (h, w), (oh, ow) = x.shape[1:3], tuple(size)
+    if (h, w) == (oh, ow):
+        return x
+    if method == 'nearest':
+        if oh % h == 0 and ow % w == 0:  # integer factor: a broadcast, no gather
+            x = jnp.broadcast_to(x[:, :, None, :, None, :], (x.shape[0], h, oh // h, w, ow // w, x.shape[-1]))
+            return x.reshape(x.shape[0], oh, ow, -1)
+        x = jnp.take(x, jnp.asarray(_nearest_index(h, oh)), axis=1)
+        return jnp.take(x, jnp.asarray(_nearest_index(w, ow)), axis=2)
+    mh = jnp.asarray(interp_matrix(h, oh, method), x.dtype)
+    mw = jnp.asarray(interp_matrix(w, ow, method), x.dtype)
+    return jnp.einsum('oh,nhwc,pw->nopc', mh, x, mw)
