@@ -99,10 +99,10 @@ def _nearest_index(in_size: int, out_size: int) -> np.ndarray:
     return np.minimum(idx, in_size - 1)
 
 
-def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+def _cubic_weights(t: np.ndarray, a: np.float32 = np.float32(-0.75)) -> np.ndarray:
     """Weights of the 4 taps at offsets -1, 0, 1, 2 for fractional position t (Keys, a=-0.75)."""
     def near(x):  # |x| <= 1
-        return ((a + 2) * x - (a + 3)) * x * x + 1
+        return ((a + 2) * x - (a + 3)) * x * x + np.float32(1)
 
     def far(x):  # 1 < |x| < 2
         return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
@@ -116,10 +116,11 @@ def interp_matrix(in_size: int, out_size: int, method: str) -> np.ndarray:
     if method == 'nearest':
         m[rows, _nearest_index(in_size, out_size)] = 1.0
         return m
-    scale = in_size / out_size
-    src = (rows + 0.5) * scale - 0.5
+    # float32 like PyTorch's kernels, so the interpolation weights round the same way.
+    f32 = np.float32
+    src = f32(in_size / out_size) * (rows.astype(f32) + f32(0.5)) - f32(0.5)
     if method == 'bilinear':
-        src = np.maximum(src, 0.0)
+        src = np.maximum(src, f32(0))
         i0 = np.floor(src).astype(np.int64)
         i1 = np.minimum(i0 + 1, in_size - 1)
         lam = src - i0
