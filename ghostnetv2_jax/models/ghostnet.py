@@ -62,8 +62,9 @@ class GhostModule(nn.Module):
         out = jnp.concatenate([x1, x2], axis=-1)
         if out.shape[-1] != self.features:
             out = out[..., :self.features]
+        options = (self.attention_kwargs or {}) if self.attention != 'none' else {}
         attn = make_attention(self.attention, self.features, depthwise_impl=self.depthwise_impl,
-                              dtype=self.dtype, **(self.attention_kwargs or {}))
+                              dtype=self.dtype, **options)
         return out if attn is None else attn(x, out, train)
 
 

@@ -1,0 +1,154 @@
+"""Registry, parameter/MAC counts, feature maps and the architecture switches."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import timm
+import torch
+
+from conftest import rel_err
+from ghostnetv2_jax import convert, create_model, get_spec, list_models, parity, summary
+from ghostnetv2_jax.models.ghostnet import feature_info
+
+# Pinned like vision_transformer does: a new registered model without an entry fails here.
+PARAMS = {'ghostnet_050': 2_587_292, 'ghostnet_100': 5_182_508, 'ghostnet_130': 7_358_820,
+          'ghostnetv2_100': 6_156_908, 'ghostnetv2_130': 8_960_404, 'ghostnetv2_160': 12_392_698}
+# Published MACs at 224 (GhostNet paper Table 7, GhostNetV2 paper Table 2), in millions.
+PAPER_MMACS = {'ghostnet_050': 42, 'ghostnet_100': 141, 'ghostnet_130': 226,
+               'ghostnetv2_100': 167, 'ghostnetv2_130': 269, 'ghostnetv2_160': 399}
+
+
+def timm_hook_macs(name):
+    """MACs of timm's model counted by forward hooks on every Conv2d and Linear (thop's rule)."""
+    model = timm.create_model(name).eval()
+    total = [0]
+
+    def hook(mod, _inp, out):
+        if isinstance(mod, torch.nn.Conv2d):
+            total[0] += out.numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+        elif isinstance(mod, torch.nn.Linear):
+            total[0] += out.numel() * mod.in_features
+    for m in model.modules():
+        m.register_forward_hook(hook)
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 224, 224))
+    return total[0], sum(p.numel() for p in model.parameters())
+
+
+def test_registry_lists_the_six_models_and_every_one_is_pinned():
+    assert list_models() == sorted(PARAMS)
+    assert list_models('ghostnetv2_*') == ['ghostnetv2_100', 'ghostnetv2_130', 'ghostnetv2_160']
+
+
+@pytest.mark.parametrize('name', sorted(PARAMS))
+def test_params_and_macs_match_timm_and_the_paper(name):
+    s = summary.summarize(name)
+    timm_macs, timm_params = timm_hook_macs(name)
+    assert s['params'] == PARAMS[name] == timm_params
+    assert s['macs'] == timm_macs
+    assert abs(s['macs'] / 1e6 - PAPER_MMACS[name]) <= 0.02 * PAPER_MMACS[name]
+
+
+@pytest.mark.parametrize('name', sorted(PARAMS))
+def test_eval_preprocessing_matches_timm_pretrained_cfg(name):
+    ours = get_spec(name).pretrained
+    cfg = timm.create_model(name).pretrained_cfg
+    assert ours.input_size == tuple(cfg['input_size'][1:])
+    assert ours.crop_pct == cfg['crop_pct'] and ours.interpolation == cfg['interpolation']
+    assert ours.mean == tuple(cfg['mean']) and ours.std == tuple(cfg['std'])
+
+
+def test_create_model_rejects_unknown_names_and_overrides():
+    with pytest.raises(ValueError, match='unknown model'):
+        create_model('ghostnetv3_100')
+    with pytest.raises(TypeError, match='unknown overrides'):
+        create_model('ghostnetv2_100', widht=2.0)
+
+
+def test_features_only_matches_timm_feature_maps():
+    ref = parity.timm_model('ghostnetv2_100', seed=4)
+    feats_ref = timm.create_model('ghostnetv2_100', features_only=True)
+    # timm's feature wrapper flattens 'blocks.N' to 'blocks_N' and drops the head.
+    sd = {k.replace('blocks.', 'blocks_', 1): v for k, v in ref.state_dict().items()}
+    feats_ref.load_state_dict({k: v for k, v in sd.items() if k in feats_ref.state_dict()}, strict=True)
+    feats_ref.eval()
+    model = create_model('ghostnetv2_100')
+    v = convert.torch_to_flax(ref.state_dict(), 'ghostnetv2_100')
+    x = np.random.default_rng(0).standard_normal((2, 96, 80, 3)).astype(np.float32)
+    ours = jax.jit(lambda v, x: model.apply(v, x, features_only=True))(v, x)
+    with torch.no_grad():
+        theirs = feats_ref(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+    assert [f['num_chs'] for f in feature_info(model)] == feats_ref.feature_info.channels()
+    assert [f['reduction'] for f in feature_info(model)] == feats_ref.feature_info.reduction()
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.permute(0, 2, 3, 1).shape
+        assert rel_err(a, b.permute(0, 2, 3, 1).numpy()) < 1e-5
+
+
+def _attention_sites(variables):
+    """Module paths (block, ghost module) that hold an 'attn' submodule."""
+    return sorted((b, g) for b, blk in variables['params'].items() if b.startswith('blocks_') and isinstance(blk, dict)
+                  for g, mod in blk.items() if isinstance(mod, dict) and 'attn' in mod)
+
+
+def _shapes(model, size=64):
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))))
+
+
+def test_attention_goes_to_blocks_after_index_1_in_ghost1_by_default():
+    sites = _attention_sites(_shapes(create_model('ghostnetv2_100')))
+    assert len(sites) == 14 and all(g == 'ghost1' for _, g in sites)
+    assert ('blocks_0_0', 'ghost1') not in sites and ('blocks_1_0', 'ghost1') not in sites
+    assert _attention_sites(_shapes(create_model('ghostnet_100'))) == []
+
+
+def test_attention_blocks_and_position_switches():
+    v = _shapes(create_model('ghostnetv2_100', attention_blocks=(0, 15), attention_position='ghost2'))
+    assert _attention_sites(v) == [('blocks_0_0', 'ghost2'), ('blocks_8_3', 'ghost2')]
+    dfc = v['params']['blocks_8_3']['ghost2']['attn']
+    assert dfc['conv']['kernel'].shape == (1, 1, 960, 160)   # from ghost2's input to its output width
+
+
+@pytest.mark.parametrize('name', ['se', 'cbam', 'coord', 'none'])
+def test_ghostnetv2_with_each_attention_variant_runs(name):
+    model = create_model('ghostnetv2_100', attention=name, num_classes=7)
+    x = jnp.ones((2, 64, 64, 3))
+    v = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+    logits, _ = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'],
+                                                 rngs={'dropout': jax.random.PRNGKey(1)}))(v, x)
+    assert logits.shape == (2, 7) and logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+    assert (len(_attention_sites(v)) == 14) == (name != 'none')
+
+
+def test_dfc_kernel_switch_changes_the_fc_kernels():
+    v = _shapes(create_model('ghostnetv2_100', attention_kwargs={'kernel': (7, 3)}))
+    dfc = v['params']['blocks_3_0']['ghost1']['attn']
+    assert dfc['fc_w']['kernel'].shape == (1, 3, 1, 72) and dfc['fc_h']['kernel'].shape == (7, 1, 1, 72)
+
+
+BF16_TOLERANCE = 2e-2   # documented in the README: bf16 logits vs fp32, relative to max |logit|
+
+
+def test_bf16_compute_stays_within_documented_tolerance_of_fp32():
+    ref = parity.timm_model('ghostnetv2_100', seed=5)
+    v = convert.torch_to_flax(ref.state_dict(), 'ghostnetv2_100')
+    x = np.random.default_rng(1).standard_normal((4, 128, 128, 3)).astype(np.float32)
+    fp32 = jax.jit(create_model('ghostnetv2_100').apply)(v, x)
+    bf16 = jax.jit(create_model('ghostnetv2_100', dtype=jnp.bfloat16).apply)(v, x)
+    assert bf16.dtype == jnp.float32
+    assert rel_err(bf16, fp32) < BF16_TOLERANCE
+
+
+def test_dropout_is_active_only_in_train_mode():
+    model = create_model('ghostnet_050', drop_rate=0.5, num_classes=5)
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 32, 32, 3))  # not constant: BN would zero it
+    v = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+    train = jax.jit(lambda v, r: model.apply(v, x, train=True, mutable=['batch_stats'], rngs={'dropout': r})[0])
+    assert not np.allclose(train(v, jax.random.PRNGKey(1)), train(v, jax.random.PRNGKey(2)))
+    ev = jax.jit(lambda v: model.apply(v, x))
+    np.testing.assert_array_equal(ev(v), ev(v))
+
+
+def test_too_small_input_for_dfc_is_a_clear_error():
+    with pytest.raises(ValueError, match='at least 64x64'):
+        _shapes(create_model('ghostnetv2_100'), size=32)
