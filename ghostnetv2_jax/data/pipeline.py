@@ -1,0 +1,261 @@
+"""Source -> decode -> augment -> batch, per host, as numpy batches for the trainer.
+
+``create_split(config.data, split=..., train=...)`` returns a ``DataSplit`` whose iterator
+yields ``{'images': float32 (B, H, W, 3), 'labels': int32 (B,), 'mask': float32 (B,)}`` with
+B = global_batch // host_count.
+
+Determinism and resume: epoch e of host h visits its records in an order drawn from a key
+folded from (seed, e, h), and the example at position p of that order is augmented with a key
+folded from (seed, e, h, p). A run restarted with ``start_step=k`` therefore begins at epoch
+k // steps_per_epoch, position (k % steps_per_epoch) * B, and produces exactly the batches a
+fresh run produces from step k on; the skipped records are neither decoded nor augmented.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from ghostnetv2_jax.data import augment, sources
+from ghostnetv2_jax.models.registry import IMAGENET_MEAN, IMAGENET_STD
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Every knob of the input pipeline; defaults are the GhostNetV2 ImageNet recipe."""
+    dataset: str = 'imagenet2012'      # 'digits' | 'folder:/path' | 'image_folder' | tfds name
+    data_dir: Optional[str] = None     # tfds data_dir, or the root for 'image_folder'
+    train_split: str = 'train'
+    eval_split: str = 'validation'
+    image_size: int = 224
+    crop_pct: float = 0.875            # eval: resize short side to floor(image_size / crop_pct)
+    interpolation: str = 'bicubic'     # eval resize
+    mean: Tuple[float, ...] = IMAGENET_MEAN
+    std: Tuple[float, ...] = IMAGENET_STD
+    train_interpolation: str = 'random'   # 'random' (bilinear|bicubic per image) or a method
+    scale: Tuple[float, float] = (0.08, 1.0)
+    ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    color_jitter: Any = 0.4            # used only when randaugment is ''
+    randaugment: str = 'rand-m9-mstd0.5'  # '' disables
+    reprob: float = 0.2
+    remode: str = 'pixel'
+    shuffle_buffer: int = 16384        # tfds only; in-memory sources shuffle exactly
+    image_key: str = 'image'           # tfds feature names
+    label_key: str = 'label'
+    num_threads: int = 0               # tf.data private thread pool; 0: one per CPU core
+
+    @classmethod
+    def from_config(cls, config: Any) -> 'DataConfig':
+        """From a ConfigDict, a mapping or a DataConfig; missing fields take the defaults."""
+        if isinstance(config, cls):
+            return config
+        names = {f.name for f in dataclasses.fields(cls)}
+        given = dict(config.items()) if hasattr(config, 'items') else dict(config)
+        unknown = sorted(set(given) - names)
+        if unknown:
+            raise ValueError(f'unknown data config fields {unknown}; known: {sorted(names)}')
+        for key in ('mean', 'std', 'scale', 'ratio'):
+            if key in given:
+                given[key] = tuple(given[key])
+        if isinstance(given.get('color_jitter'), (list, tuple)):
+            given['color_jitter'] = tuple(given['color_jitter'])
+        return cls(**given)
+
+    def __post_init__(self):
+        if not isinstance(self.image_size, int) or self.image_size < 3:
+            raise ValueError(f'image_size must be an int >= 3, got {self.image_size!r}')
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f'mean and std need 3 values, got {self.mean} and {self.std}')
+
+    def source(self, split: str):
+        return sources.open_source(self.dataset, split, self.data_dir,
+                                   class_split=self.train_split, image_key=self.image_key,
+                                   label_key=self.label_key, shuffle_buffer=self.shuffle_buffer)
+
+    def train_transform(self) -> augment.TrainTransform:
+        return augment.TrainTransform(
+            self.image_size, self.mean, self.std, self.scale, self.ratio,
+            self.train_interpolation, self.hflip, self.color_jitter, self.randaugment,
+            self.reprob, self.remode)
+
+    def eval_transform(self) -> augment.EvalTransform:
+        return augment.EvalTransform(self.image_size, self.crop_pct, self.interpolation,
+                                     self.mean, self.std)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """``config.data`` with every field and its default (the ImageNet recipe)."""
+    return ml_collections.ConfigDict(dataclasses.asdict(DataConfig()))
+
+
+def num_classes_of(data_config: Any) -> int:
+    """Classes of the train split, without building a pipeline (digits: no TF work at all)."""
+    cfg = DataConfig.from_config(data_config)
+    return cfg.source(cfg.train_split).num_classes
+
+
+@dataclasses.dataclass
+class DataSplit:
+    iterator: Iterator[Dict[str, np.ndarray]]
+    num_examples: int                  # whole split, all hosts
+    num_classes: int
+    steps_per_epoch: int
+    batch_size: int                    # per host
+    restart: Callable[[int], Iterator[Dict[str, np.ndarray]]] = dataclasses.field(repr=False)
+
+    def fresh_iterator(self, start_step: int = 0) -> Iterator[Dict[str, np.ndarray]]:
+        """A new iterator from ``start_step`` (e.g. another pass over an eval split)."""
+        return self.restart(start_step)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def _as_rgb(image: tf.Tensor) -> tf.Tensor:
+    """uint8 images with 1 or 3 channels -> 3 channels."""
+    if image.shape.rank == 2:
+        image = image[..., None]
+    if image.shape[-1] == 1:
+        image = tf.tile(image, [1, 1, 3])
+    return tf.ensure_shape(image, [None, None, 3])
+
+
+def decode_window(raw: tf.Tensor, window_fn: Callable) -> tf.Tensor:
+    """Decode only what ``window_fn(shape_hw) -> (top, left, h, w)`` asks for: JPEGs with
+    decode_and_crop_jpeg, other encodings fully then crop, uint8 tensors by slicing."""
+    if raw.dtype != tf.string:
+        image = _as_rgb(raw)
+        return augment.crop(image, window_fn(tf.shape(image)[:2]))
+
+    def jpeg():
+        top, left, h, w = window_fn(tf.image.extract_jpeg_shape(raw)[:2])
+        return tf.image.decode_and_crop_jpeg(raw, tf.stack([top, left, h, w]), channels=3)
+
+    def other():
+        image = tf.io.decode_image(raw, channels=3, expand_animations=False)
+        return augment.crop(image, window_fn(tf.shape(image)[:2]))
+
+    return tf.ensure_shape(tf.cond(tf.io.is_jpeg(raw), jpeg, other), [None, None, 3])
+
+
+def decode(raw: tf.Tensor) -> tf.Tensor:
+    if raw.dtype != tf.string:
+        return _as_rgb(raw)
+    return tf.ensure_shape(tf.io.decode_image(raw, channels=3, expand_animations=False),
+                           [None, None, 3])
+
+
+# ----------------------------------------------------------------------------- datasets
+
+def _options(cfg: DataConfig) -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.private_threadpool_size = cfg.num_threads or (os.cpu_count() or 1)
+    options.threading.max_intra_op_parallelism = 1
+    return options
+
+
+def _key(seed: int, *data) -> tf.Tensor:
+    """A stateless key folded from the run seed and ``data`` (ints or int tensors)."""
+    key = tf.constant([0, seed], tf.int64)
+    for value in data:
+        key = augment.fold_in(key, value)
+    return key
+
+
+_ORDER, _AUGMENT = 0, 1          # key streams: record order, per-example augmentation
+
+
+def train_dataset(source, cfg: DataConfig, *, seed: int, batch_size: int, steps: int,
+                  start_step: int = 0, host_index: int = 0, host_count: int = 1,
+                  num_epochs: Optional[int] = None) -> tf.data.Dataset:
+    """Training batches for one host from ``start_step`` on, every epoch in one tf.data graph.
+
+    Epoch e reads this host's records in the order of key (seed, e, host), keeps the first
+    ``steps * batch_size``, and augments the one at position p with key (seed, e, host, p).
+    Resuming skips records of the first epoch before they are loaded, decoded or augmented.
+    """
+    transform = cfg.train_transform()
+    first_epoch, first_step = divmod(start_step, steps)
+    last_epoch = np.iinfo(np.int64).max if num_epochs is None else num_epochs
+
+    @tf.autograph.experimental.do_not_convert       # plain graph code; tfds inside
+    def epoch_records(epoch):
+        records = source.epoch_records(host_index, host_count,
+                                       _key(seed, _ORDER, epoch, host_index))
+        skip = tf.where(epoch == first_epoch, first_step * batch_size, 0)
+        records = records.take(steps * batch_size).enumerate().skip(tf.cast(skip, tf.int64))
+        return records.map(lambda position, record: (epoch, position, record))
+
+    @tf.autograph.experimental.do_not_convert
+    def example(epoch, position, record):
+        key = _key(seed, _AUGMENT, epoch, host_index, position)
+        raw = source.load(record)['image']
+        image = decode_window(raw, lambda shape: transform.crop_window(shape, key))
+        return {'images': transform.after_crop(image, key), 'labels': record['label'],
+                'mask': tf.constant(1.0, tf.float32)}
+
+    ds = tf.data.Dataset.range(first_epoch, last_epoch).flat_map(epoch_records)
+    ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds.with_options(_options(cfg))
+
+
+def eval_dataset(source, cfg: DataConfig, *, batch_size: int, steps: int,
+                 host_index: int = 0, host_count: int = 1) -> tf.data.Dataset:
+    """Every example of this host's share once, then masked padding up to ``steps`` batches."""
+    transform = cfg.eval_transform()
+    padding = steps * batch_size - source.host_num_examples(host_index, host_count)
+
+    @tf.autograph.experimental.do_not_convert
+    def example(record):
+        image = transform(decode(source.load(record)['image']))
+        return {'images': image, 'labels': record['label'], 'mask': tf.constant(1.0, tf.float32)}
+
+    blank = {'images': tf.zeros([cfg.image_size] * 2 + [3], tf.float32),
+             'labels': tf.constant(0, tf.int32), 'mask': tf.constant(0.0, tf.float32)}
+    ds = source.records(host_index, host_count).map(example, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds.with_options(_options(cfg))
+
+
+def create_split(data_config: Any, *, split: str, train: bool, global_batch: int, seed: int,
+                 start_step: int = 0, host_index: int = 0, host_count: int = 1,
+                 num_epochs: Optional[int] = None) -> DataSplit:
+    """The batches of ``split`` for one host (see the module docstring for the guarantees).
+
+    Train: shuffled, augmented, ``num_epochs`` epochs (None: forever) of
+    ``num_examples // global_batch`` steps, starting at ``start_step``. Eval: every example
+    exactly once over ``ceil(num_examples / global_batch)`` steps, padding masked out.
+    """
+    cfg = DataConfig.from_config(data_config)
+    if global_batch <= 0 or global_batch % host_count:
+        raise ValueError(f'global_batch {global_batch} must be a positive multiple of '
+                         f'host_count {host_count}')
+    if start_step < 0:
+        raise ValueError(f'start_step must be >= 0, got {start_step}')
+    source = cfg.source(split)
+    sources.host_slice(1, host_index, host_count)              # validates the host indices
+    batch = global_batch // host_count
+    n = source.num_examples
+    if train:
+        steps = n // global_batch
+        if steps == 0:
+            raise ValueError(f'{source.name} {split!r} has {n} examples, fewer than one global '
+                             f'batch of {global_batch}')
+        make = lambda start: train_dataset(
+            source, cfg, seed=seed, batch_size=batch, steps=steps, start_step=start,
+            host_index=host_index, host_count=host_count, num_epochs=num_epochs
+        ).as_numpy_iterator()
+    else:
+        steps = math.ceil(n / global_batch)
+        make = lambda start: eval_dataset(source, cfg, batch_size=batch, steps=steps,
+                                          host_index=host_index, host_count=host_count
+                                          ).skip(start).as_numpy_iterator()
+    return DataSplit(make(start_step), n, source.num_classes, steps, batch, make)

@@ -1,0 +1,293 @@
+"""Where examples come from: the embedded digits set, an image folder, or a tfds dataset.
+
+A source knows its size and classes and hands the pipeline *light* records
+``{'image': raw, 'label': int32}`` for one host's share of the split: ``records`` in a fixed
+order (eval), ``epoch_records(order_key)`` in an order drawn from a key tensor, so the pipeline
+can build every epoch inside one tf.data graph. For the in-memory sources ``raw`` is a uint8
+image or a file path (read later by ``load``, so records skipped on resume are never read);
+for tfds it is the encoded image bytes. Decoding and augmentation belong to the pipeline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+DIGITS_SPLITS = ('train', 'validation')
+DIGITS_VALIDATION_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+
+
+class DataError(ValueError):
+    """A dataset that cannot be opened; the message says how to fix it, on one line."""
+
+
+def host_slice(num_examples: int, host_index: int, host_count: int) -> np.ndarray:
+    """Indices of one host's contiguous share; sizes differ by at most one, the first hosts
+    taking the extra examples (the same rule as ``tfds.even_splits``)."""
+    if not 0 <= host_index < host_count:
+        raise ValueError(f'host_index {host_index} is not in [0, {host_count})')
+    return np.array_split(np.arange(num_examples), host_count)[host_index]
+
+
+@dataclasses.dataclass(frozen=True)
+class InMemorySource:
+    """Examples held as arrays: uint8 images (N, h, w, 3), or file paths read on ``load``."""
+    name: str
+    split: str
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: Tuple[str, ...]
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def holds_paths(self) -> bool:
+        return self.images.dtype.kind in 'OUS'
+
+    def host_num_examples(self, host_index: int, host_count: int) -> int:
+        return len(host_slice(self.num_examples, host_index, host_count))
+
+    def records(self, host_index: int, host_count: int) -> tf.data.Dataset:
+        """This host's share in dataset order."""
+        index = host_slice(self.num_examples, host_index, host_count)
+        return tf.data.Dataset.from_tensor_slices(
+            {'image': self.images[index], 'label': self.labels[index].astype(np.int32)})
+
+    def epoch_records(self, host_index: int, host_count: int,
+                      order_key: tf.Tensor) -> tf.data.Dataset:
+        """This host's share in an exact permutation drawn from ``order_key`` (stateless, so
+        the same key gives the same order anywhere; usable inside a traced function)."""
+        with tf.init_scope():           # an input of the dataset op, not a graph constant
+            index = tf.constant(host_slice(self.num_examples, host_index, host_count))
+        order = tf.random.experimental.stateless_shuffle(index, seed=order_key)
+        images, labels = self._tables
+        return tf.data.Dataset.from_tensor_slices(order).map(
+            lambda i: {'image': tf.gather(images, i), 'label': tf.gather(labels, i)})
+
+    @functools.cached_property
+    def _tables(self) -> Tuple[tf.Tensor, tf.Tensor]:
+        # eager tensors even when first used inside a trace: tf.data then passes them to the
+        # dataset op as inputs instead of baking a (possibly large) constant into the graph
+        with tf.init_scope():
+            return tf.constant(self.images), tf.constant(self.labels.astype(np.int32))
+
+    def load(self, record: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        if self.holds_paths:
+            return {**record, 'image': tf.io.read_file(record['image'])}
+        return record
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsSource:
+    """A prepared tfds image classification dataset, read as encoded bytes (decoded later)."""
+    name: str
+    split: str
+    builder: object
+    image_key: str = 'image'
+    label_key: str = 'label'
+    shuffle_buffer: int = 16384
+
+    @property
+    def num_examples(self) -> int:
+        return self.builder.info.splits[self.split].num_examples
+
+    @property
+    def num_classes(self) -> int:
+        return self.builder.info.features[self.label_key].num_classes
+
+    @property
+    def class_names(self) -> Tuple[str, ...]:
+        return tuple(self.builder.info.features[self.label_key].names)
+
+    def _host_split(self, host_index: int, host_count: int):
+        import tensorflow_datasets as tfds
+        host_slice(1, host_index, host_count)                    # validates the indices
+        return tfds.even_splits(self.split, n=host_count)[host_index]
+
+    def host_num_examples(self, host_index: int, host_count: int) -> int:
+        return self.builder.info.splits[self._host_split(host_index, host_count)].num_examples
+
+    def _read(self, host_index: int, host_count: int, shuffle_seed=None) -> tf.data.Dataset:
+        import tensorflow_datasets as tfds
+        shuffle = shuffle_seed is not None
+        read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False,
+                                      skip_prefetch=True)
+        ds = self.builder.as_dataset(
+            split=self._host_split(host_index, host_count), shuffle_files=shuffle,
+            read_config=read_config, decoders={self.image_key: tfds.decode.SkipDecoding()})
+        if shuffle:
+            ds = ds.shuffle(self.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+        return ds.map(lambda ex: {'image': ex[self.image_key],
+                                  'label': tf.cast(ex[self.label_key], tf.int32)})
+
+    def records(self, host_index: int, host_count: int) -> tf.data.Dataset:
+        """This host's share in file order."""
+        return self._read(host_index, host_count)
+
+    def epoch_records(self, host_index: int, host_count: int,
+                      order_key: tf.Tensor) -> tf.data.Dataset:
+        """This host's share with the file order and a ``shuffle_buffer`` shuffle both seeded
+        from ``order_key``: reproducible, but only as random as the buffer allows."""
+        seed = tf.random.stateless_uniform([], order_key, minval=0, maxval=2**31 - 1,
+                                           dtype=tf.int64)
+        return self._read(host_index, host_count, shuffle_seed=seed)
+
+    def load(self, record: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        return record
+
+
+# ----------------------------------------------------------------------------- digits
+
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> Tuple[np.ndarray, np.ndarray, Dict[str, np.ndarray]]:
+    """scikit-learn's bundled 8x8 digits as uint8 RGB, and a fixed stratified split."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    grey = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    images = np.repeat(grey[..., None], 3, axis=-1)
+    labels = digits.target.astype(np.int32)
+    rng = np.random.RandomState(DIGITS_SPLIT_SEED)       # legacy generator: a frozen stream
+    validation = []
+    for label in range(10):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        validation.extend(members[:int(round(DIGITS_VALIDATION_FRACTION * len(members)))])
+    is_val = np.zeros(len(labels), bool)
+    is_val[validation] = True
+    return images, labels, {'train': np.flatnonzero(~is_val), 'validation': np.flatnonzero(is_val)}
+
+
+def digits(split: str) -> InMemorySource:
+    """The embedded dataset: 1797 digits, 10 classes, about 80/20 train/validation per class."""
+    images, labels, splits = _digits_arrays()
+    if split not in splits:
+        raise DataError(f"digits has splits {list(DIGITS_SPLITS)}, not {split!r}")
+    index = splits[split]
+    return InMemorySource('digits', split, images[index], labels[index],
+                          tuple(str(d) for d in range(10)))
+
+
+# ----------------------------------------------------------------------------- image folder
+
+def _class_dirs(directory: str) -> Tuple[str, ...]:
+    return tuple(sorted(d for d in os.listdir(directory)
+                        if os.path.isdir(os.path.join(directory, d)) and not d.startswith('.')))
+
+
+def image_folder(root: str, split: str, class_split: Optional[str] = None) -> InMemorySource:
+    """Images under ``root/split/<class>/...`` (any depth); labels = sorted class names.
+
+    The class list comes from ``root/class_split`` when it exists (the train split), so a
+    validation folder missing a class still gets the train split's label numbering.
+    """
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(split_dir):
+        raise DataError(f'image folder {split_dir!r} does not exist; expected '
+                        f'{os.path.join(root, "<split>", "<class>", "<image>")}')
+    class_dir = os.path.join(root, class_split) if class_split else split_dir
+    classes = _class_dirs(class_dir if os.path.isdir(class_dir) else split_dir)
+    unknown = sorted(set(_class_dirs(split_dir)) - set(classes))
+    if unknown:
+        raise DataError(f'{split_dir!r} has classes {unknown} that {class_dir!r} lacks')
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        found = []
+        for folder, dirs, files in os.walk(os.path.join(split_dir, name)):
+            dirs.sort()
+            found += [os.path.join(folder, f) for f in files
+                      if f.lower().endswith(IMAGE_EXTENSIONS)]
+        paths += sorted(found)
+        labels += [label] * len(found)
+    if not paths:
+        raise DataError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) under {split_dir!r}')
+    return InMemorySource(f'folder:{root}', split, np.array(paths),
+                          np.array(labels, np.int32), classes)
+
+
+# ----------------------------------------------------------------------------- tfds
+
+def _how_to_prepare(name: str, data_dir: str, builder) -> str:
+    if getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None):
+        manual = os.path.join(data_dir, 'downloads', 'manual')
+        if name.startswith('imagenet2012'):
+            files = 'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar'
+        else:
+            files = 'the files its tfds catalog page lists'
+        return (f'put {files} in {manual}, then run `tfds build {name} --data_dir {data_dir} '
+                f'--manual_dir {manual}`')
+    return f'run `tfds build {name} --data_dir {data_dir}` (downloads it)'
+
+
+def tfds_dataset(name: str, split: str, data_dir: Optional[str] = None, *,
+                 image_key: str = 'image', label_key: str = 'label',
+                 shuffle_buffer: int = 16384) -> TfdsSource:
+    """A tfds dataset that is already prepared in ``data_dir``; never downloads."""
+    import tensorflow_datasets as tfds
+    data_dir = os.path.expanduser(data_dir or os.environ.get('TFDS_DATA_DIR')
+                                  or '~/tensorflow_datasets')
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise DataError(f"unknown dataset {name!r}: not 'digits', 'folder:PATH' nor a tfds "
+                        f"dataset name") from None
+    if not builder.is_prepared():
+        raise DataError(f'tfds dataset {name!r} is not prepared in {data_dir}: '
+                        + _how_to_prepare(name, data_dir, builder))
+    features = builder.info.features
+    for key in (image_key, label_key):
+        if key not in features:
+            raise DataError(f'tfds dataset {name!r} has no feature {key!r}; features: '
+                            f'{sorted(features.keys())}')
+    try:
+        builder.info.splits[split]
+    except (KeyError, ValueError, AssertionError) as e:
+        raise DataError(f'tfds dataset {name!r} has no split {split!r} '
+                        f'(splits: {sorted(builder.info.splits)}): {e}') from None
+    return TfdsSource(name, split, builder, image_key, label_key, shuffle_buffer)
+
+
+# ----------------------------------------------------------------------------- by name
+
+def _tfds_opener(name, split, data_dir, image_key='image', label_key='label',
+                 shuffle_buffer=16384, **_):
+    return tfds_dataset(name, split, data_dir, image_key=image_key, label_key=label_key,
+                        shuffle_buffer=shuffle_buffer)
+
+
+# dataset kind -> opener(argument, split, data_dir, **options); each takes the options it needs
+SOURCE_KINDS: Dict[str, Callable] = {
+    'digits': lambda arg, split, data_dir, **_: digits(split),
+    'folder': lambda arg, split, data_dir, class_split=None, **_: image_folder(
+        arg or data_dir, split, class_split),
+    'tfds': _tfds_opener,
+}
+SOURCE_KINDS['image_folder'] = SOURCE_KINDS['folder']
+
+
+def parse_dataset(dataset: str) -> Tuple[str, str]:
+    """'digits' | 'folder:PATH' | 'image_folder' | 'tfds:NAME' | a tfds NAME[:VERSION]."""
+    kind, _, arg = dataset.partition(':')
+    if kind in SOURCE_KINDS:
+        return kind, arg
+    return 'tfds', dataset
+
+
+def open_source(dataset: str, split: str, data_dir: Optional[str] = None, **options):
+    """A source by name. ``options``: class_split (folders), image_key, label_key and
+    shuffle_buffer (tfds)."""
+    kind, arg = parse_dataset(dataset)
+    if kind in ('folder', 'image_folder') and not (arg or data_dir):
+        raise DataError(f"dataset {dataset!r} needs a path: 'folder:/path' or data_dir")
+    return SOURCE_KINDS[kind](arg, split, data_dir, **options)
+
