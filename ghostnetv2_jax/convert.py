@@ -177,7 +177,7 @@ def flax_to_torch(variables: Mapping[str, Any], model_name: str, *, as_torch: bo
     out = dict(sorted(out.items()))
     if as_torch:
         import torch
-        out = {k: torch.from_numpy(v) for k, v in out.items()}
+        out = {k: torch.from_numpy(np.array(v)) for k, v in out.items()}  # writable copies
     return out
 
 
