@@ -129,25 +129,26 @@ def test_eval_host_shares_together_cover_the_split_once():
 # ----------------------------------------------------------------------------- train order
 
 def test_train_hosts_read_disjoint_shares_without_repeats():
-    source = sources.digits('train')
+    source = sources.digits('validation')
     hosts, global_batch = 2, 32
-    steps = 1438 // global_batch
     for host in range(hosts):
-        split = data.create_split(IDENTITY, split='train', train=True, global_batch=global_batch,
-                                  seed=1, host_index=host, host_count=hosts, num_epochs=1)
+        split = data.create_split(IDENTITY, split='validation', train=True,
+                                  global_batch=global_batch, seed=1, host_index=host,
+                                  host_count=hosts, num_epochs=1)
         batches = list(split.iterator)
-        assert len(batches) == steps and batches[0]['images'].shape[0] == global_batch // hosts
+        assert len(batches) == 359 // global_batch
+        assert batches[0]['images'].shape[0] == global_batch // hosts
         seen, index = _ids(batches, source)
-        share = set(sources.host_slice(1438, host, hosts))
+        share = set(sources.host_slice(359, host, hosts))
         for key, count in _counts(seen).items():
             owners = [i for i in index[key] if i in share]
             assert count <= len(owners), 'an example from another host, or one seen twice'
 
 
 def test_each_epoch_is_a_new_order_without_repeats():
-    source = sources.digits('train')
-    split = data.create_split(IDENTITY, split='train', train=True, global_batch=512, seed=2,
-                              num_epochs=3)
+    source = sources.digits('validation')
+    split = data.create_split(IDENTITY, split='validation', train=True, global_batch=128,
+                              seed=2, num_epochs=3)
     batches = list(split.iterator)
     assert len(batches) == 3 * split.steps_per_epoch == 6
     epochs = [_ids(batches[2 * e:2 * e + 2], source)[0] for e in range(3)]
@@ -179,8 +180,8 @@ def test_the_seed_decides_order_and_augmentation(fresh):
 
 
 def test_num_epochs_ends_the_training_iterator():
-    split = data.create_split(IDENTITY, split='train', train=True, global_batch=512, seed=0,
-                              num_epochs=1, start_step=1)
+    split = data.create_split(IDENTITY, split='validation', train=True, global_batch=128,
+                              seed=0, num_epochs=1, start_step=1)
     assert len(list(split.iterator)) == 1
 
 
@@ -217,6 +218,8 @@ def test_default_config_lists_every_field_and_round_trips():
     config.dataset, config.image_size = 'digits', 32
     assert pipeline.DataConfig.from_config(config).image_size == 32
     assert data.num_classes_of(config) == 10
+    as_dict = {**config.to_dict(), 'image_size': (64, 64)}   # a model's pretrained input_size
+    assert pipeline.DataConfig.from_config(as_dict).image_size == 64
 
 
 def test_bad_arguments_are_clear_errors():
@@ -228,6 +231,9 @@ def test_bad_arguments_are_clear_errors():
                           host_count=4)
     with pytest.raises(ValueError, match='fewer than one global batch'):
         data.create_split(IDENTITY, split='validation', train=True, global_batch=512, seed=0)
+    with pytest.raises(ValueError, match='square'):
+        data.create_split({'dataset': 'digits', 'image_size': (32, 48)}, split='train',
+                          train=True, global_batch=8, seed=0)
     with pytest.raises(ValueError, match='start_step'):
         data.create_split(IDENTITY, split='train', train=True, global_batch=8, seed=0,
                           start_step=-1)

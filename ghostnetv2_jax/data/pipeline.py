@@ -65,11 +65,15 @@ class DataConfig:
                 given[key] = tuple(given[key])
         if isinstance(given.get('color_jitter'), (list, tuple)):
             given['color_jitter'] = tuple(given['color_jitter'])
+        size = given.get('image_size')
+        if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
+            given['image_size'] = int(size[0])       # a model's square input_size (h, w)
         return cls(**given)
 
     def __post_init__(self):
         if not isinstance(self.image_size, int) or self.image_size < 3:
-            raise ValueError(f'image_size must be an int >= 3, got {self.image_size!r}')
+            raise ValueError(f'image_size must be an int >= 3 (square images), got '
+                             f'{self.image_size!r}')
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError(f'mean and std need 3 values, got {self.mean} and {self.std}')
 

@@ -211,7 +211,8 @@ def image_folder(root: str, split: str, class_split: Optional[str] = None) -> In
         labels += [label] * len(found)
     if not paths:
         raise DataError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) under {split_dir!r}')
-    return InMemorySource(f'folder:{root}', split, np.array(paths),
+    # object dtype: a unicode array would pad every path to the longest (4 bytes a character)
+    return InMemorySource(f'folder:{root}', split, np.array(paths, dtype=object),
                           np.array(labels, np.int32), classes)
 
 
