@@ -1,0 +1,104 @@
+"""Shared defaults: the authors' GhostNetV2 ImageNet recipe (timm train.py flags in comments).
+
+Every recipe file imports ``get_config()`` from here and overrides a handful of fields. Launch::
+
+  python -m ghostnetv2_jax train --config configs/imagenet_ghostnetv2_100.py --workdir DIR \
+      [--config.field=value ...]
+
+An unknown field is an error (the config is locked). The global batch is ``batch_size``
+images per optimizer update, whatever the number of devices; with ``grad_accum_steps = k`` each
+device step sees ``batch_size / k`` images. The lr is given for ``lr_base_batch`` images and
+scaled linearly to ``batch_size``.
+"""
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def get_data_config() -> ml_collections.ConfigDict:
+    """Every field of ``ghostnetv2_jax.data.pipeline.DataConfig`` (tests check they agree)."""
+    data = ml_collections.ConfigDict()
+    data.dataset = 'imagenet2012'          # 'digits' (embedded), 'folder:/path', or a tfds name
+    data.data_dir = ml_collections.FieldReference(None, field_type=str)  # tfds data_dir (gs:// ok)
+    data.train_split = 'train'
+    data.eval_split = 'validation'
+    data.image_size = 224                  # train crop and eval input size
+    data.crop_pct = 0.875                  # eval: resize the short side to image_size / crop_pct
+    data.interpolation = 'bicubic'         # eval resize
+    data.mean = IMAGENET_MEAN
+    data.std = IMAGENET_STD
+    data.train_interpolation = 'random'    # RandomResizedCrop: bilinear or bicubic per image
+    data.scale = (0.08, 1.0)               # RandomResizedCrop area range
+    data.ratio = (3 / 4, 4 / 3)
+    data.hflip = 0.5
+    data.color_jitter = 0.4                # timm default; used only when randaugment is ''
+    data.randaugment = 'rand-m9-mstd0.5'   # --aa; '' disables
+    data.reprob = 0.2                      # --reprob (random erasing probability)
+    data.remode = 'pixel'                  # --remode
+    data.shuffle_buffer = 16384            # tfds only; in-memory sources shuffle exactly
+    data.image_key = 'image'               # tfds feature names
+    data.label_key = 'label'
+    data.num_threads = 0                   # tf.data threads; 0: one per CPU core
+    return data
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # Model: a registered name plus GhostNet field overrides (cfgs, width, attention, ...).
+    config.model = 'ghostnetv2_100'
+    config.model_overrides = ml_collections.ConfigDict()
+    config.drop_rate = 0.2                 # --drop
+    config.dtype = 'float32'               # compute dtype; 'bfloat16' keeps fp32 params and BN stats
+    config.init_from = ''                  # fine-tune from a .safetensors (convert) or PyTorch file
+
+    config.data = get_data_config()
+
+    # Batch and length.
+    config.batch_size = 1024               # global images per optimizer update (8 GPUs x 128)
+    config.eval_batch_size = 1000
+    config.grad_accum_steps = 1            # micro-batches per update (optax.MultiSteps)
+    config.num_epochs = 450                # --epochs
+    config.num_train_steps = -1            # > 0 overrides num_epochs (optimizer updates)
+
+    # Optimizer: --opt rmsproptf --opt-eps .001 --weight-decay 1e-5, momentum 0.9, alpha 0.9.
+    config.optimizer = 'rmsprop_tf'        # 'rmsprop_tf' | 'sgd' | 'adamw'
+    config.learning_rate = 0.064           # --lr, for lr_base_batch images per update
+    config.lr_base_batch = 1024            # lr scales by batch_size / lr_base_batch; 0: no scaling
+    config.momentum = 0.9
+    config.nesterov = False
+    config.rmsprop_decay = 0.9             # RMSpropTF alpha
+    config.opt_eps = 1e-3
+    config.weight_decay = 1e-5             # L2 on the gradient; not on biases / BN / 1-D params
+    config.grad_clip_norm = 0.0            # 0: no clipping (timm default)
+
+    # Schedule: --sched step --decay-epochs 2.4 --decay-rate .973 --warmup-lr 1e-6
+    # --warmup-epochs 3 --lr-noise 0.42 0.9 (noise pct 0.67, std 1.0, seed 42).
+    config.schedule = 'step'               # 'step' | 'cosine' | 'constant'
+    config.schedule_unit = 'epoch'         # timm t_in_epochs: lr changes at epoch boundaries
+    config.warmup_epochs = 3
+    config.warmup_lr = 1e-6
+    config.warmup_prefix = False           # timm default: decay counts epochs from 0
+    config.decay_epochs = 2.4
+    config.decay_rate = 0.973
+    config.min_lr = 1e-5                   # cosine floor
+    config.lr_noise = (0.42, 0.9)          # fractions of num_epochs; () disables
+    config.lr_noise_pct = 0.67
+    config.lr_noise_std = 1.0
+    config.lr_noise_seed = 42
+
+    # Regularisation.
+    config.label_smoothing = 0.1
+    config.ema_decay = 0.9999              # --model-ema-decay; 0 disables the EMA copy
+
+    # Bookkeeping.
+    config.seed = 42
+    config.log_every_steps = 100
+    config.eval_every_epochs = 1
+    config.checkpoint_every_steps = 0      # 0: at every evaluation (end of epoch)
+    config.keep_checkpoints = 3            # latest N kept, plus the best by best_metric
+    config.best_metric = 'ema_top1'        # 'top1' | 'ema_top1' (falls back to top1 without EMA)
+    config.profile_steps = 0               # > 0: trace that many steps after a few warm-up steps
+    config.distributed = 'auto'            # jax.distributed.initialize(): 'auto' | 'yes' | 'no'
+    return config

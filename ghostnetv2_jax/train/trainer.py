@@ -1,0 +1,369 @@
+"""``train_and_evaluate(config, workdir)``: the training loop, importable and testable.
+
+One jitted step per optimizer update, over a mesh of every device: the batch is sharded on
+'data', the state replicated and donated. With ``grad_accum_steps = k`` the step scans over k
+micro-batches (summing gradients, updating BN statistics after each), then updates once. Evaluation
+runs the raw and the EMA weights over the whole eval split (padding masked out). Checkpoints are
+written at evaluations, every ``checkpoint_every_steps`` and on SIGTERM; a restart with the same
+workdir resumes exactly: state, RNG and data position.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ghostnetv2_jax.data.pipeline import create_split
+from ghostnetv2_jax.models.registry import create_model
+from ghostnetv2_jax.train import checkpoint as ckpt_lib
+from ghostnetv2_jax.train import metrics as metrics_lib
+from ghostnetv2_jax.train import optim, sharding
+from ghostnetv2_jax.train.state import TrainState, create_state, ema_update, init_variables, load_pretrained
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss); the last good checkpoint is left as it was."""
+
+
+# ----------------------------------------------------------------------------- model and config
+def _tuplify(v: Any) -> Any:
+    """Lists from configs/JSON -> tuples (architecture tables are compared and hashed as tuples)."""
+    if isinstance(v, (list, tuple)):
+        return tuple(_tuplify(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _tuplify(x) for k, x in v.items()}
+    return v
+
+
+def architecture_overrides(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+    """``config.model_overrides`` as plain Python (what, with the name, defines the weights)."""
+    return _tuplify(config.model_overrides.to_dict())
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+    if config.dtype not in DTYPES:
+        raise ValueError(f'config.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}')
+    return create_model(config.model, num_classes=num_classes, drop_rate=config.drop_rate,
+                        dtype=DTYPES[config.dtype], **architecture_overrides(config))
+
+
+def identity(config: ml_collections.ConfigDict, num_classes: int) -> Dict[str, Any]:
+    return {'model': config.model, 'model_overrides': architecture_overrides(config), 'num_classes': num_classes}
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Clear errors for settings that would otherwise fail deep inside JAX."""
+    k = config.grad_accum_steps
+    if k < 1 or config.batch_size % k:
+        raise ValueError(f'batch_size={config.batch_size} must be divisible by grad_accum_steps={k} (>= 1)')
+    sharding.check_batch(config.batch_size // k, 'batch_size / grad_accum_steps')
+    sharding.check_batch(config.eval_batch_size, 'eval_batch_size')
+    if config.optimizer not in optim.OPTIMIZERS:
+        raise ValueError(f'unknown optimizer {config.optimizer!r}; expected one of {optim.OPTIMIZERS}')
+    if config.schedule not in optim.SCHEDULES:
+        raise ValueError(f'unknown schedule {config.schedule!r}; expected one of {optim.SCHEDULES}')
+    if config.dtype not in DTYPES:
+        raise ValueError(f'config.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}')
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise ValueError(f'ema_decay must be in [0, 1), got {config.ema_decay}')
+    if config.num_epochs <= 0 and config.num_train_steps <= 0:
+        raise ValueError('set num_epochs or num_train_steps to a positive value')
+
+
+# ----------------------------------------------------------------------------- steps
+def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
+    """Per-example CE against label-smoothed one-hot targets (timm's LabelSmoothingCrossEntropy)."""
+    targets = jax.nn.one_hot(labels, logits.shape[-1])
+    if smoothing:
+        targets = optax.smooth_labels(targets, smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable, config) -> Callable:
+    """(state, batch) -> (state, metrics). ``batch`` leaves are (B, ...) or, with gradient
+    accumulation, (k, B / k, ...)."""
+    k = config.grad_accum_steps
+
+    def micro_grads(params, batch_stats, images, labels, rng):
+        def loss_fn(p):
+            logits, new_vars = model.apply({'params': p, 'batch_stats': batch_stats}, images, train=True,
+                                           mutable=['batch_stats'], rngs={'dropout': rng})
+            loss = cross_entropy(logits, labels, config.label_smoothing).mean()
+            return loss, (logits, new_vars['batch_stats'])
+        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        top1 = jnp.mean(jnp.argmax(logits, -1) == labels)
+        return grads, new_stats, loss, top1
+
+    def train_step(state: TrainState, batch: Dict[str, jax.Array]):
+        rng = jax.random.fold_in(state.rng, state.step)
+        if k == 1:
+            grads, batch_stats, loss, top1 = micro_grads(state.params, state.batch_stats, batch['images'],
+                                                         batch['labels'], rng)
+        else:
+            def body(carry, xs):
+                acc, stats = carry
+                i, images, labels = xs
+                g, stats, loss, top1 = micro_grads(state.params, stats, images, labels, jax.random.fold_in(rng, i))
+                return (jax.tree.map(jnp.add, acc, g), stats), (loss, top1)
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            (grads, batch_stats), (losses, top1s) = jax.lax.scan(
+                body, (zeros, state.batch_stats), (jnp.arange(k), batch['images'], batch['labels']))
+            grads = jax.tree.map(lambda g: g / k, grads)   # mean over the k equal micro-batches
+            loss, top1 = losses.mean(), top1s.mean()
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                                  batch_stats=batch_stats, opt_state=opt_state)
+        new_state = ema_update(new_state, config.ema_decay)
+        # param_norm doubles as the check that this update left the weights finite.
+        metrics = {'loss': loss, 'top1': top1, 'grad_norm': optax.tree.norm(grads),
+                   'param_norm': optax.tree.norm(new_state.params), 'lr': schedule(state.step)}
+        return new_state, metrics
+    return train_step
+
+
+def make_eval_step(model) -> Callable:
+    """(variables, batch) -> sums over the real (mask 1) examples of the global batch."""
+    def eval_step(variables, batch):
+        logits = model.apply(variables, batch['images'], train=False)
+        labels, mask = batch['labels'], batch['mask']
+        k = min(5, logits.shape[-1])
+        top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
+        return {'loss': jnp.sum(cross_entropy(logits, labels, 0.0) * mask),
+                'top1': jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+                'top5': jnp.sum(top5 * mask), 'count': jnp.sum(mask)}
+    return eval_step
+
+
+def evaluate(eval_fn: Callable, variables: Any, batches: Iterator, mesh) -> Dict[str, float]:
+    """Loss, top-1 and top-5 (in %) over every batch of an eval split."""
+    totals = None
+    for batch in batches:
+        out = eval_fn(variables, sharding.shard_batch(batch, mesh))
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    if totals is None:
+        raise ValueError('the eval split produced no batches')
+    totals = jax.device_get(totals)
+    n = max(float(totals['count']), 1.0)
+    return {'loss': float(totals['loss']) / n, 'top1': 100.0 * float(totals['top1']) / n,
+            'top5': 100.0 * float(totals['top5']) / n, 'count': int(totals['count'])}
+
+
+# ----------------------------------------------------------------------------- the loop
+def _splits_kwargs(config) -> Dict[str, Any]:
+    return dict(seed=config.seed, host_index=jax.process_index(), host_count=jax.process_count())
+
+
+def _run_once(fn: Callable, *args, out_shardings=None):
+    """jit-compile and run a function used once. On CPU, LLVM's optimisations are skipped: they
+    make compiling the RNG-heavy initialisers ~4x slower and save nothing on a single run."""
+    lowered = jax.jit(fn, out_shardings=out_shardings).lower(*args)
+    options = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None
+    return lowered.compile(options)(*args)
+
+
+def _initial_state(config, model, tx, image_size: int, state_sharding) -> TrainState:
+    """Fresh (or ``init_from``) state, created directly with its sharding (no host copy)."""
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    use_ema = config.ema_decay > 0
+    if config.init_from:
+        fresh = _run_once(lambda r: init_variables(model, r, image_size), init_rng)
+        variables = load_pretrained(config.init_from, config.model, architecture_overrides(config),
+                                    jax.device_get(fresh))
+        metrics_lib.log(f'initialised from {config.init_from}')
+        return _run_once(lambda v: create_state(v, tx, state_rng, use_ema), variables,
+                         out_shardings=state_sharding)
+    return _run_once(lambda r: create_state(init_variables(model, r, image_size), tx, state_rng, use_ema),
+                     init_rng, out_shardings=state_sharding)
+
+
+def _next_batch(it: Iterator, k: int, mesh) -> Dict[str, jax.Array]:
+    """One optimizer update's input: a (B, ...) batch, or k micro-batches stacked (k, B/k, ...)."""
+    if k == 1:
+        batch = next(it)
+        return sharding.shard_batch({'images': batch['images'], 'labels': batch['labels']}, mesh)
+    micro = [next(it) for _ in range(k)]
+    stacked = {key: np.stack([m[key] for m in micro]) for key in ('images', 'labels')}
+    spec = NamedSharding(mesh, P(None, sharding.DATA_AXIS))
+    return {key: jax.make_array_from_process_local_data(spec, v) for key, v in stacked.items()}
+
+
+class _StepMetrics:
+    """Per-step metrics stay on device until a report, then are checked and averaged on the host.
+
+    Syncing only at reports keeps the accelerators busy; a non-finite loss or gradient is still
+    attributed to the exact step it appeared at.
+    """
+
+    def __init__(self):
+        self._pending: List[tuple] = []
+
+    def add(self, step: int, metrics: Dict[str, jax.Array]) -> None:
+        self._pending.append((step, metrics))
+
+    def flush(self) -> Optional[Dict[str, float]]:
+        if not self._pending:
+            return None
+        pending, self._pending = self._pending, []
+        host = jax.device_get([m for _, m in pending])
+        for (step, _), m in zip(pending, host):
+            if not all(np.isfinite(m[name]) for name in ('loss', 'grad_norm', 'param_norm')):
+                what = 'loss' if not np.isfinite(m['loss']) else 'gradient or weights'
+                raise TrainingError(f'non-finite {what} at step {step} (loss {float(m["loss"])}, grad norm '
+                                    f'{float(m["grad_norm"])}, param norm {float(m["param_norm"])}); stopped '
+                                    'without saving, the last good checkpoint is kept')
+        return metrics_lib.mean_of(host)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
+    """Train ``config`` in ``workdir`` (resuming from its latest checkpoint); returns the final
+    eval metrics (``top1``, ``top5``, ``loss`` and, with an EMA, ``ema_top1`` ...)."""
+    validate_config(config)
+    guard = ckpt_lib.PreemptionGuard()   # early: a SIGTERM during compilation still saves cleanly
+    try:
+        return _train_and_evaluate(config, epath.Path(workdir), guard)
+    finally:
+        guard.close()
+
+
+def _train_and_evaluate(config, workdir: epath.Path, guard: ckpt_lib.PreemptionGuard) -> Dict[str, float]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = sharding.create_mesh()
+    k = config.grad_accum_steps
+    micro_batch = config.batch_size // k
+    use_ema = config.ema_decay > 0
+    best = config.best_metric
+    if best.startswith('ema_') and not use_ema:
+        best = best[len('ema_'):]
+
+    checkpoints = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=best)
+    latest = checkpoints.latest_step()
+    meta = checkpoints.restore_meta(latest) if latest is not None else None
+    start_step = int(meta['step']) if meta else 0
+
+    train = create_split(config.data, split=config.data.train_split, train=True, global_batch=micro_batch,
+                         start_step=int(meta['data_step']) if meta else 0, **_splits_kwargs(config))
+    num_classes = train.num_classes
+    if meta:
+        ckpt_lib.check_identity(meta, identity(config, num_classes), str(workdir))
+    ckpt_lib.write_config(workdir, config.to_json_best_effort(indent=2))
+
+    steps_per_epoch = train.num_examples // config.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f'batch_size={config.batch_size} exceeds the {train.num_examples} training examples')
+    total_steps = (config.num_train_steps if config.num_train_steps > 0
+                   else int(math.ceil(config.num_epochs * steps_per_epoch)))
+    schedule_epochs = int(math.ceil(total_steps / steps_per_epoch))
+    schedule = optim.create_learning_rate_schedule(config, steps_per_epoch, schedule_epochs)
+    tx = optim.create_optimizer(config, schedule)
+    model = build_model(config, num_classes)
+    image_size = config.data.image_size
+
+    replicated = sharding.replicated(mesh)
+    abstract = jax.eval_shape(lambda: create_state(init_variables(model, jax.random.PRNGKey(0), image_size), tx,
+                                                   jax.random.PRNGKey(0), config.ema_decay > 0))
+    state_sharding = jax.tree.map(lambda _: replicated, abstract)
+    if meta:
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
+        state = checkpoints.restore(latest, target)
+        metrics_lib.log(f'resumed from {checkpoints.directory}/{latest} (step {start_step})')
+    else:
+        state = _initial_state(config, model, tx, image_size, state_sharding)
+
+    train_step = jax.jit(make_train_step(model, tx, schedule, config),
+                         out_shardings=(state_sharding, replicated), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(model), out_shardings=replicated)
+    writer = metrics_lib.MetricWriter(workdir)
+    progress = metrics_lib.Progress(total_steps, config.batch_size, start_step)
+    pending = _StepMetrics()
+    metrics_lib.log(f'{config.model}: {num_classes} classes, {train.num_examples} train examples, '
+                    f'{steps_per_epoch} steps/epoch, {total_steps} steps, global batch {config.batch_size} '
+                    f'({k} x {micro_batch}) on {jax.device_count()} devices; workdir {workdir}')
+
+    def meta_for(step: int) -> Dict[str, Any]:
+        return {**identity(config, num_classes), 'step': step, 'data_step': step * k,
+                'epoch': step / steps_per_epoch, 'config': json.loads(config.to_json_best_effort())}
+
+    def run_eval(step: int) -> Dict[str, float]:
+        results = {}
+        for prefix, ema in (('', False), ('ema_', True))[: 2 if use_ema else 1]:
+            split = create_split(config.data, split=config.data.eval_split, train=False,
+                                 global_batch=config.eval_batch_size, **_splits_kwargs(config))
+            for name, value in evaluate(eval_step, state.variables(ema), split.iterator, mesh).items():
+                results[prefix + name] = value
+        writer.write(step, {f'eval/{name}': v for name, v in results.items() if name not in ('count', 'ema_count')})
+        line = f'eval at step {step}: top-1 {results["top1"]:.2f}% top-5 {results["top5"]:.2f}%'
+        if use_ema:
+            line += f' | EMA top-1 {results["ema_top1"]:.2f}% top-5 {results["ema_top5"]:.2f}%'
+        metrics_lib.log(line)
+        return results
+
+    def report(step: int) -> None:
+        scalars = pending.flush()
+        if scalars is None:
+            return
+        rates = progress.report(step)
+        scalars = {f'train/{name}': v for name, v in scalars.items()}
+        writer.write(step, {**scalars, 'train/img_per_s': rates['img_per_s']})
+        metrics_lib.log(progress.line(step, step / steps_per_epoch, scalars, rates))
+
+    def save(step: int, results: Optional[Dict[str, float]] = None) -> None:
+        report(step)   # checks every pending step: a non-finite state is never saved
+        metrics = None if results is None else {n: v for n, v in results.items() if 'top' in n}
+        checkpoints.save(step, state, meta_for(step), metrics)
+
+    eval_every = max(int(config.eval_every_epochs), 1) * steps_per_epoch
+    results: Dict[str, float] = {}
+    step = start_step
+    iterator = train.iterator
+    profiling_from = start_step + 5 if config.profile_steps > 0 else -1
+    try:
+        while step < total_steps:
+            if step == profiling_from:
+                jax.profiler.start_trace(str(workdir / 'profile'))
+            batch = _next_batch(iterator, k, mesh)
+            state, step_metrics = train_step(state, batch)
+            step += 1
+            pending.add(step, step_metrics)
+            if step == profiling_from + config.profile_steps:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                metrics_lib.log(f'profile of steps {profiling_from + 1}-{step} in {workdir / "profile"}')
+            if step % config.log_every_steps == 0 or step == start_step + 1:
+                report(step)
+            if guard.requested(step, checkpoints):
+                report(step)
+                save(step)
+                checkpoints.wait()
+                metrics_lib.log(f'preempted: saved step {step} in {checkpoints.directory}; rerun the same '
+                                'command to resume')
+                return {'preempted': True, 'step': step, **results}
+            if step % eval_every == 0 or step == total_steps:
+                report(step)
+                results = run_eval(step)
+                save(step, results)
+                progress.reset(step)
+            elif config.checkpoint_every_steps > 0 and step % config.checkpoint_every_steps == 0:
+                save(step)
+        if not results:   # resumed at the very end: evaluate what is there
+            results = run_eval(step)
+        checkpoints.wait()
+    finally:
+        writer.close()
+        checkpoints.wait()
+        checkpoints.close()
+    metrics_lib.log(f'final validation top-1 {results["top1"]:.2f}%'
+                    + (f' (EMA {results["ema_top1"]:.2f}%)' if use_ema else '')
+                    + f'; TensorBoard logs: {writer.logdir}; checkpoints: {checkpoints.directory}')
+    return results
