@@ -48,7 +48,17 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Model: a registered name plus GhostNet field overrides (cfgs, width, attention, ...).
     config.model = 'ghostnetv2_100'
-    config.model_overrides = ml_collections.ConfigDict()
+    # GhostNet fields to override (None: the registered model's value), e.g. for the paper's
+    # ablations: --config.model_overrides.attention=se, ...attention_kwargs="{'kernel_size': 7}".
+    config.model_overrides = ml_collections.ConfigDict({
+        'cfgs': ml_collections.FieldReference(None, field_type=tuple),    # the bottleneck table
+        'width': ml_collections.FieldReference(None, field_type=float),
+        'attention': ml_collections.FieldReference(None, field_type=str),  # dfc|se|cbam|coord|none
+        'attention_kwargs': ml_collections.FieldReference(None, field_type=object),  # a dict
+        'attention_blocks': ml_collections.FieldReference(None, field_type=tuple),
+        'attention_position': ml_collections.FieldReference(None, field_type=str),  # ghost1|ghost2
+        'depthwise_impl': ml_collections.FieldReference(None, field_type=str),      # auto|xla|shift
+    })
     config.drop_rate = 0.2                 # --drop
     config.dtype = 'float32'               # compute dtype; 'bfloat16' keeps fp32 params and BN stats
     config.init_from = ''                  # fine-tune from a .safetensors (convert) or PyTorch file

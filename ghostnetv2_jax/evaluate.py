@@ -176,6 +176,17 @@ def _tuple(v):
     return v
 
 
+def _precheck(checkpoint: str, model_name: Optional[str]) -> Optional[str]:
+    """What is wrong with the arguments, found without reading anything heavy; None if nothing."""
+    if '://' in checkpoint or os.path.isdir(checkpoint):
+        return None
+    if not os.path.isfile(checkpoint):
+        return f'no such checkpoint: {checkpoint}'
+    if not checkpoint.endswith('.safetensors') and not model_name:
+        return f'--model is required to read the PyTorch checkpoint {checkpoint}'
+    return None
+
+
 def _main(argv: List[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -183,6 +194,10 @@ def _main(argv: List[str]) -> int:
         raise app.UsageError('--checkpoint is required')
     if not FLAGS['verbosity'].present:
         logging.set_verbosity(logging.WARNING)
+    problem = _precheck(_CHECKPOINT.value, _MODEL.value)
+    if problem:   # before the slow imports
+        print(f'error: {problem}', file=sys.stderr)
+        return 1
     from ghostnetv2_jax.convert import ConversionError
     try:
         r = run(_CHECKPOINT.value, _MODEL.value, _EMA.value)

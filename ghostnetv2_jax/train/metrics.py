@@ -83,7 +83,8 @@ class Progress:
         self._last_step, self._last_time = step, now
         steps_per_s = steps / elapsed
         eta = (self.total_steps - step) / steps_per_s if steps_per_s > 0 else float('inf')
-        return {'img_per_s': steps_per_s * self.images_per_step, 'steps_per_s': steps_per_s, 'eta_s': eta}
+        return {'img_per_s': steps_per_s * self.images_per_step, 'steps_per_s': steps_per_s, 'eta_s': eta,
+                'elapsed_s': elapsed}
 
     def reset(self, step: int) -> None:
         """Restart the clock (after an evaluation, so it does not count as training time)."""

@@ -8,7 +8,7 @@ global batch with no extra code (tests/test_sharding.py checks it against one de
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import numpy as np
@@ -82,7 +82,3 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
     sharding = batch_sharded(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
-
-def host_scalar(x: Any) -> float:
-    """A replicated scalar as a Python float on every host."""
-    return float(np.asarray(jax.device_get(x)))

@@ -15,8 +15,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-Variables = Any
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -35,9 +33,10 @@ class TrainState:
         return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
-def init_variables(model: nn.Module, rng: jax.Array, image_size: int) -> dict:
-    """Fresh ``{'params', 'batch_stats'}``; the input size only shapes the trace, not the params."""
-    variables = model.init({'params': rng}, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
+def init_variables(model: nn.Module, rng: jax.Array, image_size) -> dict:
+    """Fresh ``{'params', 'batch_stats'}``; the input size (N or (H, W)) only shapes the trace."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    variables = model.init({'params': rng}, jnp.zeros((1, h, w, 3), jnp.float32), train=False)
     return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
 
 

@@ -23,7 +23,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ghostnetv2_jax.data.pipeline import create_split
+from ghostnetv2_jax.data.pipeline import create_split, num_classes_of
 from ghostnetv2_jax.models.registry import create_model
 from ghostnetv2_jax.train import checkpoint as ckpt_lib
 from ghostnetv2_jax.train import metrics as metrics_lib
@@ -48,8 +48,9 @@ def _tuplify(v: Any) -> Any:
 
 
 def architecture_overrides(config: ml_collections.ConfigDict) -> Dict[str, Any]:
-    """``config.model_overrides`` as plain Python (what, with the name, defines the weights)."""
-    return _tuplify(config.model_overrides.to_dict())
+    """The set ``config.model_overrides`` as plain Python (what, with the name, defines the
+    weights); unset (None) fields keep the registered model's values."""
+    return {k: v for k, v in _tuplify(config.model_overrides.to_dict()).items() if v is not None}
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
@@ -60,7 +61,10 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
 
 
 def identity(config: ml_collections.ConfigDict, num_classes: int) -> Dict[str, Any]:
-    return {'model': config.model, 'model_overrides': architecture_overrides(config), 'num_classes': num_classes}
+    """What a checkpoint and a config must agree on (the implementation of the depthwise conv
+    does not change the weights, so a run may resume with another)."""
+    overrides = {k: v for k, v in architecture_overrides(config).items() if k != 'depthwise_impl'}
+    return {'model': config.model, 'model_overrides': overrides, 'num_classes': num_classes}
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -238,6 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
 
 def _train_and_evaluate(config, workdir: epath.Path, guard: ckpt_lib.PreemptionGuard) -> Dict[str, float]:
+    num_classes_of(config.data)   # a missing dataset fails here, before the workdir is touched
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.create_mesh()
     k = config.grad_accum_steps
@@ -295,12 +300,14 @@ def _train_and_evaluate(config, workdir: epath.Path, guard: ckpt_lib.PreemptionG
         return {**identity(config, num_classes), 'step': step, 'data_step': step * k,
                 'epoch': step / steps_per_epoch, 'config': json.loads(config.to_json_best_effort())}
 
+    eval_split = create_split(config.data, split=config.data.eval_split, train=False,
+                              global_batch=config.eval_batch_size, **_splits_kwargs(config))
+
     def run_eval(step: int) -> Dict[str, float]:
         results = {}
         for prefix, ema in (('', False), ('ema_', True))[: 2 if use_ema else 1]:
-            split = create_split(config.data, split=config.data.eval_split, train=False,
-                                 global_batch=config.eval_batch_size, **_splits_kwargs(config))
-            for name, value in evaluate(eval_step, state.variables(ema), split.iterator, mesh).items():
+            batches = eval_split.fresh_iterator()
+            for name, value in evaluate(eval_step, state.variables(ema), batches, mesh).items():
                 results[prefix + name] = value
         writer.write(step, {f'eval/{name}': v for name, v in results.items() if name not in ('count', 'ema_count')})
         line = f'eval at step {step}: top-1 {results["top1"]:.2f}% top-5 {results["top5"]:.2f}%'
@@ -315,8 +322,13 @@ def _train_and_evaluate(config, workdir: epath.Path, guard: ckpt_lib.PreemptionG
             return
         rates = progress.report(step)
         scalars = {f'train/{name}': v for name, v in scalars.items()}
-        writer.write(step, {**scalars, 'train/img_per_s': rates['img_per_s']})
-        metrics_lib.log(progress.line(step, step / steps_per_epoch, scalars, rates))
+        if step == start_step + 1:   # the first step's time is mostly compilation
+            writer.write(step, scalars)
+            metrics_lib.log(f'step {step}/{total_steps} loss {scalars["train/loss"]:.4f} '
+                            f'(compilation and first step: {rates["elapsed_s"]:.0f}s)')
+        else:
+            writer.write(step, {**scalars, 'train/img_per_s': rates['img_per_s']})
+            metrics_lib.log(progress.line(step, step / steps_per_epoch, scalars, rates))
 
     def save(step: int, results: Optional[Dict[str, float]] = None) -> None:
         report(step)   # checks every pending step: a non-finite state is never saved
@@ -327,18 +339,21 @@ def _train_and_evaluate(config, workdir: epath.Path, guard: ckpt_lib.PreemptionG
     results: Dict[str, float] = {}
     step = start_step
     iterator = train.iterator
-    profiling_from = start_step + 5 if config.profile_steps > 0 else -1
+    profiling_from = start_step + 5 if config.profile_steps > 0 else -1   # after compilation
+    profiling = False
     try:
         while step < total_steps:
             if step == profiling_from:
                 jax.profiler.start_trace(str(workdir / 'profile'))
+                profiling = True
             batch = _next_batch(iterator, k, mesh)
             state, step_metrics = train_step(state, batch)
             step += 1
             pending.add(step, step_metrics)
-            if step == profiling_from + config.profile_steps:
+            if profiling and step == profiling_from + config.profile_steps:
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
+                profiling = False
                 metrics_lib.log(f'profile of steps {profiling_from + 1}-{step} in {workdir / "profile"}')
             if step % config.log_every_steps == 0 or step == start_step + 1:
                 report(step)
@@ -360,6 +375,8 @@ def _train_and_evaluate(config, workdir: epath.Path, guard: ckpt_lib.PreemptionG
             results = run_eval(step)
         checkpoints.wait()
     finally:
+        if profiling:
+            jax.profiler.stop_trace()
         writer.close()
         checkpoints.wait()
         checkpoints.close()
