@@ -49,22 +49,23 @@ class GhostModule(nn.Module):
     attention_kwargs: Optional[Dict[str, Any]] = None
     depthwise_impl: str = 'auto'
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         act = nn.relu if self.use_act else (lambda v: v)
         init_chs = math.ceil(self.features / self.ratio)
         x1 = conv2d(init_chs, 1, dtype=self.dtype, name='primary_conv')(x)
-        x1 = act(BatchNorm(dtype=self.dtype, name='primary_bn')(x1, train))
+        x1 = act(BatchNorm(dtype=self.dtype, folded=self.fold_bn, name='primary_bn')(x1, train))
         x2 = DepthwiseConv(self.dw_size, multiplier=self.ratio - 1, impl=self.depthwise_impl,
                            dtype=self.dtype, name='cheap_conv')(x1)
-        x2 = act(BatchNorm(dtype=self.dtype, name='cheap_bn')(x2, train))
+        x2 = act(BatchNorm(dtype=self.dtype, folded=self.fold_bn, name='cheap_bn')(x2, train))
         out = jnp.concatenate([x1, x2], axis=-1)
         if out.shape[-1] != self.features:
             out = out[..., :self.features]
         options = (self.attention_kwargs or {}) if self.attention != 'none' else {}
         attn = make_attention(self.attention, self.features, depthwise_impl=self.depthwise_impl,
-                              dtype=self.dtype, **options)
+                              dtype=self.dtype, fold_bn=self.fold_bn, **options)
         return out if attn is None else attn(x, out, train)
 
 
@@ -80,16 +81,17 @@ class GhostBottleneck(nn.Module):
     attention_kwargs: Optional[Dict[str, Any]] = None
     depthwise_impl: str = 'auto'
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if self.attention_position not in ('ghost1', 'ghost2'):
             raise ValueError(f"attention_position must be 'ghost1' or 'ghost2', got {self.attention_position!r}")
-        common = dict(depthwise_impl=self.depthwise_impl, dtype=self.dtype)
+        common = dict(depthwise_impl=self.depthwise_impl, dtype=self.dtype, fold_bn=self.fold_bn)
         attn = lambda pos: (dict(attention=self.attention, attention_kwargs=self.attention_kwargs)
                             if self.attention_position == pos else {})
         dw = lambda k, s, name: DepthwiseConv(k, stride=s, impl=self.depthwise_impl, dtype=self.dtype, name=name)
-        bn = lambda name: BatchNorm(dtype=self.dtype, name=name)
+        bn = lambda name: BatchNorm(dtype=self.dtype, folded=self.fold_bn, name=name)
         in_features, k, s = x.shape[-1], self.kernel_size, self.stride
 
         y = GhostModule(self.mid_features, use_act=True, name='ghost1', **attn('ghost1'), **common)(x, train)
@@ -125,6 +127,7 @@ class GhostNet(nn.Module):
     attention_position: str = 'ghost1'
     depthwise_impl: str = 'auto'
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False     # inference form with BatchNorm folded into the convs (deploy.py)
 
     def _attention_for(self, index: int) -> str:
         chosen = range(2, 10 ** 6) if self.attention_blocks is None else self.attention_blocks
@@ -134,11 +137,13 @@ class GhostNet(nn.Module):
     def __call__(self, images: jax.Array, train: bool = False, *, features_only: bool = False):
         """Logits (N, num_classes) in float32; with ``features_only`` the list of 5 feature maps at
         strides 2, 4, 8, 16, 32, the same maps as timm's ``features_only=True`` model."""
+        if features_only and self.fold_bn:
+            raise ValueError('features_only needs the unfolded model: its first map is taken before bn1')
         features: List[jax.Array] = []
         x = images.astype(self.dtype)
         x = conv2d(make_divisible(16 * self.width), 3, stride=2, dtype=self.dtype, name='conv_stem')(x)
         features.append(x)  # timm takes the stride-2 map straight from conv_stem, before BN
-        x = nn.relu(BatchNorm(dtype=self.dtype, name='bn1')(x, train))
+        x = nn.relu(BatchNorm(dtype=self.dtype, folded=self.fold_bn, name='bn1')(x, train))
 
         index = 0
         for stage, rows in enumerate(self.cfgs):
@@ -147,7 +152,7 @@ class GhostNet(nn.Module):
                     make_divisible(exp * self.width), make_divisible(c * self.width), int(k), int(s), se,
                     attention=self._attention_for(index), attention_position=self.attention_position,
                     attention_kwargs=self.attention_kwargs, depthwise_impl=self.depthwise_impl,
-                    dtype=self.dtype, name=f'blocks_{stage}_{j}')(x, train)
+                    dtype=self.dtype, fold_bn=self.fold_bn, name=f'blocks_{stage}_{j}')(x, train)
                 index += 1
             if int(rows[-1][4]) > 1:
                 features.append(x)
@@ -156,7 +161,8 @@ class GhostNet(nn.Module):
 
         last_width = make_divisible(self.cfgs[-1][-1][1] * self.width)
         x = conv2d(last_width, 1, dtype=self.dtype, name=f'blocks_{len(self.cfgs)}_0_conv')(x)
-        x = nn.relu(BatchNorm(dtype=self.dtype, name=f'blocks_{len(self.cfgs)}_0_bn1')(x, train))
+        x = nn.relu(BatchNorm(dtype=self.dtype, folded=self.fold_bn,
+                                 name=f'blocks_{len(self.cfgs)}_0_bn1')(x, train))
         x = jnp.mean(x, axis=(1, 2), keepdims=True)
         x = nn.relu(conv2d(HEAD_WIDTH, 1, use_bias=True, dtype=self.dtype, name='conv_head')(x))
         x = x.reshape(x.shape[0], -1)

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from ghostnetv2_jax.nn.depthwise import DepthwiseConv
-from ghostnetv2_jax.nn.layers import BatchNorm, conv2d, hard_sigmoid, make_divisible, resize
+from ghostnetv2_jax.nn.layers import (BatchNorm, avg_pool_2x2, conv2d, hard_sigmoid,
+                                      make_divisible, resize)
 
 Dtype = Any
 
@@ -52,13 +53,14 @@ class DFCAttention(nn.Module):
     upsample: str = 'nearest'        # 'nearest' | 'bilinear' | 'bicubic'
     depthwise_impl: str = 'auto'
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, source: jax.Array, target: jax.Array, train: bool = False) -> jax.Array:
         kh, kw = self.kernel
         x = source
         if self.downsample == 'avg':
-            x = nn.avg_pool(x, (2, 2), strides=(2, 2), padding='VALID')  # floors odd sizes
+            x = avg_pool_2x2(x)  # floors odd sizes
         elif self.downsample == 'max':
             x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
         elif self.downsample != 'none':
@@ -66,7 +68,7 @@ class DFCAttention(nn.Module):
         if 0 in x.shape[1:3]:
             raise ValueError(f'DFC attention got a {source.shape[1]}x{source.shape[2]} map, too small to '
                              'down-sample 2x; GhostNetV2 needs inputs of at least 64x64 pixels')
-        bn = lambda name: BatchNorm(dtype=self.dtype, name=name)
+        bn = lambda name: BatchNorm(dtype=self.dtype, folded=self.fold_bn, name=name)
         x = conv2d(self.features, 1, dtype=self.dtype, name='conv')(x)
         x = bn('bn')(x, train)
         x = DepthwiseConv((1, kw), impl=self.depthwise_impl, dtype=self.dtype, name='fc_w')(x)
@@ -108,6 +110,7 @@ class CBAM(nn.Module):
     spatial_kernel: int = 7
     gate: str = 'sigmoid'
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, source: jax.Array, target: jax.Array, train: bool = False) -> jax.Array:
@@ -122,7 +125,7 @@ class CBAM(nn.Module):
         x = target * gate(mlp(avg) + mlp(mx)).astype(target.dtype)
         s = jnp.concatenate([jnp.mean(x, -1, keepdims=True), jnp.max(x, -1, keepdims=True)], -1)
         s = conv2d(1, self.spatial_kernel, dtype=self.dtype, name='spatial_conv')(s)
-        s = BatchNorm(dtype=self.dtype, name='spatial_bn')(s, train)
+        s = BatchNorm(dtype=self.dtype, folded=self.fold_bn, name='spatial_bn')(s, train)
         return x * gate(s).astype(x.dtype)
 
 
@@ -133,6 +136,7 @@ class CoordAttention(nn.Module):
     reduction: int = 32
     min_width: int = 8
     dtype: Dtype = jnp.float32
+    fold_bn: bool = False
 
     @nn.compact
     def __call__(self, source: jax.Array, target: jax.Array, train: bool = False) -> jax.Array:
@@ -142,7 +146,7 @@ class CoordAttention(nn.Module):
         x_h = jnp.mean(target, axis=2, keepdims=True)                          # N, H, 1, C
         x_w = jnp.swapaxes(jnp.mean(target, axis=1, keepdims=True), 1, 2)     # N, W, 1, C
         y = conv2d(mip, 1, use_bias=True, dtype=self.dtype, name='conv1')(jnp.concatenate([x_h, x_w], 1))
-        y = nn.hard_swish(BatchNorm(dtype=self.dtype, name='bn1')(y, train))
+        y = nn.hard_swish(BatchNorm(dtype=self.dtype, folded=self.fold_bn, name='bn1')(y, train))
         a_h = jax.nn.sigmoid(conv2d(self.features, 1, use_bias=True, dtype=self.dtype, name='conv_h')(y[:, :h]))
         a_w = jax.nn.sigmoid(conv2d(self.features, 1, use_bias=True, dtype=self.dtype, name='conv_w')(y[:, h:]))
         return target * (a_h * jnp.swapaxes(a_w, 1, 2)).astype(target.dtype)
@@ -158,8 +162,10 @@ ATTENTIONS: Dict[str, Optional[type]] = {
 
 
 def make_attention(name: str, features: int, *, depthwise_impl: str = 'auto',
-                   dtype: Dtype = jnp.float32, module_name: str = 'attn', **kwargs) -> Optional[nn.Module]:
-    """Build the attention variant ``name`` for ``features`` channels (None for 'none')."""
+                   dtype: Dtype = jnp.float32, module_name: str = 'attn', fold_bn: bool = False,
+                   **kwargs) -> Optional[nn.Module]:
+    """Build the attention variant ``name`` for ``features`` channels (None for 'none').
+    ``fold_bn``: the inference form with BatchNorm folded into the convs (ghostnetv2_jax.deploy)."""
     if name not in ATTENTIONS:
         raise ValueError(f"unknown attention {name!r}; expected one of {sorted(ATTENTIONS)}")
     cls = ATTENTIONS[name]
@@ -169,4 +175,6 @@ def make_attention(name: str, features: int, *, depthwise_impl: str = 'auto',
         return None
     if cls is DFCAttention:
         kwargs['depthwise_impl'] = depthwise_impl
+    if fold_bn and cls in (DFCAttention, CBAM, CoordAttention):   # the variants with a BatchNorm
+        kwargs['fold_bn'] = True
     return cls(features=features, dtype=dtype, name=module_name, **kwargs)

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 Dtype = Any
 IntOrPair = Union[int, Tuple[int, int]]
@@ -44,13 +45,34 @@ def torch_padding(kernel_size: IntOrPair, padding: Optional[IntOrPair] = None):
     return ((ph, ph), (pw, pw))
 
 
+def pointwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                   dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """``lax.conv_general_dilated`` for an unpadded, unstrided 1x1 NHWC conv, as a matmul over the
+    channel axis. Same numbers, but its autodiff is a pair of matmuls: the conv form's kernel
+    gradient is a conv whose window is the whole image, which XLA:CPU runs after transposing
+    both operands (measured: the largest single cost of a GhostNet train step)."""
+    one = lambda v: v is None or all(int(d) == 1 for d in v)
+    simple = (rhs.shape[:-2] == (1,) * (rhs.ndim - 2) and feature_group_count == 1
+              and one(window_strides) and one(lhs_dilation) and one(rhs_dilation)
+              and all(tuple(p) == (0, 0) for p in padding))
+    if not simple:
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, precision=precision,
+                                        **kwargs)
+    w = rhs.reshape(rhs.shape[-2:])
+    return lax.dot_general(lhs, w, (((lhs.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
 def conv2d(features: int, kernel_size: IntOrPair = 1, stride: IntOrPair = 1,
            padding: Optional[IntOrPair] = None, use_bias: bool = False,
            dtype: Dtype = jnp.float32, name: Optional[str] = None) -> nn.Conv:
-    """A dense (groups=1) conv with PyTorch's symmetric padding; kernel layout HWIO."""
+    """A dense (groups=1) conv with PyTorch's symmetric padding; kernel layout HWIO.
+    1x1 convs run as matmuls (``pointwise_conv``); the variables are nn.Conv's either way."""
+    pointwise = pair(kernel_size) == (1, 1) and pair(stride) == (1, 1)
     return nn.Conv(features, pair(kernel_size), strides=pair(stride),
                    padding=torch_padding(kernel_size, padding), use_bias=use_bias,
-                   dtype=dtype, param_dtype=jnp.float32, name=name)
+                   dtype=dtype, param_dtype=jnp.float32, name=name,
+                   conv_general_dilated=pointwise_conv if pointwise else None)
 
 
 class BatchNorm(nn.Module):
@@ -61,14 +83,22 @@ class BatchNorm(nn.Module):
     - statistics are always float32, whatever the compute dtype;
     - the batch mean over axes (N, H, W) is a global reduction, so under ``jax.jit`` with the
       batch sharded over devices it is computed over the global batch with no extra code.
+
+    ``folded=True`` is the inference form made by ``ghostnetv2_jax.deploy``: the normalisation is
+    folded into the preceding conv's kernel and only the per-channel shift ``bias`` is left.
     """
     momentum: float = 0.1
     epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
+    folded: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         c = x.shape[-1]
+        if self.folded:
+            if train:
+                raise ValueError('a model with folded BatchNorm (ghostnetv2_jax.deploy) is inference-only')
+            return x + self.param('bias', nn.initializers.zeros, (c,), jnp.float32).astype(self.dtype)
         scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
         bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
         ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
@@ -136,15 +166,31 @@ def interp_matrix(in_size: int, out_size: int, method: str) -> np.ndarray:
     raise ValueError(f"unknown resize method {method!r}; expected nearest, bilinear or bicubic")
 
 
+def avg_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 average pooling, stride 2, no padding (odd sizes floor), as a sum of the four strided
+    views: its gradient is elementwise, where reduce_window's is a padded window reduction."""
+    h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
+    s = lambda i, j: x[:, i:h:2, j:w:2]
+    return (s(0, 0) + s(0, 1) + s(1, 0) + s(1, 1)) * 0.25
+
+
+def _repeat_axis(x: jax.Array, axis: int, times: int) -> jax.Array:
+    """Nearest upsampling by an integer factor along one axis, as a stack + reshape: its gradient
+    is a sum of strided slices that XLA fuses, where a broadcast's is a separate reduction."""
+    if times == 1:
+        return x
+    y = jnp.stack([x] * times, axis=axis + 1)
+    return y.reshape(x.shape[:axis] + (x.shape[axis] * times,) + x.shape[axis + 1:])
+
+
 def resize(x: jax.Array, size: Sequence[int], method: str = 'nearest') -> jax.Array:
     """Resize NHWC ``x`` to ``size`` (H, W) exactly as PyTorch's ``F.interpolate`` does."""
     (h, w), (oh, ow) = x.shape[1:3], tuple(size)
     if (h, w) == (oh, ow):
         return x
     if method == 'nearest':
-        if oh % h == 0 and ow % w == 0:  # integer factor: a broadcast, no gather
-            x = jnp.broadcast_to(x[:, :, None, :, None, :], (x.shape[0], h, oh // h, w, ow // w, x.shape[-1]))
-            return x.reshape(x.shape[0], oh, ow, -1)
+        if oh % h == 0 and ow % w == 0:  # integer factor: copies, no gather
+            return _repeat_axis(_repeat_axis(x, 1, oh // h), 2, ow // w)
         x = jnp.take(x, jnp.asarray(_nearest_index(h, oh)), axis=1)
         return jnp.take(x, jnp.asarray(_nearest_index(w, ow)), axis=2)
     mh = jnp.asarray(interp_matrix(h, oh, method), x.dtype)
