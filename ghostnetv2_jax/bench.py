@@ -1,0 +1,545 @@
+"""Side-by-side speed of this project and timm, measured in one run.
+
+``python -m ghostnetv2_jax bench [--models ghostnetv2_100] [--batches 1,32,128] [--modes infer,train]
+[--dtypes float32,bfloat16] [--impls shift,xla] [--layouts nchw,channels_last] [--out DIR] ...``
+
+Method (see docs/benchmarks.md for results):
+
+- Every contender (this project with one depthwise implementation and compute dtype, or timm in
+  one memory layout) runs in its own worker process, so that compile caches, allocators and
+  thread pools do not leak between contenders and peak memory can be read per contender.
+- Contenders of one group (model, batch, mode) are set up one after the other (so a compile is
+  never slowed by another), then timed in ALTERNATING rounds: each round runs every contender
+  for ``--repeats`` iterations, in a rotated order. Throughput is batch / median iteration time;
+  the spread over rounds is reported too. A load from other processes hurts every contender
+  alike, and the load average is recorded at the start and the end.
+- Inference: jitted ``model.apply`` (JAX) vs ``model.eval()`` under ``torch.inference_mode``.
+  Train step: forward + softmax cross-entropy + backward + SGD with momentum 0.9, BatchNorm in
+  training mode updating its running statistics; JAX as one jitted step with the parameters,
+  statistics and optimizer state donated; torch as ``model.train()``, ``loss.backward()``,
+  ``optimizer.step()``.
+- torch uses ``torch.set_num_threads(--threads)`` (default: the cores this process may use); XLA
+  uses its default pool, one thread per core. bf16 contenders: JAX computes in bfloat16 with
+  float32 parameters; torch runs under ``torch.autocast(dtype=bfloat16)``.
+- Compile time (JAX): trace + lower + XLA compile of the jitted function. torch has no compile
+  step; its first call is reported instead.
+- Memory: each worker's peak resident set (``getrusage`` maxrss) minus its resident set just
+  before the first timed-or-warm-up call, i.e. what running the contender added; for JAX also
+  XLA's own ``compiled.memory_analysis()`` (temporaries + arguments + outputs). On GPU, the
+  device's peak bytes in use (JAX ``memory_stats``, ``torch.cuda.max_memory_allocated``).
+- ``--malloc retain`` (default) configures glibc malloc in every worker, torch's included, to
+  keep freed memory mapped (``mallopt``: one arena, no mmap'd chunks, no trimming). Without it,
+  each step re-faults every large buffer it allocates (~2 us per 4 KiB page in a VM), which
+  costs both frameworks 10-25%; ``--malloc system`` measures the default.
+
+The report goes to ``--out`` as ``bench.json`` and ``bench.md``; ratios are this project's
+img/s over the best timm layout's img/s for the same model, batch, mode and dtype.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+MODES = ('infer', 'train')
+DTYPES = ('float32', 'bfloat16')
+JAX_IMPLS = ('auto', 'shift', 'xla')
+TORCH_LAYOUTS = ('nchw', 'channels_last')
+
+
+# ----------------------------------------------------------------------------- the plan
+@dataclasses.dataclass(frozen=True)
+class Contender:
+    framework: str            # 'jax' | 'torch'
+    variant: str              # depthwise impl (jax), 'deploy' (jax, folded BN), or memory layout (torch)
+    dtype: str
+
+    @property
+    def label(self) -> str:
+        return f'{self.framework}:{self.variant}:{self.dtype}'
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    model: str
+    batch: int
+    mode: str
+    contenders: tuple
+
+
+def _csv(kind, choices: Optional[Sequence[str]] = None):
+    def parse(text: str):
+        items = [kind(t) for t in text.split(',') if t.strip()]
+        bad = [t for t in items if choices is not None and t not in choices]
+        if not items or bad:
+            raise argparse.ArgumentTypeError(
+                f'expected a comma-separated list of {", ".join(choices) if choices else kind.__name__}, got {text!r}')
+        return items
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='python -m ghostnetv2_jax bench', description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--models', type=_csv(str), default=['ghostnetv2_100'])
+    p.add_argument('--batches', type=_csv(int), default=[1, 32, 128])
+    p.add_argument('--size', type=int, default=224, help='square input size')
+    p.add_argument('--modes', type=_csv(str, MODES), default=list(MODES))
+    p.add_argument('--dtypes', type=_csv(str, DTYPES), default=list(DTYPES))
+    p.add_argument('--impls', type=_csv(str, JAX_IMPLS), default=['shift', 'xla'],
+                   help="this project's depthwise implementations ('auto' = the backend's default)")
+    p.add_argument('--deploy', action=argparse.BooleanOptionalAction, default=True,
+                   help='also time the BN-folded inference model (ghostnetv2_jax.deploy)')
+    p.add_argument('--layouts', type=_csv(str, TORCH_LAYOUTS), default=list(TORCH_LAYOUTS))
+    p.add_argument('--torch', action=argparse.BooleanOptionalAction, default=True,
+                   help='time timm (without it no ratios are computed)')
+    p.add_argument('--rounds', type=int, default=5, help='alternation rounds')
+    p.add_argument('--repeats', type=int, default=3, help='timed iterations per contender per round')
+    p.add_argument('--warmup', type=int, default=2, help='untimed iterations after compile')
+    p.add_argument('--threads', type=int, default=None, help='torch threads (default: usable cores)')
+    p.add_argument('--malloc', choices=['retain', 'system'], default='retain',
+                   help='glibc malloc policy in every worker (see the module docstring)')
+    p.add_argument('--xla-flags', default='', help='appended to XLA_FLAGS in the JAX workers')
+    p.add_argument('--out', default='bench_out', help='directory for bench.json and bench.md')
+    return p
+
+
+def plan(args) -> List[Group]:
+    groups = []
+    for model in args.models:
+        for batch in args.batches:
+            for mode in args.modes:
+                cs = []
+                for dtype in args.dtypes:
+                    cs += [Contender('jax', impl, dtype) for impl in args.impls]
+                    if args.deploy and mode == 'infer':
+                        cs.append(Contender('jax', 'deploy', dtype))
+                    if args.torch:
+                        cs += [Contender('torch', layout, dtype) for layout in args.layouts]
+                groups.append(Group(model, batch, mode, tuple(cs)))
+    return groups
+
+
+def _validate(args) -> None:
+    from ghostnetv2_jax.models.registry import get_spec
+    for name in args.models:
+        get_spec(name)   # unknown names fail here, with the list of known ones
+    for flag, value in (('--rounds', args.rounds), ('--repeats', args.repeats), ('--size', args.size)):
+        if value < 1:
+            raise ValueError(f'{flag} must be >= 1, got {value}')
+    if args.warmup < 0:
+        raise ValueError(f'--warmup must be >= 0, got {args.warmup}')
+    if any(b < 1 for b in args.batches):
+        raise ValueError(f'--batches must be positive, got {args.batches}')
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f'--threads must be >= 1, got {args.threads}')
+
+
+# ----------------------------------------------------------------------------- workers (child side)
+def _retain_malloc() -> str:
+    """Keep freed heap memory mapped (glibc), so big per-step buffers are not re-faulted."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+    except OSError:
+        return 'system (no glibc)'
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
+    ok = all(libc.mallopt(k, v) == 1 for k, v in
+             ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2 ** 31 - 1)))
+    return 'retain' if ok else 'system (mallopt refused)'
+
+
+def _rss_mb() -> float:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
+
+
+def _maxrss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+
+
+class _JaxRunner:
+    """One jitted inference or train step of this project's model."""
+
+    def __init__(self, spec: Dict[str, Any]):
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        from ghostnetv2_jax.models.registry import create_model
+        self.jax = jax
+        dtype = jnp.bfloat16 if spec['dtype'] == 'bfloat16' else jnp.float32
+        impl = 'auto' if spec['variant'] == 'deploy' else spec['variant']
+        model = create_model(spec['model'], depthwise_impl=impl, dtype=dtype)
+        rng = np.random.default_rng(0)
+        images = jnp.asarray(rng.standard_normal((spec['batch'], spec['size'], spec['size'], 3), np.float32))
+        labels = jnp.asarray(rng.integers(0, 1000, spec['batch']), jnp.int32)
+        variables = random_variables(model, images[:1])
+        if spec['variant'] == 'deploy':
+            from ghostnetv2_jax import deploy
+            model, variables = deploy.fold_batchnorm(model, variables)
+        t0 = time.perf_counter()
+        if spec['mode'] == 'infer':
+            fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
+            self.state, self.extra = (variables,), (images,)
+        else:
+            fn, state = make_jax_train_step(model, variables)
+            self.state, self.extra = state, (images, labels)
+        self.compiled = fn.lower(*self.state, *self.extra).compile()
+        self.compile_s = time.perf_counter() - t0
+        self.donates = spec['mode'] == 'train'
+        self.device = jax.devices()[0]
+
+    def step(self) -> None:
+        out = self.compiled(*self.state, *self.extra)
+        if self.donates:
+            self.state = out[:-1]
+        self.jax.block_until_ready(out)
+
+    def memory(self) -> Dict[str, float]:
+        info: Dict[str, float] = {}
+        ma = self.compiled.memory_analysis()
+        if ma is not None:
+            info['xla_temp_mb'] = ma.temp_size_in_bytes / 2 ** 20
+            info['xla_total_mb'] = (ma.temp_size_in_bytes + ma.argument_size_in_bytes
+                                    + ma.output_size_in_bytes - ma.alias_size_in_bytes) / 2 ** 20
+        stats = self.device.memory_stats() if self.device.platform != 'cpu' else None
+        if stats and 'peak_bytes_in_use' in stats:
+            info['device_peak_mb'] = stats['peak_bytes_in_use'] / 2 ** 20
+        return info
+
+    def describe(self) -> Dict[str, Any]:
+        return {'backend': self.jax.default_backend(), 'device': self.device.device_kind,
+                'jax': self.jax.__version__}
+
+
+def random_variables(model, images, seed: int = 0):
+    """Variables of ``model`` filled on the host: LeCun-normal kernels, unit BatchNorm. Speed does
+    not depend on the values, and ``jax.jit(model.init)`` spends ~30 s compiling the initialisers'
+    random-number kernels on CPU."""
+    import jax
+    import numpy as np
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = getattr(path[-1], 'key', str(path[-1]))
+        if name == 'kernel':
+            fan_in = int(np.prod(leaf.shape[:-1])) or 1
+            value = rng.standard_normal(leaf.shape) / np.sqrt(fan_in)
+        elif name in ('scale', 'var'):
+            value = np.ones(leaf.shape)
+        else:   # biases, running means
+            value = np.zeros(leaf.shape)
+        return jax.numpy.asarray(value, leaf.dtype)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(seed), images)
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def make_jax_train_step(model, variables, learning_rate: float = 0.1, momentum: float = 0.9):
+    """(jitted step, initial state): forward + softmax CE + backward + SGD-momentum update with
+    BatchNorm statistics updated; the state (params, batch_stats, opt_state, rng) is donated.
+    ``step(*state, images, labels) -> (*new_state, loss)``."""
+    import jax
+    import optax
+    tx = optax.sgd(learning_rate, momentum=momentum)
+
+    def step(params, batch_stats, opt_state, rng, images, labels):
+        rng, dropout_rng = jax.random.split(rng)
+
+        def loss_fn(p):
+            logits, new = model.apply({'params': p, 'batch_stats': batch_stats}, images, train=True,
+                                      mutable=['batch_stats'], rngs={'dropout': dropout_rng})
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, new['batch_stats']
+
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_stats, opt_state, rng, loss
+
+    state = (variables['params'], variables['batch_stats'], tx.init(variables['params']),
+             jax.random.PRNGKey(1))
+    return jax.jit(step, donate_argnums=(0, 1, 2, 3)), state
+
+
+class _TorchRunner:
+    """timm's model in one memory layout; eval under inference_mode, or a full train step."""
+
+    def __init__(self, spec: Dict[str, Any]):
+        import timm
+        import torch
+        self.torch = torch
+        torch.set_num_threads(spec['threads'])
+        self.device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+        torch.manual_seed(0)
+        model = timm.create_model(spec['model'], pretrained=False).to(self.device)
+        images = torch.randn(spec['batch'], 3, spec['size'], spec['size'], device=self.device)
+        self.labels = torch.randint(0, 1000, (spec['batch'],), device=self.device)
+        if spec['variant'] == 'channels_last':
+            model = model.to(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=torch.channels_last)
+        self.model, self.images, self.train = model, images, spec['mode'] == 'train'
+        self.amp = spec['dtype'] == 'bfloat16'
+        if self.train:
+            model.train()
+            self.opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        else:
+            model.eval()
+        self.compile_s = None
+
+    def step(self) -> None:
+        torch = self.torch
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            if self.train:
+                self.opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(self.model(self.images), self.labels)
+                loss.backward()
+                self.opt.step()
+            else:
+                with torch.inference_mode():
+                    self.model(self.images)
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize()
+
+    def memory(self) -> Dict[str, float]:
+        if self.device.type == 'cuda':
+            return {'device_peak_mb': self.torch.cuda.max_memory_allocated() / 2 ** 20}
+        return {}
+
+    def describe(self) -> Dict[str, Any]:
+        import timm
+        return {'backend': self.device.type, 'threads': self.torch.get_num_threads(),
+                'torch': self.torch.__version__, 'timm': timm.__version__}
+
+
+def _timed(fn, n: int) -> List[float]:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def worker_main() -> int:
+    """Child process: JSON commands on stdin, one JSON reply per line on stdout."""
+    out = sys.stdout
+    sys.stdout = sys.stderr   # library chatter must not corrupt the protocol
+    runner, rss_before = None, 0.0
+    for line in sys.stdin:
+        msg = json.loads(line)
+        try:
+            if msg['cmd'] == 'setup':
+                spec = msg['spec']
+                policy = _retain_malloc() if spec['malloc'] == 'retain' else 'system'
+                runner = (_JaxRunner if spec['framework'] == 'jax' else _TorchRunner)(spec)
+                rss_before = _rss_mb()
+                first = _timed(runner.step, 1)[0]
+                warm = _timed(runner.step, spec['warmup'])
+                reply = {'compile_s': runner.compile_s, 'first_call_s': first, 'warmup_s': warm,
+                         'malloc': policy, **runner.describe()}
+            elif msg['cmd'] == 'run':
+                reply = {'times': _timed(runner.step, msg['n'])}
+            elif msg['cmd'] == 'stats':
+                reply = {'rss_before_mb': rss_before, 'maxrss_mb': _maxrss_mb(),
+                         'peak_added_mb': max(0.0, _maxrss_mb() - rss_before), **runner.memory()}
+            else:
+                reply = {}
+        except Exception as e:   # reported to the parent as this contender's failure
+            reply = {'error': f'{type(e).__name__}: {" ".join(str(e).split())[:500]}'}
+        out.write(json.dumps(reply) + '\n')
+        out.flush()
+        if msg['cmd'] == 'exit':
+            return 0
+    return 0
+
+
+# ----------------------------------------------------------------------------- workers (parent side)
+class Worker:
+    def __init__(self, framework: str, xla_flags: str):
+        env = dict(os.environ)
+        if framework == 'jax':
+            env['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'   # leave GPU memory to the torch worker
+            if xla_flags:
+                env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + xla_flags).strip()
+        self.proc = subprocess.Popen([sys.executable, '-m', 'ghostnetv2_jax.bench', '--worker'],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+    def ask(self, **msg) -> Dict[str, Any]:
+        self.proc.stdin.write(json.dumps(msg) + '\n')
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            return {'error': f'worker exited with code {self.proc.wait()}'}
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.ask(cmd='exit')
+            except (BrokenPipeError, OSError):
+                pass
+        self.proc.wait()
+
+
+def _median(xs: Sequence[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def run_group(group: Group, args, log) -> List[Dict[str, Any]]:
+    """Set the group's contenders up one by one, then time them in alternating rounds."""
+    live, results = [], []
+    try:
+        for c in group.contenders:
+            spec = dict(framework=c.framework, variant=c.variant, dtype=c.dtype, model=group.model,
+                        batch=group.batch, mode=group.mode, size=args.size, threads=args.threads,
+                        warmup=args.warmup, malloc=args.malloc)
+            w = Worker(c.framework, args.xla_flags)
+            info = w.ask(cmd='setup', spec=spec)
+            res = dict(label=c.label, framework=c.framework, variant=c.variant, dtype=c.dtype,
+                       model=group.model, batch=group.batch, mode=group.mode, **info)
+            results.append(res)
+            if 'error' in info:
+                log(f'  {c.label}: FAILED {info["error"]}')
+                w.close()
+                continue
+            live.append((w, res))
+            comp = f'compile {info["compile_s"]:.1f}s' if info.get('compile_s') is not None else \
+                f'first call {info["first_call_s"]:.2f}s'
+            log(f'  {c.label}: ready ({comp})')
+        for r in range(args.rounds):
+            shift = r % max(len(live), 1)
+            for w, res in live[shift:] + live[:shift]:     # rotate: no contender always goes first
+                reply = w.ask(cmd='run', n=args.repeats)
+                if 'error' in reply:
+                    res['error'] = reply['error']
+                    continue
+                res.setdefault('times', []).extend(reply['times'])
+                res.setdefault('round_medians', []).append(_median(reply['times']))
+        for w, res in live:
+            res['memory'] = w.ask(cmd='stats')
+    finally:
+        for w, _ in live:
+            w.close()
+    for res in results:
+        if res.get('times') and 'error' not in res:
+            res['median_s'] = _median(res['times'])
+            res['img_per_s'] = group.batch / res['median_s']
+            res['img_per_s_rounds'] = [group.batch / t for t in res['round_medians']]
+    return results
+
+
+# ----------------------------------------------------------------------------- report
+def add_ratios(results: List[Dict[str, Any]]) -> None:
+    """ratio_vs_timm_best = img/s / (best timm layout's img/s, same model/batch/mode/dtype)."""
+    best: Dict[tuple, Dict[str, Any]] = {}
+    for r in results:
+        if r['framework'] == 'torch' and 'img_per_s' in r:
+            key = (r['model'], r['batch'], r['mode'], r['dtype'])
+            if key not in best or r['img_per_s'] > best[key]['img_per_s']:
+                best[key] = r
+    for r in results:
+        ref = best.get((r['model'], r['batch'], r['mode'], r['dtype']))
+        if r['framework'] == 'jax' and 'img_per_s' in r and ref is not None:
+            r['timm_best'] = ref['label']
+            r['ratio_vs_timm_best'] = r['img_per_s'] / ref['img_per_s']
+
+
+def machine_info(threads: int) -> Dict[str, Any]:
+    model_name = platform.processor() or platform.machine()
+    try:
+        lscpu = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
+        model_name = next(l.split(':', 1)[1].strip() for l in lscpu.splitlines() if l.startswith('Model name'))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        pass
+    return {'cpu_model': model_name, 'logical_cpus': os.cpu_count(),
+            'usable_cpus': len(os.sched_getaffinity(0)), 'torch_threads': threads,
+            'python': platform.python_version(), 'platform': platform.platform()}
+
+
+def _fmt(v, spec='.1f', missing='-') -> str:
+    return missing if v is None else format(v, spec)
+
+
+def markdown(report: Dict[str, Any]) -> str:
+    m, cfg = report['machine'], report['config']
+    lines = [
+        '# Benchmark: ghostnetv2_jax vs timm', '',
+        f'- Machine: {m["cpu_model"]}, {m["usable_cpus"]} usable CPUs; torch threads {m["torch_threads"]}; '
+        f'load average {report["load_start"]} at start, {report["load_end"]} at end',
+        f'- Command: `{report["command"]}`',
+        f'- Input {cfg["size"]}x{cfg["size"]}; {cfg["rounds"]} alternating rounds x {cfg["repeats"]} '
+        f'iterations, {cfg["warmup"]} warm-up; malloc policy `{cfg["malloc"]}`; img/s = batch / median',
+        '', '| model | batch | mode | contender | img/s | rounds min-max | vs timm best | compile s | '
+            'peak added MB | XLA MB |',
+        '|---|---|---|---|---|---|---|---|---|---|',
+    ]
+    for r in report['results']:
+        if 'img_per_s' not in r:
+            lines.append(f'| {r["model"]} | {r["batch"]} | {r["mode"]} | {r["label"]} | failed: '
+                         f'{r.get("error", "no timing")} | | | | | |')
+            continue
+        rounds = r['img_per_s_rounds']
+        mem = r.get('memory', {})
+        ratio = r.get('ratio_vs_timm_best')
+        comp = r.get('compile_s')
+        lines.append(
+            f'| {r["model"]} | {r["batch"]} | {r["mode"]} | {r["label"]} | {r["img_per_s"]:.1f} | '
+            f'{min(rounds):.1f}-{max(rounds):.1f} | {"-" if ratio is None else f"{ratio:.2f}x"} | '
+            f'{_fmt(comp)} | {_fmt(mem.get("peak_added_mb"), ".0f")} | {_fmt(mem.get("xla_total_mb"), ".0f")} |')
+    lines += ['', 'compile s: trace + lower + XLA compile (JAX); timm has none. peak added MB: worker '
+              'maxrss minus its RSS before the first call. XLA MB: compiled.memory_analysis() '
+              'temporaries + arguments + outputs - aliased (donated).', '']
+    return '\n'.join(lines)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    if argv[1:2] == ['--worker']:
+        return worker_main()
+    try:
+        args = build_parser().parse_args(argv[1:])
+        _validate(args)
+    except ValueError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    args.threads = args.threads or len(os.sched_getaffinity(0))
+    os.makedirs(args.out, exist_ok=True)
+    log = lambda s: print(s, flush=True)
+    report = {'command': ' '.join(['python -m ghostnetv2_jax bench'] + argv[1:]),
+              'config': {k: v for k, v in vars(args).items()},
+              'machine': machine_info(args.threads),
+              'load_start': [round(x, 2) for x in os.getloadavg()], 'results': []}
+    for group in plan(args):
+        log(f'{group.model} batch {group.batch} {group.mode}:')
+        report['results'] += run_group(group, args, log)
+        add_ratios(report['results'])
+        for r in report['results']:
+            if r['model'] == group.model and r['batch'] == group.batch and r['mode'] == group.mode \
+                    and 'img_per_s' in r:
+                ratio = r.get('ratio_vs_timm_best')
+                log(f'    {r["label"]:<28} {r["img_per_s"]:8.1f} img/s'
+                    + ('' if ratio is None else f'   {ratio:.2f}x timm best ({r["timm_best"]})'))
+    report['load_end'] = [round(x, 2) for x in os.getloadavg()]
+    _write_atomic(os.path.join(args.out, 'bench.json'), json.dumps(report, indent=1))
+    _write_atomic(os.path.join(args.out, 'bench.md'), markdown(report))
+    log(f'wrote {os.path.join(args.out, "bench.json")} and bench.md')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
