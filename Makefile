@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST_WORKERS ?= 2
+DEMO_WORKDIR ?= /tmp/ghostnetv2_demo
 
 .PHONY: test demo install install-dev bench clean
 
@@ -23,7 +24,7 @@ test: $(VENV)/.dev
 	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
 
 demo: $(VENV)/.dev
-	$(PY) -m ghostnetv2_jax parity --model ghostnetv2_100 --size 224 --size 97x131
+	$(PY) -m ghostnetv2_jax train --config configs/demo.py --workdir $(DEMO_WORKDIR)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
