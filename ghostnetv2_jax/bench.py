@@ -16,8 +16,9 @@ Method (see docs/benchmarks.md for results):
 - Inference: jitted ``model.apply`` (JAX) vs ``model.eval()`` under ``torch.inference_mode``.
   Train step: forward + softmax cross-entropy + backward + SGD with momentum 0.9, BatchNorm in
   training mode updating its running statistics; JAX as one jitted step with the parameters,
-  statistics and optimizer state donated; torch as ``model.train()``, ``loss.backward()``,
-  ``optimizer.step()``.
+  statistics and optimizer state donated (the update on the flattened gradient, see
+  ``make_jax_train_step``); torch as ``model.train()``, ``loss.backward()``, ``optimizer.step()``
+  (its default multi-tensor ``foreach`` SGD).
 - torch uses ``torch.set_num_threads(--threads)`` (default: the cores this process may use); XLA
   uses its default pool, one thread per core. bf16 contenders: JAX computes in bfloat16 with
   float32 parameters; torch runs under ``torch.autocast(dtype=bfloat16)``.
@@ -244,10 +245,14 @@ def random_variables(model, images, seed: int = 0):
 def make_jax_train_step(model, variables, learning_rate: float = 0.1, momentum: float = 0.9):
     """(jitted step, initial state): forward + softmax CE + backward + SGD-momentum update with
     BatchNorm statistics updated; the state (params, batch_stats, opt_state, rng) is donated.
-    ``step(*state, images, labels) -> (*new_state, loss)``."""
+    ``step(*state, images, labels) -> (*new_state, loss)``.
+
+    The optimizer runs on the flattened gradient (``optax.flatten``): one fused update instead of
+    one small kernel per parameter leaf (~400 fewer XLA:CPU kernels to compile and launch; the
+    multi-tensor idea of torch's ``foreach`` SGD)."""
     import jax
     import optax
-    tx = optax.sgd(learning_rate, momentum=momentum)
+    tx = optax.flatten(optax.sgd(learning_rate, momentum=momentum))
 
     def step(params, batch_stats, opt_state, rng, images, labels):
         rng, dropout_rng = jax.random.split(rng)

@@ -1,0 +1,101 @@
+"""The benchmark harness: a tiny end-to-end run (JSON, markdown, ratios), the plan, the ratio
+arithmetic, the JAX train step it times, and one-line errors for bad flags."""
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ghostnetv2_jax import bench, create_model
+
+
+def test_smoke_run_writes_json_and_markdown_with_ratios(tmp_path):
+    out = tmp_path / 'bench'
+    argv = ['bench', '--models', 'ghostnet_050', '--batches', '2', '--size', '64', '--modes', 'infer',
+            '--dtypes', 'float32', '--impls', 'shift', '--no-deploy', '--layouts', 'nchw,channels_last',
+            '--rounds', '2', '--repeats', '1', '--warmup', '0', '--out', str(out)]
+    assert bench.main(argv) == 0
+    report = json.loads((out / 'bench.json').read_text())
+    assert report['machine']['usable_cpus'] == len(os.sched_getaffinity(0)) == report['machine']['torch_threads']
+    assert report['config']['rounds'] == 2 and report['command'].startswith('python -m ghostnetv2_jax bench')
+    by_label = {r['label']: r for r in report['results']}
+    assert set(by_label) == {'jax:shift:float32', 'torch:nchw:float32', 'torch:channels_last:float32'}
+    for r in by_label.values():
+        assert 'error' not in r, r.get('error')
+        assert len(r['times']) == 2 and len(r['img_per_s_rounds']) == 2     # 2 rounds x 1 repeat
+        assert r['img_per_s'] == pytest.approx(2 / r['median_s'])
+        assert r['memory']['maxrss_mb'] > 0 and r['memory']['peak_added_mb'] >= 0
+    jax_res = by_label['jax:shift:float32']
+    best = max((by_label['torch:nchw:float32'], by_label['torch:channels_last:float32']),
+               key=lambda r: r['img_per_s'])
+    assert jax_res['timm_best'] == best['label']
+    assert jax_res['ratio_vs_timm_best'] == pytest.approx(jax_res['img_per_s'] / best['img_per_s'])
+    assert jax_res['compile_s'] > 0 and jax_res['memory']['xla_total_mb'] > 0
+    assert 'ratio_vs_timm_best' not in by_label['torch:nchw:float32']
+    md = (out / 'bench.md').read_text()
+    assert '| model | batch | mode | contender | img/s |' in md and 'vs timm best' in md
+    assert f'| jax:shift:float32 | {jax_res["img_per_s"]:.1f} |' in md
+    assert f'{jax_res["ratio_vs_timm_best"]:.2f}x' in md
+    assert report['machine']['cpu_model'] in md
+
+
+def test_plan_alternates_every_contender_of_a_group():
+    args = bench.build_parser().parse_args(
+        ['--batches', '1,32', '--modes', 'infer,train', '--dtypes', 'float32', '--impls', 'shift,xla'])
+    groups = bench.plan(args)
+    assert [(g.batch, g.mode) for g in groups] == [(1, 'infer'), (1, 'train'), (32, 'infer'), (32, 'train')]
+    infer = [c.label for c in groups[0].contenders]
+    assert infer == ['jax:shift:float32', 'jax:xla:float32', 'jax:deploy:float32',
+                     'torch:nchw:float32', 'torch:channels_last:float32']
+    assert 'jax:deploy:float32' not in [c.label for c in groups[1].contenders]   # inference only
+
+
+def test_ratios_use_the_best_timm_layout_of_the_same_dtype():
+    res = [dict(framework='torch', label='torch:nchw:float32', img_per_s=50.0),
+           dict(framework='torch', label='torch:channels_last:float32', img_per_s=80.0),
+           dict(framework='torch', label='torch:nchw:bfloat16', img_per_s=20.0, dtype='bfloat16'),
+           dict(framework='jax', label='jax:shift:float32', img_per_s=120.0),
+           dict(framework='jax', label='jax:shift:bfloat16', img_per_s=30.0, dtype='bfloat16')]
+    for r in res:
+        r.setdefault('dtype', 'float32')
+        r.update(model='m', batch=32, mode='infer')
+    bench.add_ratios(res)
+    assert res[3]['timm_best'] == 'torch:channels_last:float32' and res[3]['ratio_vs_timm_best'] == 1.5
+    assert res[4]['timm_best'] == 'torch:nchw:bfloat16' and res[4]['ratio_vs_timm_best'] == 1.5
+
+
+def test_jax_train_step_updates_params_and_batch_stats_with_donation():
+    model = create_model('ghostnet_100', cfgs=(((3, 16, 16, 0, 1),), ((3, 48, 24, 0, 2),)), num_classes=10)
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((4, 32, 32, 3)), jnp.float32)
+    labels = jnp.arange(4) % 10
+    variables = bench.random_variables(model, images)
+    step, state = bench.make_jax_train_step(model, variables)
+    params0 = jax.tree_util.tree_map(np.array, state[0])
+    stats0 = jax.tree_util.tree_map(np.array, state[1])
+    *new_state, loss = step(*state, images, labels)
+    assert np.isfinite(float(loss))
+    assert state[0]['conv_stem']['kernel'].is_deleted()            # donated, updated in place
+    chex.assert_trees_all_equal_shapes(new_state[0], params0)
+    assert not np.allclose(new_state[0]['conv_stem']['kernel'], params0['conv_stem']['kernel'])
+    assert not np.allclose(new_state[1]['bn1']['mean'], stats0['bn1']['mean'])
+    *_, loss2 = step(*new_state, images, labels)                   # SGD on one batch: loss drops
+    assert float(loss2) < float(loss)
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--models', 'ghostnet_999'], 'unknown model'),
+    (['--modes', 'eval'], 'expected a comma-separated list'),
+    (['--rounds', '0'], '--rounds must be >= 1'),
+])
+def test_bad_flags_exit_nonzero_with_one_line(argv, message, capsys, tmp_path):
+    try:
+        code = bench.main(['bench', '--out', str(tmp_path / 'o')] + argv)
+    except SystemExit as e:       # argparse's own errors
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1]
+    assert not (tmp_path / 'o').exists()     # nothing is written for a rejected command
