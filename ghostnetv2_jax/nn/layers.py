@@ -6,6 +6,7 @@ variance, ``jax.image.resize`` uses half-pixel nearest and a different bicubic k
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional, Sequence, Tuple, Union
 
@@ -138,21 +139,64 @@ class BatchNorm(nn.Module):
         ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
         if train:
-            axes = tuple(range(x.ndim - 1))
-            x32 = x.astype(jnp.float32)
-            mean = jnp.mean(x32, axes)
-            var = jnp.mean(jnp.square(x32 - mean), axes)  # two-pass: matches torch closely
+            y, mean, var = batch_norm_train(x.astype(self.dtype), scale, bias, self.epsilon)
             if not self.is_initializing():
                 n = math.prod(x.shape[:-1])
                 m = self.momentum
+                mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
                 ra_mean.value = (1 - m) * ra_mean.value + m * mean
                 ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
-        else:
-            mean, var = ra_mean.value, ra_var.value
+            return y
         # Fold into one per-channel affine: a single multiply-add over the activation.
-        mul = scale * jax.lax.rsqrt(var + self.epsilon)
-        add = bias - mean * mul
+        mul = scale * jax.lax.rsqrt(ra_var.value + self.epsilon)
+        add = bias - ra_mean.value * mul
         return x * mul.astype(self.dtype) + add.astype(self.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x, scale, bias, epsilon: float):
+    """Training-mode BatchNorm over all axes but the last: (y, batch mean, biased batch variance).
+
+    The variance is two-pass (mean of squared deviations), as torch computes it. The backward is
+    the closed form, dx = k * (g - mean(g) - xhat * mean(g * xhat)) with k = scale / std, from two
+    reductions, sum(g) and sum(g * x), that read only same-shape operands: autodiff of the
+    two-pass forward takes three and materialises an activation-sized intermediate (measured:
+    BatchNorm was ~20% of a GhostNet train step on CPU).
+    """
+    return _bn_train_fwd(x, scale, bias, epsilon)[0]
+
+
+def _bn_train_fwd(x, scale, bias, epsilon):
+    axes = tuple(range(x.ndim - 1))
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axes)
+    var = jnp.mean(jnp.square(x32 - mean), axes)
+    rstd = lax.rsqrt(var + epsilon)
+    mul = scale * rstd
+    add = bias - mean * mul
+    y = x * mul.astype(x.dtype) + add.astype(x.dtype)
+    return (y, mean, var), (x, mean, rstd, scale)
+
+
+def _bn_train_bwd(epsilon, residuals, cotangents):
+    del epsilon
+    x, mean, rstd, scale = residuals
+    g, g_mean, g_var = cotangents
+    axes = tuple(range(x.ndim - 1))
+    n = math.prod(x.shape[:-1])
+    x32, g32 = x.astype(jnp.float32), g.astype(jnp.float32)
+    sum_g = jnp.sum(g32, axes)
+    sum_gc = jnp.sum(g32 * x32, axes) - mean * sum_g            # sum(g * (x - mean))
+    k = scale * rstd
+    # dx = k*g + x * cx + c0; the mean/var outputs' own cotangents (zero when they only feed
+    # the running statistics) enter the same per-channel coefficients.
+    cx = -k * rstd * rstd * sum_gc / n + 2.0 * g_var / n
+    c0 = -k * sum_g / n - cx * mean + g_mean / n
+    dx = g * k.astype(g.dtype) + x * cx.astype(x.dtype) + c0.astype(x.dtype)
+    return dx.astype(x.dtype), sum_gc * rstd, sum_g
+
+
+batch_norm_train.defvjp(_bn_train_fwd, _bn_train_bwd)
 
 
 # ----------------------------------------------------------------------------- resizing
