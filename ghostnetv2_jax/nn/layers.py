@@ -49,9 +49,9 @@ def torch_padding(kernel_size: IntOrPair, padding: Optional[IntOrPair] = None):
 @jax.custom_vjp
 def channel_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x @ w`` over the last axis of NHWC (or N...C) ``x``, with a backward that XLA:CPU runs
-    without transposes: the kernel gradient is a per-image batched matmul contracting the pixel
-    axis, summed over images. Autodiff's form, one contraction over all N*H*W pixels, gets both
-    operands transposed by layout assignment first (measured: ~10% of a GhostNet train step)."""
+    without large transposes. Autodiff's kernel gradient is one contraction over all N*H*W pixels,
+    for which layout assignment first transposes both activations (measured: ~10% of a GhostNet
+    train step at 112x112); where the activations are large it is done per image instead."""
     return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
 
 
@@ -62,9 +62,17 @@ def _channel_matmul_fwd(x, w):
 def _channel_matmul_bwd(residuals, g):
     x, w = residuals
     gx = lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())))
-    xb, gb = x.reshape(x.shape[0], -1, x.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1])
-    gw = lax.dot_general(xb, gb, (((1,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
-    return gx, jnp.sum(gw, axis=0).astype(w.dtype)
+    (i, o), n, m = w.shape, x.shape[0], math.prod(x.shape[:-1])
+    if n > 1 and 8 * n * i * o <= m * (i + o):
+        # Many pixels, few channels (early layers): per-image products, then a small sum.
+        xb, gb = x.reshape(n, -1, i), g.reshape(n, -1, o)
+        gw = lax.dot_general(xb, gb, (((1,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+        return gx, jnp.sum(gw, axis=0).astype(w.dtype)
+    # Few pixels, many channels (late layers): per-image products would outweigh the
+    # activations, and the transposes the single contraction needs are small.
+    gw = lax.dot_general(x.reshape(m, i), g.reshape(m, o), (((0,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32)
+    return gx, gw.astype(w.dtype)
 
 
 channel_matmul.defvjp(_channel_matmul_fwd, _channel_matmul_bwd)
