@@ -23,7 +23,7 @@ install-dev: $(VENV)/.dev
 test: $(VENV)/.dev
 	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
 
-demo: $(VENV)/.dev
+demo: $(VENV)/.runtime
 	$(PY) -m ghostnetv2_jax train --config configs/demo.py --workdir $(DEMO_WORKDIR)
 
 clean:
