@@ -19,6 +19,13 @@ Method (see docs/benchmarks.md for results):
   statistics and optimizer state donated (the update on the flattened gradient, see
   ``make_jax_train_step``); torch as ``model.train()``, ``loss.backward()``, ``optimizer.step()``
   (its default multi-tensor ``foreach`` SGD).
+- JAX contenders are compiled with this project's compiler options (``ghostnetv2_jax.xla_options``,
+  what the trainer and evaluator use: on CPU, XLA's loop emitters for the train step and XLA's
+  defaults for inference); ``--xla-options project,default`` also times them with XLA's defaults
+  throughout, labelled ``+xla-default``.
+- Between contenders the harness idles ``--settle`` seconds, so the worker threads the previous
+  contender left spinning (OpenMP's, Eigen's) are asleep: without it each framework slowed the
+  other by 10-15% here.
 - torch uses ``torch.set_num_threads(--threads)`` (default: the cores this process may use); XLA
   uses its default pool, one thread per core. bf16 contenders: JAX computes in bfloat16 with
   float32 parameters; torch runs under ``torch.autocast(dtype=bfloat16)``.
@@ -51,6 +58,7 @@ from typing import Any, Dict, List, Optional, Sequence
 MODES = ('infer', 'train')
 DTYPES = ('float32', 'bfloat16')
 JAX_IMPLS = ('auto', 'shift', 'xla')
+XLA_OPTIONS = ('project', 'default')
 TORCH_LAYOUTS = ('nchw', 'channels_last')
 
 
@@ -60,10 +68,12 @@ class Contender:
     framework: str            # 'jax' | 'torch'
     variant: str              # depthwise impl (jax), 'deploy' (jax, folded BN), or memory layout (torch)
     dtype: str
+    xla_options: str = 'project'  # jax: this project's compiler options ('project') or XLA's ('default')
 
     @property
     def label(self) -> str:
-        return f'{self.framework}:{self.variant}:{self.dtype}'
+        suffix = '' if self.xla_options == 'project' else f'+xla-{self.xla_options}'
+        return f'{self.framework}:{self.variant}{suffix}:{self.dtype}'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--rounds', type=int, default=5, help='alternation rounds')
     p.add_argument('--repeats', type=int, default=3, help='timed iterations per contender per round')
     p.add_argument('--warmup', type=int, default=2, help='untimed iterations after compile')
+    p.add_argument('--settle', type=float, default=0.5,
+                   help='seconds of idle before each contender runs, so the previous one\'s spinning '
+                        'worker threads are asleep')
     p.add_argument('--threads', type=int, default=None, help='torch threads (default: usable cores)')
     p.add_argument('--malloc', choices=['retain', 'system'], default='retain',
                    help='glibc malloc policy in every worker (see the module docstring)')
+    p.add_argument('--xla-options', type=_csv(str, XLA_OPTIONS), default=['project'],
+                   help="JAX contenders compiled with this project's compiler options "
+                        "(ghostnetv2_jax.xla_options) and/or with XLA's defaults")
     p.add_argument('--xla-flags', default='', help='appended to XLA_FLAGS in the JAX workers')
     p.add_argument('--out', default='bench_out', help='directory for bench.json and bench.md')
     return p
@@ -118,9 +134,10 @@ def plan(args) -> List[Group]:
             for mode in args.modes:
                 cs = []
                 for dtype in args.dtypes:
-                    cs += [Contender('jax', impl, dtype) for impl in args.impls]
-                    if args.deploy and mode == 'infer':
-                        cs.append(Contender('jax', 'deploy', dtype))
+                    for opts in args.xla_options:
+                        cs += [Contender('jax', impl, dtype, opts) for impl in args.impls]
+                        if args.deploy and mode == 'infer':
+                            cs.append(Contender('jax', 'deploy', dtype, opts))
                     if args.torch:
                         cs += [Contender('torch', layout, dtype) for layout in args.layouts]
                 groups.append(Group(model, batch, mode, tuple(cs)))
@@ -138,6 +155,8 @@ def _validate(args) -> None:
         raise ValueError(f'--warmup must be >= 0, got {args.warmup}')
     if any(b < 1 for b in args.batches):
         raise ValueError(f'--batches must be positive, got {args.batches}')
+    if args.settle < 0:
+        raise ValueError(f'--settle must be >= 0, got {args.settle}')
     if args.threads is not None and args.threads < 1:
         raise ValueError(f'--threads must be >= 1, got {args.threads}')
 
@@ -173,6 +192,7 @@ class _JaxRunner:
         import jax
         import jax.numpy as jnp
         import numpy as np
+        from ghostnetv2_jax import xla_options
         from ghostnetv2_jax.models.registry import create_model
         self.jax = jax
         dtype = jnp.bfloat16 if spec['dtype'] == 'bfloat16' else jnp.float32
@@ -185,12 +205,14 @@ class _JaxRunner:
         if spec['variant'] == 'deploy':
             from ghostnetv2_jax import deploy
             model, variables = deploy.fold_batchnorm(model, variables)
+        options = (xla_options.compiler_options(train=spec['mode'] == 'train')
+                   if spec.get('xla_options', 'project') == 'project' else None)
         t0 = time.perf_counter()
         if spec['mode'] == 'infer':
-            fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
+            fn = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=options)
             self.state, self.extra = (variables,), (images,)
         else:
-            fn, state = make_jax_train_step(model, variables)
+            fn, state = make_jax_train_step(model, variables, compiler_options=options)
             self.state, self.extra = state, (images, labels)
         self.compiled = fn.lower(*self.state, *self.extra).compile()
         self.compile_s = time.perf_counter() - t0
@@ -242,7 +264,8 @@ def random_variables(model, images, seed: int = 0):
     return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def make_jax_train_step(model, variables, learning_rate: float = 0.1, momentum: float = 0.9):
+def make_jax_train_step(model, variables, learning_rate: float = 0.1, momentum: float = 0.9,
+                        compiler_options: Optional[Dict[str, Any]] = None):
     """(jitted step, initial state): forward + softmax CE + backward + SGD-momentum update with
     BatchNorm statistics updated; the state (params, batch_stats, opt_state, rng) is donated.
     ``step(*state, images, labels) -> (*new_state, loss)``.
@@ -269,7 +292,7 @@ def make_jax_train_step(model, variables, learning_rate: float = 0.1, momentum: 
 
     state = (variables['params'], variables['batch_stats'], tx.init(variables['params']),
              jax.random.PRNGKey(1))
-    return jax.jit(step, donate_argnums=(0, 1, 2, 3)), state
+    return jax.jit(step, donate_argnums=(0, 1, 2, 3), compiler_options=compiler_options), state
 
 
 class _TorchRunner:
@@ -403,12 +426,14 @@ def run_group(group: Group, args, log) -> List[Dict[str, Any]]:
     live, results = [], []
     try:
         for c in group.contenders:
-            spec = dict(framework=c.framework, variant=c.variant, dtype=c.dtype, model=group.model,
+            spec = dict(framework=c.framework, variant=c.variant, dtype=c.dtype, xla_options=c.xla_options,
+                        model=group.model,
                         batch=group.batch, mode=group.mode, size=args.size, threads=args.threads,
                         warmup=args.warmup, malloc=args.malloc)
             w = Worker(c.framework, args.xla_flags)
             info = w.ask(cmd='setup', spec=spec)
             res = dict(label=c.label, framework=c.framework, variant=c.variant, dtype=c.dtype,
+                       xla_options=c.xla_options if c.framework == 'jax' else None,
                        model=group.model, batch=group.batch, mode=group.mode, **info)
             results.append(res)
             if 'error' in info:
@@ -422,6 +447,7 @@ def run_group(group: Group, args, log) -> List[Dict[str, Any]]:
         for r in range(args.rounds):
             shift = r % max(len(live), 1)
             for w, res in live[shift:] + live[:shift]:     # rotate: no contender always goes first
+                time.sleep(args.settle)
                 reply = w.ask(cmd='run', n=args.repeats)
                 if 'error' in reply:
                     res['error'] = reply['error']

@@ -147,6 +147,7 @@ def load(checkpoint: str, model_name: Optional[str] = None, ema: bool = False):
 def run(checkpoint: str, model_name: Optional[str] = None, ema: bool = False) -> Dict[str, Any]:
     """Evaluate; returns top1, top5 (%), loss, count and what was evaluated how."""
     import jax
+    from ghostnetv2_jax import xla_options
     from ghostnetv2_jax.data.pipeline import create_split
     from ghostnetv2_jax.train import sharding
     from ghostnetv2_jax.train.trainer import evaluate, make_eval_step
@@ -159,7 +160,8 @@ def run(checkpoint: str, model_name: Optional[str] = None, ema: bool = False) ->
     if split.num_classes != model.num_classes:
         raise ValueError(f'the checkpoint has {model.num_classes} classes, {data.dataset} has '
                          f'{split.num_classes}')
-    eval_step = jax.jit(make_eval_step(model), out_shardings=sharding.replicated(mesh))
+    eval_step = xla_options.jit(make_eval_step(model), train=False,
+                                out_shardings=sharding.replicated(mesh))
     variables = jax.device_put(variables, sharding.replicated(mesh))
     results = evaluate(eval_step, variables, split.iterator, mesh)
     return {**results, 'model': model_name, 'checkpoint': checkpoint, 'ema': ema, 'dataset': data.dataset,

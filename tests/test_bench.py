@@ -53,6 +53,14 @@ def test_plan_alternates_every_contender_of_a_group():
     assert 'jax:deploy:float32' not in [c.label for c in groups[1].contenders]   # inference only
 
 
+def test_plan_adds_xla_default_contenders_on_request():
+    args = bench.build_parser().parse_args(
+        ['--batches', '1', '--modes', 'train', '--dtypes', 'float32', '--impls', 'shift',
+         '--xla-options', 'project,default', '--no-torch'])
+    (group,) = bench.plan(args)
+    assert [c.label for c in group.contenders] == ['jax:shift:float32', 'jax:shift+xla-default:float32']
+
+
 def test_ratios_use_the_best_timm_layout_of_the_same_dtype():
     res = [dict(framework='torch', label='torch:nchw:float32', img_per_s=50.0),
            dict(framework='torch', label='torch:channels_last:float32', img_per_s=80.0),
@@ -89,6 +97,8 @@ def test_jax_train_step_updates_params_and_batch_stats_with_donation():
     (['--models', 'ghostnet_999'], 'unknown model'),
     (['--modes', 'eval'], 'expected a comma-separated list'),
     (['--rounds', '0'], '--rounds must be >= 1'),
+    (['--settle', '-1'], '--settle must be >= 0'),
+    (['--xla-options', 'fast'], 'expected a comma-separated list'),
 ])
 def test_bad_flags_exit_nonzero_with_one_line(argv, message, capsys, tmp_path):
     try:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import rel_err
-from ghostnetv2_jax import convert, create_model, list_models, parity
+from ghostnetv2_jax import convert, create_model, list_models, parity, xla_options
 
 TOL = 1e-4   # max |flax - torch| / max |torch|, the acceptance tolerance
 
@@ -74,7 +74,8 @@ def test_train_mode_forward_running_stats_gradients_and_sgd_step_match_torch():
                                     mutable=['batch_stats'])
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), (logits, state)
 
-    grads, (logits, state) = jax.jit(jax.grad(loss_fn, has_aux=True))(v['params'])
+    # compiled as the trainer compiles its step (this project's XLA options)
+    grads, (logits, state) = xla_options.jit(jax.grad(loss_fn, has_aux=True), train=True)(v['params'])
     params = jax.tree.map(lambda p, g: p - lr * g, v['params'], grads)
 
     assert rel_err(logits, logits_t.detach().numpy()) < TOL

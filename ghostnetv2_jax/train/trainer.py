@@ -23,6 +23,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ghostnetv2_jax import xla_options
 from ghostnetv2_jax.data.pipeline import create_split, num_classes_of
 from ghostnetv2_jax.models.registry import create_model
 from ghostnetv2_jax.train import checkpoint as ckpt_lib
@@ -286,9 +287,9 @@ def _train_and_evaluate(config, workdir: epath.Path, guard: ckpt_lib.PreemptionG
     else:
         state = _initial_state(config, model, tx, image_size, state_sharding)
 
-    train_step = jax.jit(make_train_step(model, tx, schedule, config),
-                         out_shardings=(state_sharding, replicated), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model), out_shardings=replicated)
+    train_step = xla_options.jit(make_train_step(model, tx, schedule, config), train=True,
+                                 out_shardings=(state_sharding, replicated), donate_argnums=0)
+    eval_step = xla_options.jit(make_eval_step(model), train=False, out_shardings=replicated)
     writer = metrics_lib.MetricWriter(workdir)
     progress = metrics_lib.Progress(total_steps, config.batch_size, start_step)
     pending = _StepMetrics()

@@ -1,0 +1,33 @@
+"""XLA compiler options for this project's jitted functions, per backend and per kind of step.
+
+On CPU (jaxlib 0.10), XLA's loop emitters run the GhostNet *training* step ~1.6x faster than the
+newer MLIR fusion emitters that are the default: the backward pass of the shifted-slice depthwise
+convolutions (``nn/depthwise.py``) is hundreds of strided-slice fusions, which the default emitters
+compile into slower kernels. For *inference* the default emitters are ~10% faster, so inference
+keeps XLA's defaults. Measured side by side with ``python -m ghostnetv2_jax bench --xla-options
+project,default`` (docs/benchmarks.md).
+
+The options are passed per function (``jax.jit(..., compiler_options=...)``), not through the
+process-wide ``XLA_FLAGS``, so importing this package changes nothing for other JAX code. JAX
+accepts them only on a top-level jit. On GPU/TPU no option is set.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+import jax
+
+TRAIN_CPU_OPTIONS: Dict[str, Any] = {'xla_cpu_use_fusion_emitters': False}
+
+
+def compiler_options(train: bool, backend: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """Options for a training (``train=True``) or inference step on ``backend`` (default: JAX's
+    default backend), or None for XLA's defaults."""
+    backend = backend or jax.default_backend()
+    return dict(TRAIN_CPU_OPTIONS) if train and backend == 'cpu' else None
+
+
+def jit(fun: Callable, *, train: bool, **kwargs) -> Callable:
+    """``jax.jit(fun, **kwargs)`` compiled with this project's options for a training or
+    inference step on the default backend."""
+    return jax.jit(fun, compiler_options=compiler_options(train), **kwargs)
