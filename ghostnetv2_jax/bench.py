@@ -399,11 +399,19 @@ class Worker:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
     def ask(self, **msg) -> Dict[str, Any]:
-        self.proc.stdin.write(json.dumps(msg) + '\n')
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
+        """Send one command, return the reply; a dead worker becomes an error reply, so one
+        contender's crash (e.g. the kernel's OOM killer) does not end the run."""
+        line = ''
+        try:
+            self.proc.stdin.write(json.dumps(msg) + '\n')
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except OSError:      # BrokenPipeError: the worker is gone
+            pass
         if not line:
-            return {'error': f'worker exited with code {self.proc.wait()}'}
+            code = self.proc.wait()
+            hint = ' (SIGKILL: out of memory? each live contender holds its own buffers)' if code == -9 else ''
+            return {'error': f'worker exited with code {code}{hint}'}
         return json.loads(line)
 
     def close(self) -> None:
@@ -538,6 +546,12 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _write_report(out: str, report: Dict[str, Any]) -> None:
+    report['load_end'] = [round(x, 2) for x in os.getloadavg()]
+    _write_atomic(os.path.join(out, 'bench.json'), json.dumps(report, indent=1))
+    _write_atomic(os.path.join(out, 'bench.md'), markdown(report))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     if argv[1:2] == ['--worker']:
@@ -558,6 +572,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for group in plan(args):
         log(f'{group.model} batch {group.batch} {group.mode}:')
         report['results'] += run_group(group, args, log)
+        _write_report(args.out, report)     # after every group: a later failure keeps these
         add_ratios(report['results'])
         for r in report['results']:
             if r['model'] == group.model and r['batch'] == group.batch and r['mode'] == group.mode \
@@ -565,9 +580,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 ratio = r.get('ratio_vs_timm_best')
                 log(f'    {r["label"]:<28} {r["img_per_s"]:8.1f} img/s'
                     + ('' if ratio is None else f'   {ratio:.2f}x timm best ({r["timm_best"]})'))
-    report['load_end'] = [round(x, 2) for x in os.getloadavg()]
-    _write_atomic(os.path.join(args.out, 'bench.json'), json.dumps(report, indent=1))
-    _write_atomic(os.path.join(args.out, 'bench.md'), markdown(report))
+    _write_report(args.out, report)
     log(f'wrote {os.path.join(args.out, "bench.json")} and bench.md')
     return 0
 

@@ -109,3 +109,30 @@ def test_bad_flags_exit_nonzero_with_one_line(argv, message, capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1]
     assert not (tmp_path / 'o').exists()     # nothing is written for a rejected command
+
+
+def test_a_dead_worker_is_a_failed_contender_not_a_crashed_run():
+    worker = bench.Worker('torch', '')
+    worker.proc.kill()                       # as the kernel's OOM killer would
+    reply = worker.ask(cmd='run', n=1)
+    assert reply['error'].startswith('worker exited with code -9') and 'out of memory' in reply['error']
+    worker.close()
+
+
+def test_report_is_written_after_every_group(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_group(group, args, log):
+        if calls:
+            raise RuntimeError('second group dies')
+        calls.append(group)
+        return [dict(framework='jax', label='jax:shift:float32', model=group.model, batch=group.batch,
+                     mode=group.mode, dtype='float32', error='boom')]
+    monkeypatch.setattr(bench, 'run_group', fake_group)
+    out = tmp_path / 'o'
+    with pytest.raises(RuntimeError):
+        bench.main(['bench', '--batches', '1,2', '--modes', 'infer', '--dtypes', 'float32', '--no-torch',
+                    '--out', str(out)])
+    report = json.loads((out / 'bench.json').read_text())
+    assert [r['batch'] for r in report['results']] == [1]          # the first group survived
+    assert 'failed: boom' in (out / 'bench.md').read_text()
