@@ -206,7 +206,7 @@ class _JaxRunner:
             from ghostnetv2_jax import deploy
             model, variables = deploy.fold_batchnorm(model, variables)
         options = (xla_options.compiler_options(train=spec['mode'] == 'train')
-                   if spec.get('xla_options', 'project') == 'project' else None)
+                   if spec['xla_options'] == 'project' else None)
         t0 = time.perf_counter()
         if spec['mode'] == 'infer':
             fn = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=options)
@@ -435,9 +435,8 @@ def run_group(group: Group, args, log) -> List[Dict[str, Any]]:
     try:
         for c in group.contenders:
             spec = dict(framework=c.framework, variant=c.variant, dtype=c.dtype, xla_options=c.xla_options,
-                        model=group.model,
-                        batch=group.batch, mode=group.mode, size=args.size, threads=args.threads,
-                        warmup=args.warmup, malloc=args.malloc)
+                        model=group.model, batch=group.batch, mode=group.mode, size=args.size,
+                        threads=args.threads, warmup=args.warmup, malloc=args.malloc)
             w = Worker(c.framework, args.xla_flags)
             info = w.ask(cmd='setup', spec=spec)
             res = dict(label=c.label, framework=c.framework, variant=c.variant, dtype=c.dtype,
@@ -572,8 +571,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for group in plan(args):
         log(f'{group.model} batch {group.batch} {group.mode}:')
         report['results'] += run_group(group, args, log)
-        _write_report(args.out, report)     # after every group: a later failure keeps these
         add_ratios(report['results'])
+        _write_report(args.out, report)     # after every group: a later failure keeps these
         for r in report['results']:
             if r['model'] == group.model and r['batch'] == group.batch and r['mode'] == group.mode \
                     and 'img_per_s' in r:

@@ -126,13 +126,18 @@ def test_report_is_written_after_every_group(tmp_path, monkeypatch):
         if calls:
             raise RuntimeError('second group dies')
         calls.append(group)
-        return [dict(framework='jax', label='jax:shift:float32', model=group.model, batch=group.batch,
-                     mode=group.mode, dtype='float32', error='boom')]
+        common = dict(model=group.model, batch=group.batch, mode=group.mode, dtype='float32')
+        return [dict(framework='jax', label='jax:shift:float32', img_per_s=30.0, median_s=1 / 30,
+                     img_per_s_rounds=[30.0], **common),
+                dict(framework='jax', label='jax:xla:float32', error='boom', **common),
+                dict(framework='torch', label='torch:nchw:float32', img_per_s=20.0, median_s=0.05,
+                     img_per_s_rounds=[20.0], **common)]
     monkeypatch.setattr(bench, 'run_group', fake_group)
     out = tmp_path / 'o'
     with pytest.raises(RuntimeError):
-        bench.main(['bench', '--batches', '1,2', '--modes', 'infer', '--dtypes', 'float32', '--no-torch',
-                    '--out', str(out)])
+        bench.main(['bench', '--batches', '1,2', '--modes', 'infer', '--dtypes', 'float32', '--out', str(out)])
     report = json.loads((out / 'bench.json').read_text())
-    assert [r['batch'] for r in report['results']] == [1]          # the first group survived
-    assert 'failed: boom' in (out / 'bench.md').read_text()
+    assert [r['batch'] for r in report['results']] == [1, 1, 1]    # the first group survived
+    assert report['results'][0]['ratio_vs_timm_best'] == 1.5       # with its ratios
+    md = (out / 'bench.md').read_text()
+    assert 'failed: boom' in md and '1.50x' in md
