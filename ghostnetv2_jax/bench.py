@@ -1,7 +1,7 @@
 """Side-by-side speed of this project and timm, measured in one run.
 
 ``python -m ghostnetv2_jax bench [--models ghostnetv2_100] [--batches 1,32,128] [--modes infer,train]
-[--dtypes float32,bfloat16] [--impls shift,xla] [--layouts nchw,channels_last] [--out DIR] ...``
+[--dtypes float32,bfloat16] [--impls native,shift,xla] [--layouts nchw,channels_last] [--out DIR] ...``
 
 Method (see docs/benchmarks.md for results):
 
@@ -57,7 +57,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 MODES = ('infer', 'train')
 DTYPES = ('float32', 'bfloat16')
-JAX_IMPLS = ('auto', 'shift', 'xla')
+JAX_IMPLS = ('auto', 'native', 'shift', 'xla')
 XLA_OPTIONS = ('project', 'default')
 TORCH_LAYOUTS = ('nchw', 'channels_last')
 
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--size', type=int, default=224, help='square input size')
     p.add_argument('--modes', type=_csv(str, MODES), default=list(MODES))
     p.add_argument('--dtypes', type=_csv(str, DTYPES), default=list(DTYPES))
-    p.add_argument('--impls', type=_csv(str, JAX_IMPLS), default=['shift', 'xla'],
+    p.add_argument('--impls', type=_csv(str, JAX_IMPLS), default=['native', 'shift', 'xla'],
                    help="this project's depthwise implementations ('auto' = the backend's default)")
     p.add_argument('--deploy', action=argparse.BooleanOptionalAction, default=True,
                    help='also time the BN-folded inference model (ghostnetv2_jax.deploy)')

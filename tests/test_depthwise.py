@@ -1,4 +1,5 @@
-"""Depthwise conv: the 'shift' form (hand-written backward) against XLA's grouped conv.
+"""Depthwise conv: the 'shift' form (hand-written backward) and the 'native' XLA:CPU custom calls
+against XLA's grouped conv.
 
 Forward values and the gradients with respect to the input and the kernel must agree to 1e-5
 (relative to the largest magnitude), over strides 1 and 2 (and 3), odd spatial sizes, square
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
+from ghostnetv2_jax.nn import depthwise_native
 from ghostnetv2_jax.nn.depthwise import DepthwiseConv, depthwise_conv, resolve_impl
 
 TOLERANCE = 1e-5
@@ -32,7 +34,9 @@ CASES = [  # (input shape NHWC, kernel (kh, kw), stride, padding or None for k /
     ((1, 10, 12, 4), (3, 3), 3, None),
     ((2, 8, 7, 3), (3, 3), 2, (0, 2)),       # asymmetric-in-effect padding
     ((1, 4, 5, 2), (5, 5), 1, (2, 2)),       # kernel larger than the input
+    ((8, 9, 7, 20), (3, 3), 2, None),        # 'native': whole examples per worker, 16 + 4 channels
 ]
+IMPLS = ['shift', 'native']
 
 
 def _pad(kernel, padding):
@@ -63,12 +67,13 @@ def _inputs(shape, kernel, seed=0):
     return x, k
 
 
+@pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('shape,kernel,stride,padding', CASES)
-def test_shift_matches_xla_forward_and_gradients(shape, kernel, stride, padding):
+def test_impl_matches_xla_forward_and_gradients(impl, shape, kernel, stride, padding):
     x, k = _inputs(shape, kernel)
     pad = _pad(kernel, padding)
     ref = _forward_and_grads('xla', x, k, stride, pad)
-    got = _forward_and_grads('shift', x, k, stride, pad)
+    got = _forward_and_grads(impl, x, k, stride, pad)
     for name, a, b in zip(('forward', 'grad input', 'grad kernel'), got, ref):
         chex.assert_shape(a, b.shape)
         assert rel_err(a, b) <= TOLERANCE, f'{name}: {rel_err(a, b):.2e}'
@@ -79,19 +84,21 @@ def test_channel_multiplier_module_gradients_agree(stride):
     """DepthwiseConv(multiplier=2): output channel o reads input channel o // 2, both impls."""
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 9, 7, 3)), jnp.float32)
     results = {}
-    for impl in ('xla', 'shift'):
+    for impl in ('xla', *IMPLS):
         module = DepthwiseConv(3, stride=stride, multiplier=2, impl=impl)
         variables = module.init(jax.random.PRNGKey(0), x)
         chex.assert_shape(variables['params']['kernel'], (3, 3, 1, 6))
         loss = lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))
         results[impl] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(variables, x)
-    (l_ref, (gv_ref, gx_ref)), (l_got, (gv_got, gx_got)) = results['xla'], results['shift']
-    assert rel_err(l_got, l_ref) <= TOLERANCE
-    assert rel_err(gx_got, gx_ref) <= TOLERANCE
-    assert rel_err(gv_got['params']['kernel'], gv_ref['params']['kernel']) <= TOLERANCE
+    l_ref, (gv_ref, gx_ref) = results['xla']
+    for impl in IMPLS:
+        l_got, (gv_got, gx_got) = results[impl]
+        assert rel_err(l_got, l_ref) <= TOLERANCE, impl
+        assert rel_err(gx_got, gx_ref) <= TOLERANCE, impl
+        assert rel_err(gv_got['params']['kernel'], gv_ref['params']['kernel']) <= TOLERANCE, impl
 
 
-@pytest.mark.parametrize('impl', ['shift', 'xla'])
+@pytest.mark.parametrize('impl', ['shift', 'native', 'xla'])
 def test_bf16_compute_within_documented_tolerance_of_fp32(impl):
     x, k = _inputs((2, 12, 10, 16), (3, 3))
     pad = _pad((3, 3), None)
@@ -102,15 +109,17 @@ def test_bf16_compute_within_documented_tolerance_of_fp32(impl):
         assert 0 < err <= BF16_TOLERANCE, f'{name}: {err:.2e}'   # > 0: bf16 really was used
 
 
-def test_auto_is_shift_on_cpu_and_bad_impl_is_rejected():
-    assert resolve_impl('auto') == ('shift' if jax.default_backend() == 'cpu' else 'xla')
+def test_auto_is_native_on_cpu_and_bad_impl_is_rejected():
+    assert depthwise_native.load(), depthwise_native.load_error()   # the dev set-up has a compiler
+    assert resolve_impl('auto') == ('native' if jax.default_backend() == 'cpu' else 'xla')
     with pytest.raises(ValueError, match='depthwise impl must be one of'):
         resolve_impl('winograd')
 
 
-def test_shift_backward_has_no_grouped_convolution():
-    """The fast path stays fast: neither direction of 'shift' lowers to a (grouped) conv."""
+@pytest.mark.parametrize('impl', IMPLS)
+def test_fast_paths_have_no_grouped_convolution(impl):
+    """The fast paths stay fast: no direction of 'shift' or 'native' lowers to a (grouped) conv."""
     x, k = _inputs((1, 8, 8, 4), (3, 3))
-    f = lambda x, k: jnp.sum(depthwise_conv(x, k, (2, 2), ((1, 1), (1, 1)), 'shift') ** 2)
+    f = lambda x, k: jnp.sum(depthwise_conv(x, k, (2, 2), ((1, 1), (1, 1)), impl) ** 2)
     hlo = jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, k).as_text()
     assert 'convolution' not in hlo

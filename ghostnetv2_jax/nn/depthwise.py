@@ -7,7 +7,11 @@
             that XLA fuses into one loop. Its backward is written by hand (``jax.custom_vjp``),
             because autodiff of the slices is slow on CPU (measured, see docs/benchmarks.md):
             the kernel gradient becomes one full reduction per tap over a materialised slice.
-``'auto'``  'shift' on CPU, 'xla' elsewhere (decided at trace time from the default backend).
+``'native'`` XLA:CPU custom calls written in C++ (depthwise_cpu.cc, built on first use by
+            depthwise_native.py): forward, input gradient and kernel gradient each stream their
+            inputs once. CPU only; computes in float32.
+``'auto'``  on CPU 'native' if it builds and loads here, else 'shift'; 'xla' elsewhere (decided
+            at trace time from the default backend).
 
 The kernel is stored as (kh, kw, 1, C*multiplier), the layout of a Flax grouped conv and the
 transpose of PyTorch's (C*multiplier, 1, kh, kw), so checkpoints do not depend on the choice.
@@ -26,9 +30,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ghostnetv2_jax.nn import depthwise_native
 from ghostnetv2_jax.nn.layers import IntOrPair, pair, torch_padding
 
-IMPLEMENTATIONS = ('auto', 'xla', 'shift')
+IMPLEMENTATIONS = ('auto', 'xla', 'shift', 'native')
 Padding = Tuple[Tuple[int, int], Tuple[int, int]]
 
 # Rows of the output summed inside one loop fusion before the kernel-gradient reduction
@@ -40,7 +45,9 @@ def resolve_impl(impl: str) -> str:
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"depthwise impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     if impl == 'auto':
-        return 'shift' if jax.default_backend() == 'cpu' else 'xla'
+        if jax.default_backend() != 'cpu':
+            return 'xla'
+        return 'native' if depthwise_native.load() else 'shift'
     return impl
 
 
@@ -184,7 +191,7 @@ def depthwise_shift(x, kernel, strides: Sequence[int], padding: Sequence[Sequenc
     return _depthwise_shift(x, kernel, tuple(strides), tuple(tuple(p) for p in padding))
 
 
-_IMPLS = {'xla': depthwise_xla, 'shift': depthwise_shift}
+_IMPLS = {'xla': depthwise_xla, 'shift': depthwise_shift, 'native': depthwise_native.depthwise_native}
 
 
 def depthwise_conv(x, kernel, strides=(1, 1), padding=((0, 0), (0, 0)), impl: str = 'auto'):

@@ -1,0 +1,271 @@
+// Depthwise convolution for XLA:CPU as XLA FFI custom calls: forward, input gradient and kernel
+// gradient, each one pass over memory. NHWC activations, (kh, kw, 1, C) kernels, explicit
+// top/left padding (bottom/right padding is implied by the output size), any stride.
+//
+// Why: XLA:CPU lowers a grouped convolution to a slow generic loop, and the portable "shifted
+// multiply-add" form in depthwise.py cannot reduce the kernel gradient without re-reading its
+// inputs once per tap. Here every direction streams its inputs once, with the channel loop
+// (contiguous in NHWC) vectorised, and rows spread over XLA's intra-op thread pool.
+//
+// Built and loaded by ghostnetv2_jax/nn/depthwise_native.py; see that file for the contract.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Geometry {
+  int64_t n, h, w, c;     // input
+  int64_t kh, kw;         // kernel
+  int64_t sh, sw;         // strides
+  int64_t pt, pl;         // top / left padding
+  int64_t ho, wo;         // output
+};
+
+// Output columns ow whose input column ow * sw + j - pl lies in [0, w): [lo, hi).
+inline void ValidRange(int64_t j, int64_t stride, int64_t pad, int64_t in, int64_t out,
+                       int64_t* lo, int64_t* hi) {
+  int64_t first = pad - j;  // smallest ow * stride allowed
+  *lo = first <= 0 ? 0 : (first + stride - 1) / stride;
+  int64_t last = in - 1 + pad - j;  // largest ow * stride allowed
+  *hi = last < 0 ? 0 : std::min(out, last / stride + 1);
+  if (*hi < *lo) *hi = *lo;
+}
+
+// acc[c] += a[c] * b[c], c < C: the innermost loop everywhere; contiguous, so it vectorises.
+inline void Fma(float* __restrict acc, const float* __restrict a, const float* __restrict b,
+                int64_t c) {
+#pragma GCC ivdep
+  for (int64_t i = 0; i < c; ++i) acc[i] += a[i] * b[i];
+}
+
+// Runs body(begin, end, worker) over [0, total) in chunks of `grain`, on the calling thread plus
+// the XLA intra-op pool. Chunks are claimed from a shared counter, so a pool task that starts
+// late (every thread busy elsewhere) finds nothing left and returns at once; the caller waits
+// only for chunks already claimed, which are running, so this cannot deadlock. `worker` is in
+// [0, workers) and no two concurrent calls share one, for per-worker accumulators.
+struct ParallelState {
+  std::atomic<int64_t> next{0}, done{0};
+  std::atomic<int> ids{1};
+  int64_t total = 0, grain = 1;
+  std::function<void(int64_t, int64_t, int)> body;
+  std::mutex mu;
+  std::condition_variable cv;
+
+  void Work(int worker) {
+    for (;;) {
+      int64_t begin = next.fetch_add(grain);
+      if (begin >= total) return;
+      int64_t end = std::min(total, begin + grain);
+      body(begin, end, worker);
+      if (done.fetch_add(end - begin) + (end - begin) == total) {
+        std::lock_guard<std::mutex> lock(mu);
+        cv.notify_all();
+      }
+    }
+  }
+};
+
+int Workers(ffi::ThreadPool& pool, int64_t total, int64_t grain) {
+  int64_t chunks = (total + grain - 1) / grain;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads() + 1, chunks)));
+}
+
+void ParallelFor(ffi::ThreadPool& pool, int workers, int64_t total, int64_t grain,
+                 std::function<void(int64_t, int64_t, int)> body) {
+  if (workers <= 1) {
+    body(0, total, 0);
+    return;
+  }
+  auto state = std::make_shared<ParallelState>();
+  state->total = total;
+  state->grain = grain;
+  state->body = std::move(body);
+  for (int t = 1; t < workers; ++t) {
+    pool.Schedule([state] { state->Work(state->ids.fetch_add(1)); });
+  }
+  state->Work(0);
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == total; });
+}
+
+// Rows per chunk: about 64 KiB of output each, so chunks are few but still balance two cores.
+int64_t Grain(int64_t row_floats) {
+  return std::max<int64_t>(1, (16 * 1024) / std::max<int64_t>(1, row_floats));
+}
+
+// out[n, oh, :, :] for one output row.
+void ForwardRow(const Geometry& g, const float* x, const float* k, float* out, int64_t row) {
+  const int64_t n = row / g.ho, oh = row % g.ho, c = g.c;
+  float* o = out + row * g.wo * c;
+  std::memset(o, 0, sizeof(float) * g.wo * c);
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const int64_t ih = oh * g.sh + i - g.pt;
+    if (ih < 0 || ih >= g.h) continue;
+    const float* xr = x + (n * g.h + ih) * g.w * c;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const float* kk = k + (i * g.kw + j) * c;
+      int64_t lo, hi;
+      ValidRange(j, g.sw, g.pl, g.w, g.wo, &lo, &hi);
+      for (int64_t ow = lo; ow < hi; ++ow) Fma(o + ow * c, xr + (ow * g.sw + j - g.pl) * c, kk, c);
+    }
+  }
+}
+
+// dx[n, ih, :, :] for one input row: gathers from the output rows it fed, so rows never collide.
+void GradInputRow(const Geometry& g, const float* dy, const float* k, float* dx, int64_t row) {
+  const int64_t n = row / g.h, ih = row % g.h, c = g.c;
+  float* d = dx + row * g.w * c;
+  std::memset(d, 0, sizeof(float) * g.w * c);
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const int64_t t = ih + g.pt - i;  // = oh * sh
+    if (t < 0 || t % g.sh != 0 || t / g.sh >= g.ho) continue;
+    const float* gr = dy + (n * g.ho + t / g.sh) * g.wo * c;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const float* kk = k + (i * g.kw + j) * c;
+      int64_t lo, hi;
+      ValidRange(j, g.sw, g.pl, g.w, g.wo, &lo, &hi);
+      for (int64_t ow = lo; ow < hi; ++ow) Fma(d + (ow * g.sw + j - g.pl) * c, gr + ow * c, kk, c);
+    }
+  }
+}
+
+// acc[i, j, :] += sum over one output row of tap_ij(x) * dy.
+void GradKernelRow(const Geometry& g, const float* x, const float* dy, float* acc, int64_t row) {
+  const int64_t n = row / g.ho, oh = row % g.ho, c = g.c;
+  const float* gr = dy + row * g.wo * c;
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const int64_t ih = oh * g.sh + i - g.pt;
+    if (ih < 0 || ih >= g.h) continue;
+    const float* xr = x + (n * g.h + ih) * g.w * c;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      float* a = acc + (i * g.kw + j) * c;
+      int64_t lo, hi;
+      ValidRange(j, g.sw, g.pl, g.w, g.wo, &lo, &hi);
+      for (int64_t ow = lo; ow < hi; ++ow) Fma(a, xr + (ow * g.sw + j - g.pl) * c, gr + ow * c, c);
+    }
+  }
+}
+
+template <typename T>
+ffi::Error CheckRank(const T& buf, size_t rank, const char* what) {
+  if (buf.dimensions().size() != rank)
+    return ffi::Error::InvalidArgument(std::string(what) + " has the wrong rank");
+  return ffi::Error::Success();
+}
+
+// x: (N, H, W, C); kernel: (kh, kw, 1, C); y: (N, Ho, Wo, C).
+ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> kernel,
+                        ffi::Span<const int64_t> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl,
+                        Geometry* g) {
+  if (x.size() != 4 || kernel.size() != 4 || y.size() != 4)
+    return ffi::Error::InvalidArgument("depthwise: expected NHWC input/output and (kh, kw, 1, C) kernel");
+  *g = Geometry{x[0], x[1], x[2], x[3], kernel[0], kernel[1], sh, sw, pt, pl, y[1], y[2]};
+  if (kernel[2] != 1 || kernel[3] != g->c || y[0] != g->n || y[3] != g->c || sh < 1 || sw < 1)
+    return ffi::Error::InvalidArgument("depthwise: inconsistent shapes or strides");
+  return ffi::Error::Success();
+}
+
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
+                       int64_t pl) {
+  Geometry g;
+  if (auto e = MakeGeometry(x.dimensions(), kernel.dimensions(), y->dimensions(), sh, sw, pt, pl, &g);
+      e.failure())
+    return e;
+  const float *xp = x.typed_data(), *kp = kernel.typed_data();
+  float* yp = y->typed_data();
+  const int64_t rows = g.n * g.ho, grain = Grain(g.wo * g.c);
+  ParallelFor(pool, Workers(pool, rows, grain), rows, grain, [&](int64_t b, int64_t e, int) {
+    for (int64_t r = b; r < e; ++r) ForwardRow(g, xp, kp, yp, r);
+  });
+  return ffi::Error::Success();
+}
+
+// dy: (N, Ho, Wo, C), kernel: (kh, kw, 1, C) -> dx: (N, H, W, C).
+ffi::Error GradInputImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
+                         ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> dx, int64_t sh,
+                         int64_t sw, int64_t pt, int64_t pl) {
+  Geometry g;
+  if (auto e = MakeGeometry(dx->dimensions(), kernel.dimensions(), dy.dimensions(), sh, sw, pt, pl, &g);
+      e.failure())
+    return e;
+  const float *gp = dy.typed_data(), *kp = kernel.typed_data();
+  float* dxp = dx->typed_data();
+  const int64_t rows = g.n * g.h, grain = Grain(g.w * g.c);
+  ParallelFor(pool, Workers(pool, rows, grain), rows, grain, [&](int64_t b, int64_t e, int) {
+    for (int64_t r = b; r < e; ++r) GradInputRow(g, gp, kp, dxp, r);
+  });
+  return ffi::Error::Success();
+}
+
+// x: (N, H, W, C), dy: (N, Ho, Wo, C) -> per-example kernel gradients (N, kh, kw, 1, C), which the
+// caller sums: that keeps every op here independent per example, so a batch-sharded program
+// partitions it like the other two. With enough examples each worker owns whole examples;
+// otherwise the rows of one example are split and per-worker partial sums are added in order.
+ffi::Error GradKernelImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                          ffi::ResultBuffer<ffi::F32> dk, int64_t sh, int64_t sw, int64_t pt,
+                          int64_t pl) {
+  auto d = dk->dimensions();
+  if (d.size() != 5) return ffi::Error::InvalidArgument("depthwise: per-example kernel grad must be 5-D");
+  const int64_t kdims[4] = {d[1], d[2], d[3], d[4]};
+  Geometry g;
+  if (auto e = MakeGeometry(x.dimensions(), ffi::Span<const int64_t>(kdims, 4), dy.dimensions(), sh,
+                            sw, pt, pl, &g);
+      e.failure())
+    return e;
+  if (d[0] != g.n) return ffi::Error::InvalidArgument("depthwise: kernel grad batch mismatch");
+  const float *xp = x.typed_data(), *gp = dy.typed_data();
+  float* out = dk->typed_data();
+  const int64_t taps = g.kh * g.kw * g.c;
+  std::memset(out, 0, sizeof(float) * g.n * taps);
+  const int pool_workers = static_cast<int>(pool.num_threads()) + 1;
+  if (g.n >= 2 * pool_workers) {
+    ParallelFor(pool, Workers(pool, g.n, 1), g.n, 1, [&](int64_t b, int64_t e, int) {
+      for (int64_t n = b; n < e; ++n)
+        for (int64_t r = n * g.ho; r < (n + 1) * g.ho; ++r) GradKernelRow(g, xp, gp, out + n * taps, r);
+    });
+    return ffi::Error::Success();
+  }
+  const int64_t grain = Grain(g.wo * g.c);
+  const int workers = Workers(pool, g.ho, grain);
+  std::vector<float> acc(static_cast<size_t>(workers) * taps);
+  for (int64_t n = 0; n < g.n; ++n) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    ParallelFor(pool, workers, g.ho, grain, [&](int64_t b, int64_t e, int worker) {
+      for (int64_t r = b; r < e; ++r) GradKernelRow(g, xp, gp, acc.data() + worker * taps, n * g.ho + r);
+    });
+    float* o = out + n * taps;
+    for (int t = 0; t < workers; ++t)
+      for (int64_t i = 0; i < taps; ++i) o[i] += acc[t * taps + i];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// Two f32 operands, one f32 result, the geometry as attributes.
+#define GNV2_BINDING                                       \
+  ffi::Ffi::Bind()                                         \
+      .Ctx<ffi::ThreadPool>()                              \
+      .Arg<ffi::Buffer<ffi::F32>>()                        \
+      .Arg<ffi::Buffer<ffi::F32>>()                        \
+      .Ret<ffi::Buffer<ffi::F32>>()                        \
+      .Attr<int64_t>("stride_h")                           \
+      .Attr<int64_t>("stride_w")                           \
+      .Attr<int64_t>("pad_top")                            \
+      .Attr<int64_t>("pad_left")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2DepthwiseForward, ForwardImpl, GNV2_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2DepthwiseGradInput, GradInputImpl, GNV2_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2DepthwiseGradKernel, GradKernelImpl, GNV2_BINDING);

@@ -1,0 +1,133 @@
+"""The 'native' depthwise kernels' build, cache, fallback and partitioning (their numerics are
+checked against XLA's grouped conv in test_depthwise.py, and in the whole network against timm
+in test_parity.py, where impl 'auto' is 'native' on CPU)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rel_err
+from ghostnetv2_jax.nn import depthwise_native
+from ghostnetv2_jax.nn.depthwise import depthwise_conv
+
+PAD = ((1, 1), (1, 1))
+
+
+def _run(code, **env):
+    """Run ``code`` in a fresh interpreter (the native library and device count are per process);
+    returns its last stdout line, parsed as JSON."""
+    full_env = {**os.environ, **env}
+    proc = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], capture_output=True,
+                          text=True, env=full_env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+FALLBACK = '''
+    import json
+    from ghostnetv2_jax.nn import depthwise_native
+    from ghostnetv2_jax.nn.depthwise import resolve_impl
+    print(json.dumps({'auto': resolve_impl('auto'), 'error': depthwise_native.load_error()}))
+'''
+
+
+def test_disabled_by_environment_falls_back_to_shift():
+    out = _run(FALLBACK, GHOSTNETV2_NATIVE='0')
+    assert out == {'auto': 'shift', 'error': 'disabled by GHOSTNETV2_NATIVE=0'}
+
+
+def test_failed_build_falls_back_to_shift_with_the_reason(tmp_path):
+    out = _run(FALLBACK, CXX='false', GHOSTNETV2_CACHE_DIR=str(tmp_path))
+    assert out['auto'] == 'shift'
+    assert 'building depthwise_cpu.cc failed' in out['error']
+    assert list(tmp_path.iterdir()) == []          # no half-built library left behind
+    out = _run(FALLBACK, CXX='no-such-compiler', GHOSTNETV2_CACHE_DIR=str(tmp_path))
+    assert out['auto'] == 'shift' and 'no C++ compiler found' in out['error']
+
+
+def test_explicit_native_when_unavailable_is_a_clear_error():
+    code = '''
+        import json, jax.numpy as jnp
+        from ghostnetv2_jax.nn.depthwise import depthwise_conv
+        try:
+            depthwise_conv(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2)), impl='native')
+        except RuntimeError as e:
+            print(json.dumps(str(e)))
+    '''
+    msg = _run(code, GHOSTNETV2_NATIVE='0')
+    assert msg == "depthwise impl 'native' is unavailable: disabled by GHOSTNETV2_NATIVE=0"
+
+
+def test_library_is_built_once_and_reused(tmp_path):
+    code = '''
+        import json, os
+        from ghostnetv2_jax.nn import depthwise_native
+        assert depthwise_native.load(), depthwise_native.load_error()
+        p = depthwise_native.library_path()
+        print(json.dumps([str(p), os.stat(p).st_mtime_ns]))
+    '''
+    first = _run(code, GHOSTNETV2_CACHE_DIR=str(tmp_path))
+    second = _run(code, GHOSTNETV2_CACHE_DIR=str(tmp_path))
+    assert first == second
+    assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(first[0])]
+
+
+def test_batch_sharded_program_runs_per_device_without_gathering():
+    """Under a batch-sharded jit each device convolves its own examples (no all-gather), and
+    the values and gradients equal the single-device ones."""
+    code = '''
+        import json, jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from ghostnetv2_jax.nn.depthwise import depthwise_conv
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal((8, 10, 9, 6)), jnp.float32)
+        k = jnp.asarray(rng.standard_normal((3, 3, 1, 6)), jnp.float32)
+        loss = lambda x, k: jnp.sum(jnp.sin(depthwise_conv(x, k, (2, 2), ((1, 1), (1, 1)), 'native')))
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+        mesh = Mesh(np.array(jax.devices()), ('data',))
+        xs = jax.device_put(x, NamedSharding(mesh, P('data')))
+        (l1, (gx1, gk1)), (l4, (gx4, gk4)) = step(x, k), step(xs, k)
+        hlo = step.lower(xs, k).compile().as_text()
+        err = lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+        print(json.dumps({'devices': jax.device_count(), 'all_gather': 'all-gather' in hlo,
+                          'gx_spec': list(gx4.sharding.spec), 'loss': err(l4, l1),
+                          'gx': err(gx4, gx1), 'gk': err(gk4, gk1)}))
+    '''
+    out = _run(code, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+    assert out['devices'] == 4 and not out['all_gather']
+    assert out['gx_spec'] == ['data']
+    assert max(out['loss'], out['gx'], out['gk']) <= 1e-5, out
+
+
+def test_vmap_over_an_extra_batch_axis():
+    rng = np.random.default_rng(0)
+    xs = jnp.asarray(rng.standard_normal((3, 2, 6, 5, 4)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, 1, 4)), jnp.float32)
+    f = lambda impl: jax.vmap(lambda x: depthwise_conv(x, k, (1, 1), PAD, impl))(xs)
+    assert rel_err(f('native'), f('xla')) <= 1e-5
+
+
+def test_negative_padding_is_rejected():
+    with pytest.raises(ValueError, match='non-negative padding'):
+        depthwise_native.depthwise_native(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2)), (1, 1),
+                                          ((-1, 0), (0, 0)))
+
+
+def test_vmap_of_gradients_and_over_kernels():
+    """Per-example gradients (vmap of grad) and a vmapped kernel (an ensemble) match XLA's conv."""
+    rng = np.random.default_rng(1)
+    xs = jnp.asarray(rng.standard_normal((3, 2, 7, 6, 4)), jnp.float32)
+    ks = jnp.asarray(rng.standard_normal((3, 3, 3, 1, 4)), jnp.float32)
+    loss = lambda impl: lambda x, k: jnp.sum(jnp.sin(depthwise_conv(x, k, (2, 2), PAD, impl)))
+    for in_axes in [(0, None), (0, 0), (None, 0)]:
+        kk = ks if in_axes[1] == 0 else ks[0]
+        xx = xs if in_axes[0] == 0 else xs[0]
+        grads = lambda impl: jax.vmap(jax.grad(loss(impl), argnums=(0, 1)), in_axes)(xx, kk)
+        for got, ref in zip(grads('native'), grads('xla')):
+            assert rel_err(got, ref) <= 1e-5, in_axes
