@@ -35,6 +35,11 @@ CASES = [  # (input shape NHWC, kernel (kh, kw), stride, padding or None for k /
     ((2, 8, 7, 3), (3, 3), 2, (0, 2)),       # asymmetric-in-effect padding
     ((1, 4, 5, 2), (5, 5), 1, (2, 2)),       # kernel larger than the input
     ((8, 9, 7, 20), (3, 3), 2, None),        # 'native': whole examples per worker, 16 + 4 channels
+    ((2, 10, 11, 8), (3, 3), 1, None),       # 'native' blocked rows: multiples of 8 channels ...
+    ((2, 9, 8, 12), (5, 5), 2, None),        # ... and a remainder, for every compiled kernel size
+    ((1, 7, 9, 16), (1, 5), 1, None),
+    ((1, 9, 7, 16), (5, 1), 1, None),
+    ((1, 6, 5, 8), (5, 5), 1, (2, 2)),       # kernel wider than the interior: edges only
 ]
 IMPLS = ['shift', 'native']
 

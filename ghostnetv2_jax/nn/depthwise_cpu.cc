@@ -157,6 +157,196 @@ void GradKernelRow(const Geometry& g, const float* x, const float* dy, float* ac
   }
 }
 
+// ----------------------------------------------------------------------------- blocked rows
+// The same three row operations for the kernel sizes GhostNet uses, with the kernel size known at
+// compile time: eight channels at a time, the taps (forward, input grad) or the per-tap sums
+// (kernel grad) held in registers across a whole row, so each multiply-add costs one load and
+// nothing is stored until the row is done. The generic functions above serve other sizes and
+// the last C % 8 channels.
+constexpr int64_t kLanes = 8;
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(sizeof(float))));
+
+inline Vec Load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
+inline void Store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
+
+template <int KH>
+inline Vec RowSum(const Vec (&acc)[KH]) {
+  Vec sum = acc[0];
+  for (int i = 1; i < KH; ++i) sum += acc[i];
+  return sum;
+}
+
+// Output columns [lo, hi) for which every tap of a KW-wide kernel reads inside the input row.
+inline void InteriorColumns(const Geometry& g, int64_t kw, int64_t* lo, int64_t* hi) {
+  *lo = std::min(g.wo, (g.pl + g.sw - 1) / g.sw);
+  const int64_t last = g.w - kw + g.pl;  // largest ow * sw allowed
+  *hi = last < 0 ? *lo : std::max(*lo, std::min(g.wo, last / g.sw + 1));
+}
+
+// Input rows under each kernel row for output row `oh` of example `n` (nullptr: padding).
+template <int KH>
+inline void TapRows(const Geometry& g, const float* x, int64_t n, int64_t oh, const float* (&rows)[KH]) {
+  for (int i = 0; i < KH; ++i) {
+    const int64_t ih = oh * g.sh + i - g.pt;
+    rows[i] = (ih >= 0 && ih < g.h) ? x + (n * g.h + ih) * g.w * g.c : nullptr;
+  }
+}
+
+template <int KH, int KW>
+void ForwardRowBlocked(const Geometry& g, const float* x, const float* k, float* out, int64_t row) {
+  const int64_t n = row / g.ho, oh = row % g.ho, c = g.c;
+  const float* xr[KH];
+  TapRows<KH>(g, x, n, oh, xr);
+  float* o = out + row * g.wo * c;
+  int64_t lo, hi;
+  InteriorColumns(g, KW, &lo, &hi);
+  int64_t c0 = 0;
+  for (; c0 + kLanes <= c; c0 += kLanes) {
+    Vec kv[KH][KW];
+    for (int i = 0; i < KH; ++i)
+      for (int j = 0; j < KW; ++j) kv[i][j] = Load(k + (i * KW + j) * c + c0);
+    auto pixel = [&](int64_t ow, bool edge) __attribute__((always_inline)) {
+      Vec acc[KH] = {};  // one chain per kernel row: independent multiply-adds overlap
+      for (int i = 0; i < KH; ++i) {
+        if (!xr[i]) continue;
+        for (int j = 0; j < KW; ++j) {
+          const int64_t iw = ow * g.sw + j - g.pl;
+          if (edge && (iw < 0 || iw >= g.w)) continue;
+          acc[i] += Load(xr[i] + iw * c + c0) * kv[i][j];
+        }
+      }
+      Store(o + ow * c + c0, RowSum<KH>(acc));
+    };
+    for (int64_t ow = 0; ow < lo; ++ow) pixel(ow, true);
+    for (int64_t ow = lo; ow < hi; ++ow) pixel(ow, false);
+    for (int64_t ow = hi; ow < g.wo; ++ow) pixel(ow, true);
+  }
+  for (; c0 < c; ++c0)
+    for (int64_t ow = 0; ow < g.wo; ++ow) {
+      float acc = 0.0f;
+      for (int i = 0; i < KH; ++i) {
+        if (!xr[i]) continue;
+        for (int j = 0; j < KW; ++j) {
+          const int64_t iw = ow * g.sw + j - g.pl;
+          if (iw >= 0 && iw < g.w) acc += xr[i][iw * c + c0] * k[(i * KW + j) * c + c0];
+        }
+      }
+      o[ow * c + c0] = acc;
+    }
+}
+
+// Gather form: dx[ih, iw] sums dy[oh, ow] * k[i, j] over the taps with ih = oh * sh + i - pt and
+// iw = ow * sw + j - pl; SW is the column stride (1 or 2), known so the divisibility test is cheap.
+template <int KH, int KW, int SW>
+void GradInputRowBlocked(const Geometry& g, const float* dy, const float* k, float* dx, int64_t row) {
+  const int64_t n = row / g.h, ih = row % g.h, c = g.c;
+  const float* gr[KH];
+  for (int i = 0; i < KH; ++i) {
+    const int64_t t = ih + g.pt - i;
+    gr[i] = (t >= 0 && t % g.sh == 0 && t / g.sh < g.ho) ? dy + (n * g.ho + t / g.sh) * g.wo * c : nullptr;
+  }
+  float* d = dx + row * g.w * c;
+  int64_t c0 = 0;
+  for (; c0 + kLanes <= c; c0 += kLanes) {
+    Vec kv[KH][KW];
+    for (int i = 0; i < KH; ++i)
+      for (int j = 0; j < KW; ++j) kv[i][j] = Load(k + (i * KW + j) * c + c0);
+    for (int64_t iw = 0; iw < g.w; ++iw) {
+      Vec acc[KH] = {};
+      for (int i = 0; i < KH; ++i) {
+        if (!gr[i]) continue;
+        for (int j = 0; j < KW; ++j) {
+          const int64_t t = iw + g.pl - j;
+          if (t < 0 || t % SW != 0 || t / SW >= g.wo) continue;
+          acc[i] += Load(gr[i] + (t / SW) * c + c0) * kv[i][j];
+        }
+      }
+      Store(d + iw * c + c0, RowSum<KH>(acc));
+    }
+  }
+  for (; c0 < c; ++c0)
+    for (int64_t iw = 0; iw < g.w; ++iw) {
+      float acc = 0.0f;
+      for (int i = 0; i < KH; ++i) {
+        if (!gr[i]) continue;
+        for (int j = 0; j < KW; ++j) {
+          const int64_t t = iw + g.pl - j;
+          if (t >= 0 && t % SW == 0 && t / SW < g.wo) acc += gr[i][(t / SW) * c + c0] * k[(i * KW + j) * c + c0];
+        }
+      }
+      d[iw * c + c0] = acc;
+    }
+}
+
+template <int KH, int KW>
+void GradKernelRowBlocked(const Geometry& g, const float* x, const float* dy, float* acc, int64_t row) {
+  const int64_t n = row / g.ho, oh = row % g.ho, c = g.c;
+  const float* xr[KH];
+  TapRows<KH>(g, x, n, oh, xr);
+  const float* gr = dy + row * g.wo * c;
+  int64_t lo, hi;
+  InteriorColumns(g, KW, &lo, &hi);
+  int64_t c0 = 0;
+  for (; c0 + kLanes <= c; c0 += kLanes) {
+    Vec a[KH][KW];
+    for (int i = 0; i < KH; ++i)
+      for (int j = 0; j < KW; ++j) a[i][j] = Load(acc + (i * KW + j) * c + c0);
+    auto pixel = [&](int64_t ow, bool edge) __attribute__((always_inline)) {
+      const Vec gv = Load(gr + ow * c + c0);
+      for (int i = 0; i < KH; ++i) {
+        if (!xr[i]) continue;
+        for (int j = 0; j < KW; ++j) {
+          const int64_t iw = ow * g.sw + j - g.pl;
+          if (edge && (iw < 0 || iw >= g.w)) continue;
+          a[i][j] += Load(xr[i] + iw * c + c0) * gv;
+        }
+      }
+    };
+    for (int64_t ow = 0; ow < lo; ++ow) pixel(ow, true);
+    for (int64_t ow = lo; ow < hi; ++ow) pixel(ow, false);
+    for (int64_t ow = hi; ow < g.wo; ++ow) pixel(ow, true);
+    for (int i = 0; i < KH; ++i)
+      for (int j = 0; j < KW; ++j) Store(acc + (i * KW + j) * c + c0, a[i][j]);
+  }
+  for (; c0 < c; ++c0)
+    for (int i = 0; i < KH; ++i) {
+      if (!xr[i]) continue;
+      for (int j = 0; j < KW; ++j) {
+        float s = acc[(i * KW + j) * c + c0];
+        for (int64_t ow = 0; ow < g.wo; ++ow) {
+          const int64_t iw = ow * g.sw + j - g.pl;
+          if (iw >= 0 && iw < g.w) s += xr[i][iw * c + c0] * gr[ow * c + c0];
+        }
+        acc[(i * KW + j) * c + c0] = s;
+      }
+    }
+}
+
+using RowFn = void (*)(const Geometry&, const float*, const float*, float*, int64_t);
+
+// The blocked row function for this kernel size (and column stride), else the generic one.
+#define GNV2_SIZES(X) X(3, 3) X(5, 5) X(1, 5) X(5, 1)
+RowFn PickForward(const Geometry& g) {
+#define X(h, w) if (g.kh == h && g.kw == w) return ForwardRowBlocked<h, w>;
+  GNV2_SIZES(X)
+#undef X
+  return ForwardRow;
+}
+RowFn PickGradInput(const Geometry& g) {
+#define X(h, w)                                                            \
+  if (g.kh == h && g.kw == w && g.sw == 1) return GradInputRowBlocked<h, w, 1>; \
+  if (g.kh == h && g.kw == w && g.sw == 2) return GradInputRowBlocked<h, w, 2>;
+  GNV2_SIZES(X)
+#undef X
+  return GradInputRow;
+}
+RowFn PickGradKernel(const Geometry& g) {
+#define X(h, w) if (g.kh == h && g.kw == w) return GradKernelRowBlocked<h, w>;
+  GNV2_SIZES(X)
+#undef X
+  return GradKernelRow;
+}
+
 template <typename T>
 ffi::Error CheckRank(const T& buf, size_t rank, const char* what) {
   if (buf.dimensions().size() != rank)
@@ -186,8 +376,9 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const float *xp = x.typed_data(), *kp = kernel.typed_data();
   float* yp = y->typed_data();
   const int64_t rows = g.n * g.ho, grain = Grain(g.wo * g.c);
+  const RowFn fn = PickForward(g);
   ParallelFor(pool, Workers(pool, rows, grain), rows, grain, [&](int64_t b, int64_t e, int) {
-    for (int64_t r = b; r < e; ++r) ForwardRow(g, xp, kp, yp, r);
+    for (int64_t r = b; r < e; ++r) fn(g, xp, kp, yp, r);
   });
   return ffi::Error::Success();
 }
@@ -203,8 +394,9 @@ ffi::Error GradInputImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
   const float *gp = dy.typed_data(), *kp = kernel.typed_data();
   float* dxp = dx->typed_data();
   const int64_t rows = g.n * g.h, grain = Grain(g.w * g.c);
+  const RowFn fn = PickGradInput(g);
   ParallelFor(pool, Workers(pool, rows, grain), rows, grain, [&](int64_t b, int64_t e, int) {
-    for (int64_t r = b; r < e; ++r) GradInputRow(g, gp, kp, dxp, r);
+    for (int64_t r = b; r < e; ++r) fn(g, gp, kp, dxp, r);
   });
   return ffi::Error::Success();
 }
@@ -229,11 +421,12 @@ ffi::Error GradKernelImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   float* out = dk->typed_data();
   const int64_t taps = g.kh * g.kw * g.c;
   std::memset(out, 0, sizeof(float) * g.n * taps);
+  const RowFn fn = PickGradKernel(g);
   const int pool_workers = static_cast<int>(pool.num_threads()) + 1;
   if (g.n >= 2 * pool_workers) {
     ParallelFor(pool, Workers(pool, g.n, 1), g.n, 1, [&](int64_t b, int64_t e, int) {
       for (int64_t n = b; n < e; ++n)
-        for (int64_t r = n * g.ho; r < (n + 1) * g.ho; ++r) GradKernelRow(g, xp, gp, out + n * taps, r);
+        for (int64_t r = n * g.ho; r < (n + 1) * g.ho; ++r) fn(g, xp, gp, out + n * taps, r);
     });
     return ffi::Error::Success();
   }
@@ -243,7 +436,7 @@ ffi::Error GradKernelImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   for (int64_t n = 0; n < g.n; ++n) {
     std::fill(acc.begin(), acc.end(), 0.0f);
     ParallelFor(pool, workers, g.ho, grain, [&](int64_t b, int64_t e, int worker) {
-      for (int64_t r = b; r < e; ++r) GradKernelRow(g, xp, gp, acc.data() + worker * taps, n * g.ho + r);
+      for (int64_t r = b; r < e; ++r) fn(g, xp, gp, acc.data() + worker * taps, n * g.ho + r);
     });
     float* o = out + n * taps;
     for (int t = 0; t < workers; ++t)
