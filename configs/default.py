@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
         'attention_kwargs': ml_collections.FieldReference(None, field_type=object),  # a dict
         'attention_blocks': ml_collections.FieldReference(None, field_type=tuple),
         'attention_position': ml_collections.FieldReference(None, field_type=str),  # ghost1|ghost2
-        'depthwise_impl': ml_collections.FieldReference(None, field_type=str),      # auto|xla|shift
+        'depthwise_impl': ml_collections.FieldReference(None, field_type=str),      # auto|native|shift|xla
     })
     config.drop_rate = 0.2                 # --drop
     config.dtype = 'float32'               # compute dtype; 'bfloat16' keeps fp32 params and BN stats

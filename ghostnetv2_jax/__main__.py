@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument('--batch', type=int, default=2)
     q.add_argument('--seed', type=int, default=0)
     q.add_argument('--tolerance', type=float, default=1e-4, help='max |diff| / max |logit|')
-    q.add_argument('--depthwise', default='auto', choices=['auto', 'xla', 'shift'])
+    q.add_argument('--depthwise', default='auto', choices=['auto', 'native', 'shift', 'xla'])
     q.set_defaults(fn=cmd_parity)
     return p
 

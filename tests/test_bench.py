@@ -15,20 +15,20 @@ from ghostnetv2_jax import bench, create_model
 def test_smoke_run_writes_json_and_markdown_with_ratios(tmp_path):
     out = tmp_path / 'bench'
     argv = ['bench', '--models', 'ghostnet_050', '--batches', '2', '--size', '64', '--modes', 'infer',
-            '--dtypes', 'float32', '--impls', 'shift', '--no-deploy', '--layouts', 'nchw,channels_last',
-            '--rounds', '2', '--repeats', '1', '--warmup', '0', '--out', str(out)]
+            '--dtypes', 'float32', '--impls', 'native', '--no-deploy', '--layouts', 'nchw,channels_last',
+            '--rounds', '2', '--repeats', '1', '--warmup', '0', '--settle', '0.2', '--out', str(out)]
     assert bench.main(argv) == 0
     report = json.loads((out / 'bench.json').read_text())
     assert report['machine']['usable_cpus'] == len(os.sched_getaffinity(0)) == report['machine']['torch_threads']
     assert report['config']['rounds'] == 2 and report['command'].startswith('python -m ghostnetv2_jax bench')
     by_label = {r['label']: r for r in report['results']}
-    assert set(by_label) == {'jax:shift:float32', 'torch:nchw:float32', 'torch:channels_last:float32'}
+    assert set(by_label) == {'jax:native:float32', 'torch:nchw:float32', 'torch:channels_last:float32'}
     for r in by_label.values():
         assert 'error' not in r, r.get('error')
         assert len(r['times']) == 2 and len(r['img_per_s_rounds']) == 2     # 2 rounds x 1 repeat
         assert r['img_per_s'] == pytest.approx(2 / r['median_s'])
         assert r['memory']['maxrss_mb'] > 0 and r['memory']['peak_added_mb'] >= 0
-    jax_res = by_label['jax:shift:float32']
+    jax_res = by_label['jax:native:float32']
     best = max((by_label['torch:nchw:float32'], by_label['torch:channels_last:float32']),
                key=lambda r: r['img_per_s'])
     assert jax_res['timm_best'] == best['label']
@@ -37,7 +37,7 @@ def test_smoke_run_writes_json_and_markdown_with_ratios(tmp_path):
     assert 'ratio_vs_timm_best' not in by_label['torch:nchw:float32']
     md = (out / 'bench.md').read_text()
     assert '| model | batch | mode | contender | img/s |' in md and 'vs timm best' in md
-    assert f'| jax:shift:float32 | {jax_res["img_per_s"]:.1f} |' in md
+    assert f'| jax:native:float32 | {jax_res["img_per_s"]:.1f} |' in md
     assert f'{jax_res["ratio_vs_timm_best"]:.2f}x' in md
     assert report['machine']['cpu_model'] in md
 
