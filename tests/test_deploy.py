@@ -88,3 +88,22 @@ def test_deploy_model_is_inference_only_and_bad_input_is_refused():
         deploy.fold_batchnorm(dmodel, dvars)
     with pytest.raises(ValueError, match="'params' and 'batch_stats'"):
         deploy.fold_batchnorm(model, {'params': variables['params']})
+
+
+@pytest.mark.parametrize('folded', [False, True])
+def test_fused_ghost_op_gives_the_unfused_logits(monkeypatch, folded):
+    """Inference on CPU fuses each ghost module's BN, activation, cheap conv and concatenation
+    (nn.depthwise_native.ghost_cheap): same logits as the separate ops, eval and BN-folded."""
+    from ghostnetv2_jax.models import ghostnet
+    model = create_model('ghostnetv2_100', cfgs=TINY, depthwise_impl='native')
+    images = _images()
+    variables = _randomised(model, images)
+    if folded:
+        model, variables = deploy.fold_batchnorm(model, variables)
+    hlo = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, images).as_text()
+    assert hlo.count('gnv2_ghost_cheap') >= 6          # every ghost module of TINY fused
+    fused = _logits(model, variables, images)
+    monkeypatch.setattr(ghostnet.GhostModule, '_fused_cheap_op', lambda self, train: False)
+    unfused = _logits(model, variables, images)
+    assert float(jnp.abs(unfused).max()) > 0.1
+    assert rel_err(fused, unfused) <= 1e-6

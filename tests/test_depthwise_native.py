@@ -131,3 +131,56 @@ def test_vmap_of_gradients_and_over_kernels():
         grads = lambda impl: jax.vmap(jax.grad(loss(impl), argnums=(0, 1)), in_axes)(xx, kk)
         for got, ref in zip(grads('native'), grads('xla')):
             assert rel_err(got, ref) <= 1e-5, in_axes
+
+
+# ----------------------------------------------------------------------------- ghost_cheap
+GHOST_CASES = [  # (p shape NHWC, kernel, features, relu)
+    ((2, 9, 11, 20), (3, 3), 40, True),     # 16 + 4 channels: blocked and remainder
+    ((2, 9, 11, 20), (3, 3), 37, False),    # odd features: x2 cut to 17 channels
+    ((1, 5, 6, 5), (3, 3), 9, True),        # fewer channels than one vector
+    ((3, 7, 8, 16), (5, 5), 30, True),
+    ((1, 6, 7, 8), (1, 5), 16, False),
+    ((1, 7, 6, 8), (5, 1), 9, True),
+]
+
+
+def _ghost_operands(shape, kernel, seed=0):
+    rng = np.random.default_rng(seed)
+    c = shape[-1]
+    shapes = [shape, (c,), (c,), (*kernel, 1, c), (c,), (c,)]
+    return [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes]
+
+
+@pytest.mark.parametrize('shape,kernel,features,relu', GHOST_CASES)
+def test_ghost_cheap_matches_the_unfused_ops(shape, kernel, features, relu):
+    ops = _ghost_operands(shape, kernel)
+    got = jax.jit(lambda *o: depthwise_native.ghost_cheap(*o, features, relu))(*ops)
+    ref = jax.jit(lambda *o: depthwise_native.ghost_cheap_reference(*o, features, relu))(*ops)
+    assert got.shape == (*shape[:3], features)
+    assert rel_err(got, ref) <= 1e-6
+    # and against XLA's grouped conv, independently of the native depthwise forward
+    c, (kh, kw) = shape[-1], kernel
+    act = jax.nn.relu if relu else (lambda v: v)
+    x1 = act(ops[0] * ops[1] + ops[2])
+    x2 = act(depthwise_conv(x1, ops[3], (1, 1), ((kh // 2,) * 2, (kw // 2,) * 2), 'xla') * ops[4] + ops[5])
+    assert rel_err(got, jnp.concatenate([x1, x2], -1)[..., :features]) <= 1e-5
+
+
+def test_ghost_cheap_gradients_flow_through_the_unfused_ops():
+    ops = _ghost_operands((2, 6, 7, 12), (3, 3))
+    loss = lambda f: lambda *o: jnp.sum(jnp.sin(f(*o, 20, True)))
+    got = jax.grad(loss(depthwise_native.ghost_cheap), argnums=tuple(range(6)))(*ops)
+    ref = jax.grad(loss(depthwise_native.ghost_cheap_reference), argnums=tuple(range(6)))(*ops)
+    for g, r in zip(got, ref):
+        assert rel_err(g, r) <= 1e-5
+
+
+def test_ghost_cheap_vmaps_and_rejects_what_it_does_not_fuse():
+    ops = _ghost_operands((2, 6, 7, 12), (3, 3))
+    stacked = jnp.stack([ops[0], ops[0] * 2])
+    f = lambda fn: jax.vmap(lambda p: fn(p, *ops[1:], 24, True))(stacked)
+    assert rel_err(f(depthwise_native.ghost_cheap), f(depthwise_native.ghost_cheap_reference)) <= 1e-6
+    with pytest.raises(ValueError, match='features must be in'):
+        depthwise_native.ghost_cheap(*ops, 25, True)
+    with pytest.raises(ValueError, match='is not one of'):
+        depthwise_native.ghost_cheap(ops[0], *ops[1:3], jnp.ones((7, 7, 1, 12)), *ops[4:], 24, True)

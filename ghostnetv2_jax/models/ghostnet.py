@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from ghostnetv2_jax.nn.attention import make_attention
-from ghostnetv2_jax.nn.depthwise import DepthwiseConv
+from ghostnetv2_jax.nn.depthwise import DepthwiseConv, resolve_impl
+from ghostnetv2_jax.nn.depthwise_native import GHOST_KERNEL_SIZES, ghost_cheap
 from ghostnetv2_jax.nn.layers import BatchNorm, conv2d, make_divisible
 
 Dtype = Any
@@ -51,18 +52,31 @@ class GhostModule(nn.Module):
     dtype: Dtype = jnp.float32
     fold_bn: bool = False
 
+    def _fused_cheap_op(self, train: bool) -> bool:
+        """Inference on CPU with the native kernels: BN, activation, cheap conv and concatenation
+        run as one op (nn.depthwise_native.ghost_cheap), which reads and writes memory once."""
+        return (not train and self.ratio == 2 and self.dtype == jnp.float32
+                and (self.dw_size, self.dw_size) in GHOST_KERNEL_SIZES
+                and resolve_impl(self.depthwise_impl) == 'native')
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         act = nn.relu if self.use_act else (lambda v: v)
         init_chs = math.ceil(self.features / self.ratio)
         x1 = conv2d(init_chs, 1, dtype=self.dtype, name='primary_conv')(x)
-        x1 = act(BatchNorm(dtype=self.dtype, folded=self.fold_bn, name='primary_bn')(x1, train))
-        x2 = DepthwiseConv(self.dw_size, multiplier=self.ratio - 1, impl=self.depthwise_impl,
-                           dtype=self.dtype, name='cheap_conv')(x1)
-        x2 = act(BatchNorm(dtype=self.dtype, folded=self.fold_bn, name='cheap_bn')(x2, train))
-        out = jnp.concatenate([x1, x2], axis=-1)
-        if out.shape[-1] != self.features:
-            out = out[..., :self.features]
+        primary_bn = BatchNorm(dtype=self.dtype, folded=self.fold_bn, name='primary_bn')
+        cheap_conv = DepthwiseConv(self.dw_size, multiplier=self.ratio - 1, impl=self.depthwise_impl,
+                                   dtype=self.dtype, name='cheap_conv')
+        cheap_bn = BatchNorm(dtype=self.dtype, folded=self.fold_bn, name='cheap_bn')
+        if self._fused_cheap_op(train):
+            out = ghost_cheap(x1, *primary_bn(x1, affine_only=True), cheap_conv(x1, kernel_only=True),
+                              *cheap_bn(x1, affine_only=True), self.features, self.use_act)
+        else:
+            x1 = act(primary_bn(x1, train))
+            x2 = act(cheap_bn(cheap_conv(x1), train))
+            out = jnp.concatenate([x1, x2], axis=-1)
+            if out.shape[-1] != self.features:
+                out = out[..., :self.features]
         options = (self.attention_kwargs or {}) if self.attention != 'none' else {}
         attn = make_attention(self.attention, self.features, depthwise_impl=self.depthwise_impl,
                               dtype=self.dtype, fold_bn=self.fold_bn, **options)

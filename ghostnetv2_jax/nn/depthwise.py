@@ -213,11 +213,15 @@ class DepthwiseConv(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, kernel_only: bool = False) -> jax.Array:
+        """Convolve ``x``; with ``kernel_only``, return the kernel for ``x``'s channels instead
+        (for ops that fuse the convolution, e.g. nn.depthwise_native.ghost_cheap)."""
         kh, kw = pair(self.kernel_size)
+        c = x.shape[-1] * self.multiplier
+        kernel = self.param('kernel', nn.initializers.lecun_normal(), (kh, kw, 1, c), jnp.float32)
+        if kernel_only:
+            return kernel
         if self.multiplier > 1:  # output channel o reads input channel o // multiplier
             x = jnp.repeat(x, self.multiplier, axis=-1)
-        c = x.shape[-1]
-        kernel = self.param('kernel', nn.initializers.lecun_normal(), (kh, kw, 1, c), jnp.float32)
         return depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), pair(self.stride),
                               torch_padding((kh, kw), self.padding), self.impl)

@@ -445,6 +445,120 @@ ffi::Error GradKernelImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   return ffi::Error::Success();
 }
 
+// ----------------------------------------------------------------------------- ghost module
+// The cheap half of a ghost module at inference, in one pass. From the primary conv's output p
+// (N, H, W, C) before its BatchNorm, and both BatchNorms as per-channel affines (s1, b1), (s2, b2):
+//   out[..., :C]        = x1 = act(p * s1 + b1)
+//   out[..., C:C+keep]  = act(dwconv(x1) * s2 + b2)[..., :keep]        (stride 1)
+// which XLA would otherwise run as three passes over memory (x1, the conv, the concatenation).
+// Each chunk of rows rebuilds the x1 rows it reads (its own plus kh - 1 halo rows) in scratch.
+struct GhostArgs {
+  const float *p, *s1, *b1, *k, *s2, *b2;
+  float* out;
+  int64_t cout;  // C + keep: the output's channel stride
+  bool relu;
+};
+
+inline float Act(float v, bool relu) { return relu ? std::max(v, 0.0f) : v; }
+
+template <int KH, int KW>
+void GhostRows(const Geometry& g, const GhostArgs& a, int64_t n, int64_t r0, int64_t r1,
+               std::vector<float>& scratch) {
+  const int64_t c = g.c, w = g.w, keep = a.cout - c;
+  const int64_t first = std::max<int64_t>(0, r0 - g.pt), last = std::min(g.h, r1 - g.pt + KH - 1);
+  scratch.resize(std::max<int64_t>(0, last - first) * w * c);
+  for (int64_t ih = first; ih < last; ++ih) {  // x1 rows
+    const float* src = a.p + (n * g.h + ih) * w * c;
+    float* dst = scratch.data() + (ih - first) * w * c;
+    for (int64_t iw = 0; iw < w; ++iw)
+#pragma GCC ivdep
+      for (int64_t ch = 0; ch < c; ++ch)
+        dst[iw * c + ch] = Act(src[iw * c + ch] * a.s1[ch] + a.b1[ch], a.relu);
+  }
+  int64_t lo, hi;
+  InteriorColumns(g, KW, &lo, &hi);
+  for (int64_t oh = r0; oh < r1; ++oh) {
+    float* o = a.out + (n * g.h + oh) * w * a.cout;
+    const float* own = scratch.data() + (oh - first) * w * c;
+    for (int64_t iw = 0; iw < w; ++iw) std::memcpy(o + iw * a.cout, own + iw * c, sizeof(float) * c);
+    const float* xr[KH];
+    for (int i = 0; i < KH; ++i) {
+      const int64_t ih = oh + i - g.pt;
+      xr[i] = (ih >= 0 && ih < g.h) ? scratch.data() + (ih - first) * w * c : nullptr;
+    }
+    int64_t c0 = 0;
+    for (; c0 + kLanes <= keep; c0 += kLanes) {
+      Vec kv[KH][KW];
+      for (int i = 0; i < KH; ++i)
+        for (int j = 0; j < KW; ++j) kv[i][j] = Load(a.k + (i * KW + j) * c + c0);
+      const Vec s2 = Load(a.s2 + c0), b2 = Load(a.b2 + c0), zero = {};
+      auto pixel = [&](int64_t ow, bool edge) __attribute__((always_inline)) {
+        Vec acc[KH] = {};
+        for (int i = 0; i < KH; ++i) {
+          if (!xr[i]) continue;
+          for (int j = 0; j < KW; ++j) {
+            const int64_t iw = ow + j - g.pl;
+            if (edge && (iw < 0 || iw >= w)) continue;
+            acc[i] += Load(xr[i] + iw * c + c0) * kv[i][j];
+          }
+        }
+        Vec v = RowSum<KH>(acc) * s2 + b2;
+        if (a.relu) v = v > zero ? v : zero;
+        Store(o + ow * a.cout + c + c0, v);
+      };
+      for (int64_t ow = 0; ow < lo; ++ow) pixel(ow, true);
+      for (int64_t ow = lo; ow < hi; ++ow) pixel(ow, false);
+      for (int64_t ow = hi; ow < w; ++ow) pixel(ow, true);
+    }
+    for (; c0 < keep; ++c0)
+      for (int64_t ow = 0; ow < w; ++ow) {
+        float acc = 0.0f;
+        for (int i = 0; i < KH; ++i) {
+          if (!xr[i]) continue;
+          for (int j = 0; j < KW; ++j) {
+            const int64_t iw = ow + j - g.pl;
+            if (iw >= 0 && iw < w) acc += xr[i][iw * c + c0] * a.k[(i * KW + j) * c + c0];
+          }
+        }
+        o[ow * a.cout + c + c0] = Act(acc * a.s2[c0] + a.b2[c0], a.relu);
+      }
+  }
+}
+
+using GhostFn = void (*)(const Geometry&, const GhostArgs&, int64_t, int64_t, int64_t, std::vector<float>&);
+
+ffi::Error GhostImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> s1,
+                     ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::F32> kernel,
+                     ffi::Buffer<ffi::F32> s2, ffi::Buffer<ffi::F32> b2,
+                     ffi::ResultBuffer<ffi::F32> out, int64_t pt, int64_t pl, int64_t relu) {
+  const auto pd = p.dimensions(), kd = kernel.dimensions(), od = out->dimensions();
+  if (pd.size() != 4 || kd.size() != 4 || od.size() != 4 || kd[2] != 1 || kd[3] != pd[3] ||
+      od[0] != pd[0] || od[1] != pd[1] || od[2] != pd[2] || od[3] < pd[3] || od[3] > 2 * pd[3] ||
+      s1.element_count() != pd[3] || b1.element_count() != pd[3] || s2.element_count() != pd[3] ||
+      b2.element_count() != pd[3])
+    return ffi::Error::InvalidArgument("ghost cheap op: inconsistent shapes");
+  Geometry g{pd[0], pd[1], pd[2], pd[3], kd[0], kd[1], 1, 1, pt, pl, pd[1], pd[2]};
+  if (g.h + 2 * pt - g.kh + 1 != g.h || g.w + 2 * pl - g.kw + 1 != g.w)
+    return ffi::Error::InvalidArgument("ghost cheap op: padding must keep the spatial size");
+  GhostFn fn = nullptr;
+#define X(h, w) if (g.kh == h && g.kw == w) fn = GhostRows<h, w>;
+  GNV2_SIZES(X)
+#undef X
+  if (!fn) return ffi::Error::InvalidArgument("ghost cheap op: unsupported kernel size");
+  const GhostArgs a{p.typed_data(), s1.typed_data(), b1.typed_data(), kernel.typed_data(),
+                    s2.typed_data(), b2.typed_data(), out->typed_data(), od[3], relu != 0};
+  const int64_t grain = Grain(g.w * od[3]), per_image = (g.h + grain - 1) / grain;
+  const int64_t chunks = g.n * per_image;
+  ParallelFor(pool, Workers(pool, chunks, 1), chunks, 1, [&](int64_t b, int64_t e, int) {
+    std::vector<float> scratch;
+    for (int64_t q = b; q < e; ++q) {
+      const int64_t n = q / per_image, r0 = (q % per_image) * grain;
+      fn(g, a, n, r0, std::min(g.h, r0 + grain), scratch);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Two f32 operands, one f32 result, the geometry as attributes.
@@ -462,3 +576,17 @@ ffi::Error GradKernelImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2DepthwiseForward, ForwardImpl, GNV2_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2DepthwiseGradInput, GradInputImpl, GNV2_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2DepthwiseGradKernel, GradKernelImpl, GNV2_BINDING);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2GhostCheap, GhostImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // p
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // s1
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b1
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // kernel
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // s2
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b2
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("relu"));

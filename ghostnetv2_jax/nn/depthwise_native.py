@@ -27,7 +27,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,7 @@ TARGETS = {  # XLA custom-call name -> exported handler symbol
     'gnv2_depthwise_forward': 'Gnv2DepthwiseForward',
     'gnv2_depthwise_grad_input': 'Gnv2DepthwiseGradInput',
     'gnv2_depthwise_grad_kernel': 'Gnv2DepthwiseGradKernel',
+    'gnv2_ghost_cheap': 'Gnv2GhostCheap',
 }
 
 _lock = threading.Lock()
@@ -132,121 +133,117 @@ def load_error() -> Optional[str]:
     return _state.get('error')
 
 
-# ----------------------------------------------------------------------------- the op
-# Each custom call is independent per example (the kernel gradient is returned per example and
-# summed outside), so under a batch-sharded jit every device runs it on its own examples: the
-# sharding rule lets the batch factor ``n`` be sharded and keeps every other dimension whole.
-_RULES = {
-    'gnv2_depthwise_forward': 'n h w c, i j k c -> n p q c',
-    'gnv2_depthwise_grad_input': 'n p q c, i j k c -> n h w c',
-    'gnv2_depthwise_grad_kernel': 'n h w c, n p q c -> n i j k c',
+# ----------------------------------------------------------------------------- the ops
+# Every custom call is independent per example (the kernel gradient is returned per example and
+# summed outside), so under a batch-sharded jit each device runs it on its own examples: the
+# sharding rules let the batch factor ``n`` be sharded and keep every other dimension whole.
+class _Target(NamedTuple):
+    rule: str                   # Shardy sharding rule (einsum-like), operands -> result
+    batched: Tuple[bool, ...]   # which operands carry the batch dimension first
+    attrs: Tuple[str, ...]      # geometry attributes, in the order of ``static``
+
+
+_TARGETS = {
+    'gnv2_depthwise_forward': _Target('n h w c, i j k c -> n p q c', (True, False),
+                                      ('stride_h', 'stride_w', 'pad_top', 'pad_left')),
+    'gnv2_depthwise_grad_input': _Target('n p q c, i j k c -> n h w c', (True, False),
+                                         ('stride_h', 'stride_w', 'pad_top', 'pad_left')),
+    'gnv2_depthwise_grad_kernel': _Target('n h w c, n p q c -> n i j k c', (True, True),
+                                          ('stride_h', 'stride_w', 'pad_top', 'pad_left')),
+    'gnv2_ghost_cheap': _Target('n h w c, c, c, i j k c, c, c -> n h w d', (True,) + (False,) * 5,
+                                ('pad_top', 'pad_left', 'relu')),
 }
 
 
-def _attrs(strides, padding):
-    (sh, sw), ((pt, _), (pl, _)) = strides, padding
-    return dict(stride_h=np.int64(sh), stride_w=np.int64(sw), pad_top=np.int64(pt), pad_left=np.int64(pl))
+def _ffi(target, static, out_shape_fn, *operands):
+    out = jax.ShapeDtypeStruct(out_shape_fn(*(o.shape for o in operands)), jnp.float32)
+    attrs = {name: np.int64(v) for name, v in zip(_TARGETS[target].attrs, static)}
+    return jax.ffi.ffi_call(target, out, vmap_method='sequential')(*operands, **attrs)
 
 
-def _local_out_shape(target, a, b, geometry):
-    """Output shape of ``target`` for operands ``a``, ``b`` (global or per-device shapes)."""
-    strides, padding, in_hw, kernel_hw = geometry
-    n, c = a.shape[0], a.shape[-1]
-    if target == 'gnv2_depthwise_forward':
-        return _out_shape(a.shape, b.shape[:2], strides, padding)
-    if target == 'gnv2_depthwise_grad_input':
-        return (n, *in_hw, c)
-    return (n, *kernel_hw, 1, c)
-
-
-def _ffi(target, geometry, a, b):
-    strides, padding = geometry[:2]
-    out = jax.ShapeDtypeStruct(_local_out_shape(target, a, b, geometry), jnp.float32)
-    return jax.ffi.ffi_call(target, out, vmap_method='sequential')(a, b, **_attrs(strides, padding))
-
-
-def _batch_sharding(mesh, sharding, rank):
-    """``sharding``'s partitioning of the batch dimension alone (everything else whole)."""
-    from jax.sharding import NamedSharding, PartitionSpec
-    spec = getattr(sharding, 'spec', None)
-    batch = spec[0] if spec else None
-    return NamedSharding(mesh, PartitionSpec(batch, *([None] * (rank - 1))))
-
-
-def _partitioned(target):
+def _partitioned(target, static, out_shape_fn):
+    """The custom call under ``custom_partitioning``: per-device shapes, batch sharding only."""
     from jax.experimental.custom_partitioning import custom_partitioning
+    from jax.sharding import NamedSharding, PartitionSpec
+    spec = _TARGETS[target]
 
-    def call(geometry, a, b):
-        return _ffi(target, geometry, a, b)
+    def batch_only(mesh, like, rank):   # ``like``'s sharding of dim 0, everything else whole
+        dims = getattr(like, 'spec', None)
+        return NamedSharding(mesh, PartitionSpec(dims[0] if dims else None, *([None] * (rank - 1))))
 
-    call = custom_partitioning(call, static_argnums=(0,))
+    def infer(mesh, arg_shapes, result_shape):
+        return batch_only(mesh, arg_shapes[0].sharding, len(result_shape.shape))
 
-    def infer(geometry, mesh, arg_shapes, result_shape):
-        return _batch_sharding(mesh, arg_shapes[0].sharding, len(result_shape.shape))
+    def partition(mesh, arg_shapes, result_shape):
+        like = arg_shapes[0].sharding
+        args = tuple(batch_only(mesh, like, len(a.shape)) if batched else NamedSharding(mesh, PartitionSpec())
+                     for a, batched in zip(arg_shapes, spec.batched))
+        lower = lambda *ops: _ffi(target, static, out_shape_fn, *ops)
+        return mesh, lower, batch_only(mesh, like, len(result_shape.shape)), args
 
-    def partition(geometry, mesh, arg_shapes, result_shape):
-        batch = lambda shape, rank: _batch_sharding(mesh, arg_shapes[0].sharding, rank)
-        from jax.sharding import NamedSharding, PartitionSpec
-        args = tuple(batch(s, len(s.shape)) if target == 'gnv2_depthwise_grad_kernel' or i == 0
-                     else NamedSharding(mesh, PartitionSpec()) for i, s in enumerate(arg_shapes))
-        return mesh, (lambda a, b: _ffi(target, geometry, a, b)), batch(None, len(result_shape.shape)), args
-
-    rule = _RULES[target]
-    # Every factor but n and c must stay whole, listed in order of first appearance (Shardy
-    # requires its special factors sorted).
-    whole = tuple(dict.fromkeys(f for f in rule.replace(',', ' ').split() if f not in ('n', 'c', '->')))
-    call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
-                       need_replication_factors=whole)
+    call = custom_partitioning(lambda *ops: _ffi(target, static, out_shape_fn, *ops))
+    # Every factor but n stays whole (c too where it mixes with d), listed in order of first
+    # appearance: Shardy requires its special factors sorted.
+    factors = spec.rule.replace(',', ' ').replace('->', ' ').split()
+    keep_whole = tuple(dict.fromkeys(f for f in factors if f != 'n' and (f != 'c' or 'd' in factors)))
+    call.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=spec.rule,
+                       need_replication_factors=keep_whole)
     return call
 
 
 @functools.lru_cache(maxsize=None)
-def _op(target, geometry):
+def _op(target, static, out_shape_fn):
     """``target`` for one geometry, partitionable and vmappable. Under vmap the mapped axis is
-    folded into the batch axis (the custom calls are per example), except over a mapped kernel,
-    which gets one call per element."""
-    partitioned = _partitioned(target)
+    folded into the batch axis when only batch-carrying operands are mapped (the custom calls are
+    per example); otherwise (e.g. a mapped kernel) it runs once per element."""
+    partitioned = _partitioned(target, static, out_shape_fn)
+    batched = _TARGETS[target].batched
 
     @jax.custom_batching.custom_vmap
-    def op(a, b):
-        return partitioned(geometry, a, b)
+    def op(*operands):
+        return partitioned(*operands)
 
     @op.def_vmap
-    def _rule(axis_size, in_batched, a, b):
-        a_mapped, b_mapped = in_batched
-        kernel_operand = target != 'gnv2_depthwise_grad_kernel'
-        if kernel_operand and b_mapped:
-            a = a if a_mapped else jnp.broadcast_to(a, (axis_size, *a.shape))
-            return jax.lax.map(lambda ab: op(*ab), (a, b)), True
+    def _rule(axis_size, in_mapped, *operands):
+        lift = lambda v, mapped: v if mapped else jnp.broadcast_to(v, (axis_size, *v.shape))
+        if any(m and not b for m, b in zip(in_mapped, batched)):
+            return jax.lax.map(lambda ops: op(*ops), tuple(map(lift, operands, in_mapped))), True
         fold = lambda v: v.reshape(-1, *v.shape[2:])
-        a = fold(a if a_mapped else jnp.broadcast_to(a, (axis_size, *a.shape)))
-        if not kernel_operand:
-            b = fold(b if b_mapped else jnp.broadcast_to(b, (axis_size, *b.shape)))
-        out = op(a, b)
+        operands = [fold(lift(v, m)) if b else v for v, m, b in zip(operands, in_mapped, batched)]
+        out = op(*operands)
         return out.reshape(axis_size, -1, *out.shape[1:]), True
 
     return op
 
 
-def _call(target, geometry, a, b):
+def _call(target, static, out_shape_fn, *operands):
     if not load():
         raise RuntimeError(f"depthwise impl 'native' is unavailable: {load_error()}")
-    return _op(target, geometry)(a.astype(jnp.float32), b.astype(jnp.float32))
+    return _op(target, static, out_shape_fn)(*(o.astype(jnp.float32) for o in operands))
 
 
-def _out_shape(x_shape, kernel_hw, strides, padding):
-    n, h, w, c = x_shape
-    (kh, kw), (sh, sw), (ph, pw) = kernel_hw, strides, padding
-    return n, (h + sum(ph) - kh) // sh + 1, (w + sum(pw) - kw) // sw + 1, c
+def _conv_static(strides, padding):
+    (sh, sw), ((pt, _), (pl, _)) = strides, padding
+    return sh, sw, pt, pl
 
 
-def _geometry(x_shape, kernel_shape, strides, padding):
-    return strides, padding, tuple(x_shape[1:3]), tuple(kernel_shape[:2])
+@functools.lru_cache(maxsize=None)
+def _conv_shapes(strides, padding, in_hw, kernel_hw):
+    """Result-shape functions (of the operand shapes) for the three depthwise targets."""
+    (sh, sw), (ph, pw) = strides, padding
+    forward = lambda x, k: (x[0], (x[1] + sum(ph) - k[0]) // sh + 1, (x[2] + sum(pw) - k[1]) // sw + 1, x[3])
+    grad_input = lambda g, k: (g[0], *in_hw, g[3])
+    grad_kernel = lambda x, g: (x[0], *kernel_hw, 1, x[3])
+    return forward, grad_input, grad_kernel
+
+
+def _shapes(x, kernel, strides, padding):
+    return _conv_shapes(strides, padding, tuple(x.shape[1:3]), tuple(kernel.shape[:2]))
 
 
 def _forward(x, kernel, strides, padding):
-    geometry = _geometry(x.shape, kernel.shape, strides, padding)
-    return _call('gnv2_depthwise_forward', geometry, x, kernel).astype(x.dtype)
+    forward = _shapes(x, kernel, strides, padding)[0]
+    return _call('gnv2_depthwise_forward', _conv_static(strides, padding), forward, x, kernel).astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -260,9 +257,10 @@ def _depthwise_fwd(x, kernel, strides, padding):
 
 def _depthwise_bwd(strides, padding, residuals, g):
     x, kernel = residuals
-    geometry = _geometry(x.shape, kernel.shape, strides, padding)
-    dx = _call('gnv2_depthwise_grad_input', geometry, g, kernel)
-    dk = jnp.sum(_call('gnv2_depthwise_grad_kernel', geometry, x, g), axis=0)
+    _, grad_input, grad_kernel = _shapes(x, kernel, strides, padding)
+    static = _conv_static(strides, padding)
+    dx = _call('gnv2_depthwise_grad_input', static, grad_input, g, kernel)
+    dk = jnp.sum(_call('gnv2_depthwise_grad_kernel', static, grad_kernel, x, g), axis=0)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
@@ -276,6 +274,57 @@ def depthwise_native(x, kernel, strides: Sequence[int], padding: Sequence[Sequen
     if any(v < 0 for p in padding for v in p):
         raise ValueError(f"depthwise impl 'native' needs non-negative padding, got {padding}")
     return _depthwise(x, kernel, tuple(int(v) for v in strides), padding)
+
+
+# ----------------------------------------------------------------------------- ghost module
+GHOST_KERNEL_SIZES = ((3, 3), (5, 5), (1, 5), (5, 1))   # compiled in depthwise_cpu.cc
+
+
+def ghost_cheap_reference(p, s1, b1, kernel, s2, b2, features: int, relu: bool):
+    """What ``ghost_cheap`` computes, as separate ops (and its gradient, by autodiff)."""
+    act = jax.nn.relu if relu else (lambda v: v)
+    kh, kw = kernel.shape[:2]
+    x1 = act(p * s1 + b1)
+    x2 = act(depthwise_native(x1, kernel, (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2))) * s2 + b2)
+    return jnp.concatenate([x1, x2], axis=-1)[..., :features]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _ghost(p, s1, b1, kernel, s2, b2, features, relu):
+    kh, kw = kernel.shape[:2]
+    static = (kh // 2, kw // 2, int(relu))
+    shape = _ghost_shape(features)
+    return _call('gnv2_ghost_cheap', static, shape, p, s1, b1, kernel, s2, b2).astype(p.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _ghost_shape(features):
+    return lambda p, *_: (*p[:3], features)
+
+
+def _ghost_fwd(p, s1, b1, kernel, s2, b2, features, relu):
+    return _ghost(p, s1, b1, kernel, s2, b2, features, relu), (p, s1, b1, kernel, s2, b2)
+
+
+def _ghost_bwd(features, relu, residuals, g):
+    _, vjp = jax.vjp(lambda *ops: ghost_cheap_reference(*ops, features, relu), *residuals)
+    return vjp(g)
+
+
+_ghost.defvjp(_ghost_fwd, _ghost_bwd)
+
+
+def ghost_cheap(p, s1, b1, kernel, s2, b2, features: int, relu: bool):
+    """A ghost module's cheap half at inference, fused: ``concat([x1, act(dw(x1) * s2 + b2)])``
+    cut to ``features`` channels, with ``x1 = act(p * s1 + b1)``; stride 1, 'same' padding, odd
+    kernel sizes in GHOST_KERNEL_SIZES. One pass over memory instead of three. Differentiable
+    (through the unfused ops), so it is safe under ``jax.grad`` too."""
+    c = p.shape[-1]
+    if tuple(kernel.shape) not in {(*k, 1, c) for k in GHOST_KERNEL_SIZES}:
+        raise ValueError(f'ghost_cheap: kernel {kernel.shape} is not one of {GHOST_KERNEL_SIZES} x (1, {c})')
+    if not c <= features <= 2 * c:
+        raise ValueError(f'ghost_cheap: features must be in [{c}, {2 * c}], got {features}')
+    return _ghost(p, s1, b1, kernel, s2, b2, int(features), bool(relu))
 
 
 def main() -> int:

@@ -136,12 +136,19 @@ class BatchNorm(nn.Module):
     folded: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False, *, affine_only: bool = False):
+        """Normalise ``x``; with ``affine_only`` (inference) return the per-channel (mul, add)
+        that inference applies as ``x * mul + add`` instead, for ops that fuse it."""
         c = x.shape[-1]
+        if affine_only and train:
+            raise ValueError('BatchNorm(affine_only=True) is the inference form; train uses batch statistics')
         if self.folded:
             if train:
                 raise ValueError('a model with folded BatchNorm (ghostnetv2_jax.deploy) is inference-only')
-            return x + self.param('bias', nn.initializers.zeros, (c,), jnp.float32).astype(self.dtype)
+            bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+            if affine_only:
+                return jnp.ones((c,), self.dtype), bias.astype(self.dtype)
+            return x + bias.astype(self.dtype)
         scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
         bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
         ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
@@ -158,6 +165,8 @@ class BatchNorm(nn.Module):
         # Fold into one per-channel affine: a single multiply-add over the activation.
         mul = scale * jax.lax.rsqrt(ra_var.value + self.epsilon)
         add = bias - ra_mean.value * mul
+        if affine_only:
+            return mul.astype(self.dtype), add.astype(self.dtype)
         return x * mul.astype(self.dtype) + add.astype(self.dtype)
 
 
