@@ -37,9 +37,10 @@ Method (see docs/benchmarks.md for results):
   XLA's own ``compiled.memory_analysis()`` (temporaries + arguments + outputs). On GPU, the
   device's peak bytes in use (JAX ``memory_stats``, ``torch.cuda.max_memory_allocated``).
 - ``--malloc retain`` (default) configures glibc malloc in every worker, torch's included, to
-  keep freed memory mapped (``mallopt``: one arena, no mmap'd chunks, no trimming). Without it,
-  each step re-faults every large buffer it allocates (~2 us per 4 KiB page in a VM), which
-  costs both frameworks 10-25%; ``--malloc system`` measures the default.
+  keep freed memory mapped (``GLIBC_TUNABLES``: one arena, no mmap'd chunks, no trimming; see
+  RETAIN_TUNABLES). Without it, each step re-faults every large buffer it allocates (~2 us per
+  4 KiB page in a VM), which costs both frameworks 10-25% at batch 32 and JAX's batch-128 train
+  step ~40%; ``--malloc system`` measures the default.
 
 The report goes to ``--out`` as ``bench.json`` and ``bench.md``; ratios are this project's
 img/s over the best timm layout's img/s for the same model, batch, mode and dtype.
@@ -163,17 +164,27 @@ def _validate(args) -> None:
 
 
 # ----------------------------------------------------------------------------- workers (child side)
-def _retain_malloc() -> str:
-    """Keep freed heap memory mapped (glibc), so big per-step buffers are not re-faulted."""
-    import ctypes
-    try:
-        libc = ctypes.CDLL('libc.so.6')
-    except OSError:
+# glibc malloc tunables for --malloc retain: one arena, no mmap'd chunks, and never trim the heap
+# top. They are read at process start, so they go into each worker's environment; mallopt cannot
+# set a trim threshold past 2 GiB, and a train step's temporaries are 1.7 GB at batch 32 and
+# 6.8 GB at batch 128 (measured with mallopt: all 6.8 GB re-faulted every step, 5.2 s a step
+# against 3.2 s with these tunables).
+RETAIN_TUNABLES = ('glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
+                   'glibc.malloc.trim_threshold=1099511627776')
+
+
+def malloc_env(env: Dict[str, str], policy: str) -> Dict[str, str]:
+    """``env`` with the glibc tunables of ``policy`` ('retain' or 'system') added."""
+    if policy == 'retain':
+        env = dict(env, GLIBC_TUNABLES=':'.join(filter(None, [env.get('GLIBC_TUNABLES'), RETAIN_TUNABLES])))
+    return env
+
+
+def _malloc_policy() -> str:
+    """What this worker runs with (its environment was set by the parent)."""
+    if platform.libc_ver()[0] != 'glibc':
         return 'system (no glibc)'
-    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
-    ok = all(libc.mallopt(k, v) == 1 for k, v in
-             ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2 ** 31 - 1)))
-    return 'retain' if ok else 'system (mallopt refused)'
+    return 'retain' if RETAIN_TUNABLES in os.environ.get('GLIBC_TUNABLES', '') else 'system'
 
 
 def _rss_mb() -> float:
@@ -184,6 +195,10 @@ def _rss_mb() -> float:
 def _maxrss_mb() -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+
+
+class Skip(Exception):
+    """A contender that does not apply here (e.g. a CPU-only implementation on GPU)."""
 
 
 class _JaxRunner:
@@ -198,6 +213,8 @@ class _JaxRunner:
         self.jax = jax
         dtype = jnp.bfloat16 if spec['dtype'] == 'bfloat16' else jnp.float32
         impl = 'auto' if spec['variant'] == 'deploy' else spec['variant']
+        if impl == 'native' and jax.default_backend() != 'cpu':
+            raise Skip(f"the native depthwise kernels are CPU-only (backend: {jax.default_backend()})")
         model = create_model(spec['model'], depthwise_impl=impl, dtype=dtype)
         rng = np.random.default_rng(0)
         images = jnp.asarray(rng.standard_normal((spec['batch'], spec['size'], spec['size'], 3), np.float32))
@@ -365,7 +382,7 @@ def worker_main() -> int:
         try:
             if msg['cmd'] == 'setup':
                 spec = msg['spec']
-                policy = _retain_malloc() if spec['malloc'] == 'retain' else 'system'
+                policy = _malloc_policy()
                 runner = (_JaxRunner if spec['framework'] == 'jax' else _TorchRunner)(spec)
                 rss_before = _rss_mb()
                 first = _timed(runner.step, 1)[0]
@@ -379,6 +396,8 @@ def worker_main() -> int:
                          'peak_added_mb': max(0.0, _maxrss_mb() - rss_before), **runner.memory()}
             else:
                 reply = {}
+        except Skip as e:
+            reply = {'skipped': str(e)}
         except Exception as e:   # reported to the parent as this contender's failure
             reply = {'error': f'{type(e).__name__}: {" ".join(str(e).split())[:500]}'}
         out.write(json.dumps(reply) + '\n')
@@ -390,8 +409,8 @@ def worker_main() -> int:
 
 # ----------------------------------------------------------------------------- workers (parent side)
 class Worker:
-    def __init__(self, framework: str, xla_flags: str):
-        env = dict(os.environ)
+    def __init__(self, framework: str, xla_flags: str, malloc: str = 'retain'):
+        env = malloc_env(dict(os.environ), malloc)
         if framework == 'jax':
             env['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'   # leave GPU memory to the torch worker
             if xla_flags:
@@ -438,8 +457,12 @@ def run_group(group: Group, args, log) -> List[Dict[str, Any]]:
             spec = dict(framework=c.framework, variant=c.variant, dtype=c.dtype, xla_options=c.xla_options,
                         model=group.model, batch=group.batch, mode=group.mode, size=args.size,
                         threads=args.threads, warmup=args.warmup, malloc=args.malloc)
-            w = Worker(c.framework, args.xla_flags)
+            w = Worker(c.framework, args.xla_flags, args.malloc)
             info = w.ask(cmd='setup', spec=spec)
+            if 'skipped' in info:
+                log(f'  {c.label}: skipped ({info["skipped"]})')
+                w.close()
+                continue
             res = dict(label=c.label, framework=c.framework, variant=c.variant, dtype=c.dtype,
                        xla_options=c.xla_options if c.framework == 'jax' else None,
                        model=group.model, batch=group.batch, mode=group.mode, **info)

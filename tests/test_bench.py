@@ -28,6 +28,7 @@ def test_smoke_run_writes_json_and_markdown_with_ratios(tmp_path):
         assert len(r['times']) == 2 and len(r['img_per_s_rounds']) == 2     # 2 rounds x 1 repeat
         assert r['img_per_s'] == pytest.approx(2 / r['median_s'])
         assert r['memory']['maxrss_mb'] > 0 and r['memory']['peak_added_mb'] >= 0
+        assert r['malloc'] == 'retain'           # the workers got the glibc tunables
     jax_res = by_label['jax:native:float32']
     best = max((by_label['torch:nchw:float32'], by_label['torch:channels_last:float32']),
                key=lambda r: r['img_per_s'])
@@ -141,3 +142,37 @@ def test_report_is_written_after_every_group(tmp_path, monkeypatch):
     assert report['results'][0]['ratio_vs_timm_best'] == 1.5       # with its ratios
     md = (out / 'bench.md').read_text()
     assert 'failed: boom' in md and '1.50x' in md
+
+
+def test_native_contender_is_skipped_off_cpu(monkeypatch):
+    """On GPU/TPU the CPU-only 'native' depthwise contender is skipped, not failed."""
+    spec = dict(framework='jax', variant='native', dtype='float32', xla_options='project',
+                model='ghostnet_050', batch=1, mode='infer', size=32)
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+    with pytest.raises(bench.Skip, match='CPU-only'):
+        bench._JaxRunner(spec)
+
+    class FakeWorker:
+        def __init__(self, *args):
+            self.closed = False
+
+        def ask(self, **msg):
+            return {'skipped': 'the native depthwise kernels are CPU-only (backend: gpu)'}
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(bench, 'Worker', FakeWorker)
+    args = bench.build_parser().parse_args(['--impls', 'native', '--no-torch', '--modes', 'infer',
+                                            '--batches', '1', '--no-deploy', '--settle', '0'])
+    lines = []
+    assert bench.run_group(bench.plan(args)[0], args, lines.append) == []
+    assert any('skipped (the native depthwise kernels are CPU-only' in l for l in lines)
+
+
+def test_malloc_env_adds_the_retain_tunables_and_keeps_the_callers():
+    env = bench.malloc_env({'GLIBC_TUNABLES': 'glibc.malloc.tcache_count=0', 'A': '1'}, 'retain')
+    assert env['GLIBC_TUNABLES'] == 'glibc.malloc.tcache_count=0:' + bench.RETAIN_TUNABLES
+    assert env['A'] == '1'
+    assert bench.malloc_env({}, 'retain')['GLIBC_TUNABLES'] == bench.RETAIN_TUNABLES
+    assert 'GLIBC_TUNABLES' not in bench.malloc_env({}, 'system')

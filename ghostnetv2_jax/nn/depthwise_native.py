@@ -267,9 +267,16 @@ def _depthwise_bwd(strides, padding, residuals, g):
 _depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
+def _check_backend():
+    if jax.default_backend() != 'cpu':
+        raise ValueError(f"depthwise impl 'native' runs on CPU only (default backend: "
+                         f"{jax.default_backend()}); use 'auto' or 'xla'")
+
+
 def depthwise_native(x, kernel, strides: Sequence[int], padding: Sequence[Sequence[int]]):
     """Depthwise cross-correlation (NHWC ``x``, (kh, kw, 1, C) ``kernel``, explicit padding) on
     XLA:CPU custom calls. Computes in float32 (other dtypes are cast in and out)."""
+    _check_backend()
     padding: Tuple = tuple(tuple(int(v) for v in p) for p in padding)
     if any(v < 0 for p in padding for v in p):
         raise ValueError(f"depthwise impl 'native' needs non-negative padding, got {padding}")
@@ -319,6 +326,7 @@ def ghost_cheap(p, s1, b1, kernel, s2, b2, features: int, relu: bool):
     cut to ``features`` channels, with ``x1 = act(p * s1 + b1)``; stride 1, 'same' padding, odd
     kernel sizes in GHOST_KERNEL_SIZES. One pass over memory instead of three. Differentiable
     (through the unfused ops), so it is safe under ``jax.grad`` too."""
+    _check_backend()
     c = p.shape[-1]
     if tuple(kernel.shape) not in {(*k, 1, c) for k in GHOST_KERNEL_SIZES}:
         raise ValueError(f'ghost_cheap: kernel {kernel.shape} is not one of {GHOST_KERNEL_SIZES} x (1, {c})')
