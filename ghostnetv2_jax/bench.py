@@ -231,7 +231,7 @@ class _JaxRunner:
         if spec['variant'] == 'deploy':
             from ghostnetv2_jax import deploy
             model, variables = deploy.fold_batchnorm(model, variables)
-        options = (xla_options.compiler_options(train=spec['mode'] == 'train', depthwise=impl)
+        options = (xla_options.compiler_options(train=spec['mode'] == 'train')
                    if spec['xla_options'] == 'project' else None)
         t0 = time.perf_counter()
         if spec['mode'] == 'infer':

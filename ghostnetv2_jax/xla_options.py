@@ -1,15 +1,13 @@
-"""XLA compiler options for this project's jitted functions, per backend, kind of step and
-depthwise implementation.
+"""XLA compiler options for this project's jitted functions, per backend and per kind of step.
 
-CPU training steps (jaxlib 0.10), measured side by side (docs/benchmarks.md):
-- All of them compile with LLVM at -O1 instead of -O2: 10-30% less compile time, same step time.
-- With the portable 'shift' depthwise form they also use XLA's loop emitters, which run the step
-  ~1.5x faster than the default MLIR fusion emitters. Its backward pass is hundreds of
-  strided-slice fusions, which the default emitters compile into slower kernels.
-- With the 'native' kernels (the CPU default) those fusions are gone, and the default emitters
-  are ~10% faster than the loop emitters.
-
-Inference keeps XLA's defaults: the default emitters were 10-25% faster there.
+On CPU (jaxlib 0.10), XLA's loop emitters run the GhostNet *training* step ~1.5x faster than the
+newer MLIR fusion emitters that are the default. That held for the shifted-slice depthwise form
+(``nn/depthwise.py``), whose backward is hundreds of strided-slice fusions, and still holds with
+the native depthwise kernels: 39.4 against 29.7 img/s at batch 32 (two harness runs, timm
+channels_last at 31.4 and 34.1 img/s in them). LLVM at -O1 instead of -O2 compiles that step 20-30% faster and runs
+it as fast. For *inference* the default emitters were 10-15% faster, so inference keeps XLA's
+defaults. Measured side by side with ``python -m ghostnetv2_jax bench --xla-options
+project,default`` (docs/benchmarks.md).
 
 The options are passed per function (``jax.jit(..., compiler_options=...)``), not through the
 process-wide ``XLA_FLAGS``, so importing this package changes nothing for other JAX code. JAX
@@ -22,30 +20,19 @@ from typing import Any, Callable, Dict, Optional
 import jax
 
 TRAIN_CPU_OPTIONS: Dict[str, Any] = {
-    'xla_backend_optimization_level': 1,   # LLVM -O1: less compile time, same step time
-}
-SHIFT_TRAIN_CPU_OPTIONS: Dict[str, Any] = {
-    **TRAIN_CPU_OPTIONS,
-    'xla_cpu_use_fusion_emitters': False,  # loop emitters: the shift form's backward ~1.5x faster
+    'xla_cpu_use_fusion_emitters': False,
+    'xla_backend_optimization_level': 1,   # LLVM -O1: ~20-30% less compile time, same step time
 }
 
 
-def compiler_options(train: bool, backend: Optional[str] = None,
-                     depthwise: str = 'auto') -> Optional[Dict[str, Any]]:
+def compiler_options(train: bool, backend: Optional[str] = None) -> Optional[Dict[str, Any]]:
     """Options for a training (``train=True``) or inference step on ``backend`` (default: JAX's
-    default backend) of a model with depthwise implementation ``depthwise``, or None for XLA's
-    defaults."""
-    from ghostnetv2_jax.nn.depthwise import resolve_impl
+    default backend), or None for XLA's defaults."""
     backend = backend or jax.default_backend()
-    if not train or backend != 'cpu':
-        return None
-    shift = (depthwise == 'shift' or (depthwise == 'auto' and backend == jax.default_backend()
-                                      and resolve_impl('auto') == 'shift'))
-    return dict(SHIFT_TRAIN_CPU_OPTIONS if shift else TRAIN_CPU_OPTIONS)
+    return dict(TRAIN_CPU_OPTIONS) if train and backend == 'cpu' else None
 
 
-def jit(fun: Callable, *, train: bool, depthwise: str = 'auto', **kwargs) -> Callable:
+def jit(fun: Callable, *, train: bool, **kwargs) -> Callable:
     """``jax.jit(fun, **kwargs)`` compiled with this project's options for a training or
-    inference step on the default backend, for a model with depthwise implementation
-    ``depthwise``."""
-    return jax.jit(fun, compiler_options=compiler_options(train, depthwise=depthwise), **kwargs)
+    inference step on the default backend."""
+    return jax.jit(fun, compiler_options=compiler_options(train), **kwargs)

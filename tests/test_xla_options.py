@@ -6,24 +6,19 @@ import numpy as np
 from ghostnetv2_jax import create_model, xla_options
 
 
-def test_options_are_per_backend_kind_of_step_and_depthwise_impl():
-    opts = xla_options.compiler_options
-    assert opts(train=True, backend='cpu', depthwise='native') == xla_options.TRAIN_CPU_OPTIONS
-    assert opts(train=True, backend='cpu', depthwise='native') is not xla_options.TRAIN_CPU_OPTIONS
-    assert opts(train=True, backend='cpu', depthwise='shift') == xla_options.SHIFT_TRAIN_CPU_OPTIONS
-    assert xla_options.SHIFT_TRAIN_CPU_OPTIONS['xla_cpu_use_fusion_emitters'] is False
-    assert opts(train=True, backend='cpu') == xla_options.TRAIN_CPU_OPTIONS   # 'auto' is native here
-    assert opts(train=False, backend='cpu') is None    # inference: XLA's defaults
+def test_options_are_per_backend_and_kind_of_step():
+    assert xla_options.compiler_options(train=True, backend='cpu') == xla_options.TRAIN_CPU_OPTIONS
+    assert xla_options.compiler_options(train=True, backend='cpu') is not xla_options.TRAIN_CPU_OPTIONS
+    assert xla_options.compiler_options(train=False, backend='cpu') is None    # inference: XLA's defaults
     for backend in ('gpu', 'tpu'):
-        assert opts(train=True, backend=backend) is None
+        assert xla_options.compiler_options(train=True, backend=backend) is None
 
 
 def test_this_jaxlib_accepts_every_cpu_option():
     # XLA rejects unknown option names ("No such compile option"): a jaxlib upgrade that drops one
     # must fail here, not in the first training step.
-    for options in (xla_options.TRAIN_CPU_OPTIONS, xla_options.SHIFT_TRAIN_CPU_OPTIONS):
-        compiled = jax.jit(lambda x: x * 2, compiler_options=options).lower(jnp.ones(3)).compile()
-        np.testing.assert_array_equal(compiled(jnp.ones(3)), 2 * np.ones(3))
+    compiled = jax.jit(lambda x: x * 2, compiler_options=xla_options.TRAIN_CPU_OPTIONS).lower(jnp.ones(3)).compile()
+    np.testing.assert_array_equal(compiled(jnp.ones(3)), 2 * np.ones(3))
 
 
 def test_train_jit_computes_what_plain_jit_computes():

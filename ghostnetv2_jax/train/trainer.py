@@ -288,7 +288,6 @@ def _train_and_evaluate(config, workdir: epath.Path, guard: ckpt_lib.PreemptionG
         state = _initial_state(config, model, tx, image_size, state_sharding)
 
     train_step = xla_options.jit(make_train_step(model, tx, schedule, config), train=True,
-                                 depthwise=model.depthwise_impl,
                                  out_shardings=(state_sharding, replicated), donate_argnums=0)
     eval_step = xla_options.jit(make_eval_step(model), train=False, out_shardings=replicated)
     writer = metrics_lib.MetricWriter(workdir)
