@@ -12,7 +12,8 @@ When there is no compiler, or the build fails, ``load()`` returns False with the
 Environment:
   GHOSTNETV2_NATIVE=0          never build or use the native kernels
   GHOSTNETV2_CACHE_DIR=DIR     where built libraries go (default: $XDG_CACHE_HOME or ~/.cache,
-                               then ghostnetv2_jax/native)
+                               then ghostnetv2_jax/native; a per-user directory under the system
+                               temporary directory when that is not writable)
   CXX                          the compiler (default: c++)
 """
 from __future__ import annotations
@@ -65,7 +66,15 @@ def _cache_dir() -> Path:
     if os.environ.get('GHOSTNETV2_CACHE_DIR'):
         return Path(os.environ['GHOSTNETV2_CACHE_DIR'])
     base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
-    return Path(base) / 'ghostnetv2_jax' / 'native'
+    path = Path(base) / 'ghostnetv2_jax' / 'native'
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    # a read-only or missing home (some CI and batch systems): a per-user temporary directory
+    return Path(tempfile.gettempdir()) / f'ghostnetv2_jax-{os.getuid()}' / 'native'
 
 
 def _compiler() -> Optional[str]:
