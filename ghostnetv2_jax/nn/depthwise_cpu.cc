@@ -104,11 +104,24 @@ int64_t Grain(int64_t row_floats) {
   return std::max<int64_t>(1, (16 * 1024) / std::max<int64_t>(1, row_floats));
 }
 
-// out[n, oh, :, :] for one output row.
-void ForwardRow(const Geometry& g, const float* x, const float* k, float* out, int64_t row) {
+// The generic row functions handle channels [c0, C): all of them for kernel sizes without a
+// blocked version below, the last C % 8 for those with one.
+
+// Zeroes channels [c0, C) of `pixels` consecutive pixels.
+inline void ZeroChannels(float* row, int64_t pixels, int64_t c, int64_t c0) {
+  if (c0 == 0) {
+    std::memset(row, 0, sizeof(float) * pixels * c);
+    return;
+  }
+  for (int64_t p = 0; p < pixels; ++p) std::memset(row + p * c + c0, 0, sizeof(float) * (c - c0));
+}
+
+// out[n, oh, :, c0:] for one output row.
+void ForwardRow(const Geometry& g, const float* x, const float* k, float* out, int64_t row,
+                int64_t c0 = 0) {
   const int64_t n = row / g.ho, oh = row % g.ho, c = g.c;
   float* o = out + row * g.wo * c;
-  std::memset(o, 0, sizeof(float) * g.wo * c);
+  ZeroChannels(o, g.wo, c, c0);
   for (int64_t i = 0; i < g.kh; ++i) {
     const int64_t ih = oh * g.sh + i - g.pt;
     if (ih < 0 || ih >= g.h) continue;
@@ -117,16 +130,18 @@ void ForwardRow(const Geometry& g, const float* x, const float* k, float* out, i
       const float* kk = k + (i * g.kw + j) * c;
       int64_t lo, hi;
       ValidRange(j, g.sw, g.pl, g.w, g.wo, &lo, &hi);
-      for (int64_t ow = lo; ow < hi; ++ow) Fma(o + ow * c, xr + (ow * g.sw + j - g.pl) * c, kk, c);
+      for (int64_t ow = lo; ow < hi; ++ow)
+        Fma(o + ow * c + c0, xr + (ow * g.sw + j - g.pl) * c + c0, kk + c0, c - c0);
     }
   }
 }
 
-// dx[n, ih, :, :] for one input row: gathers from the output rows it fed, so rows never collide.
-void GradInputRow(const Geometry& g, const float* dy, const float* k, float* dx, int64_t row) {
+// dx[n, ih, :, c0:] for one input row: gathers from the output rows it fed, so rows never collide.
+void GradInputRow(const Geometry& g, const float* dy, const float* k, float* dx, int64_t row,
+                  int64_t c0 = 0) {
   const int64_t n = row / g.h, ih = row % g.h, c = g.c;
   float* d = dx + row * g.w * c;
-  std::memset(d, 0, sizeof(float) * g.w * c);
+  ZeroChannels(d, g.w, c, c0);
   for (int64_t i = 0; i < g.kh; ++i) {
     const int64_t t = ih + g.pt - i;  // = oh * sh
     if (t < 0 || t % g.sh != 0 || t / g.sh >= g.ho) continue;
@@ -135,13 +150,15 @@ void GradInputRow(const Geometry& g, const float* dy, const float* k, float* dx,
       const float* kk = k + (i * g.kw + j) * c;
       int64_t lo, hi;
       ValidRange(j, g.sw, g.pl, g.w, g.wo, &lo, &hi);
-      for (int64_t ow = lo; ow < hi; ++ow) Fma(d + (ow * g.sw + j - g.pl) * c, gr + ow * c, kk, c);
+      for (int64_t ow = lo; ow < hi; ++ow)
+        Fma(d + (ow * g.sw + j - g.pl) * c + c0, gr + ow * c + c0, kk + c0, c - c0);
     }
   }
 }
 
-// acc[i, j, :] += sum over one output row of tap_ij(x) * dy.
-void GradKernelRow(const Geometry& g, const float* x, const float* dy, float* acc, int64_t row) {
+// acc[i, j, c0:] += sum over one output row of tap_ij(x) * dy.
+void GradKernelRow(const Geometry& g, const float* x, const float* dy, float* acc, int64_t row,
+                   int64_t c0 = 0) {
   const int64_t n = row / g.ho, oh = row % g.ho, c = g.c;
   const float* gr = dy + row * g.wo * c;
   for (int64_t i = 0; i < g.kh; ++i) {
@@ -152,7 +169,8 @@ void GradKernelRow(const Geometry& g, const float* x, const float* dy, float* ac
       float* a = acc + (i * g.kw + j) * c;
       int64_t lo, hi;
       ValidRange(j, g.sw, g.pl, g.w, g.wo, &lo, &hi);
-      for (int64_t ow = lo; ow < hi; ++ow) Fma(a, xr + (ow * g.sw + j - g.pl) * c, gr + ow * c, c);
+      for (int64_t ow = lo; ow < hi; ++ow)
+        Fma(a + c0, xr + (ow * g.sw + j - g.pl) * c + c0, gr + ow * c + c0, c - c0);
     }
   }
 }
@@ -221,18 +239,7 @@ void ForwardRowBlocked(const Geometry& g, const float* x, const float* k, float*
     for (int64_t ow = lo; ow < hi; ++ow) pixel(ow, false);
     for (int64_t ow = hi; ow < g.wo; ++ow) pixel(ow, true);
   }
-  for (; c0 < c; ++c0)
-    for (int64_t ow = 0; ow < g.wo; ++ow) {
-      float acc = 0.0f;
-      for (int i = 0; i < KH; ++i) {
-        if (!xr[i]) continue;
-        for (int j = 0; j < KW; ++j) {
-          const int64_t iw = ow * g.sw + j - g.pl;
-          if (iw >= 0 && iw < g.w) acc += xr[i][iw * c + c0] * k[(i * KW + j) * c + c0];
-        }
-      }
-      o[ow * c + c0] = acc;
-    }
+  if (c0 < c) ForwardRow(g, x, k, out, row, c0);
 }
 
 // Gather form: dx[ih, iw] sums dy[oh, ow] * k[i, j] over the taps with ih = oh * sh + i - pt and
@@ -264,18 +271,7 @@ void GradInputRowBlocked(const Geometry& g, const float* dy, const float* k, flo
       Store(d + iw * c + c0, RowSum<KH>(acc));
     }
   }
-  for (; c0 < c; ++c0)
-    for (int64_t iw = 0; iw < g.w; ++iw) {
-      float acc = 0.0f;
-      for (int i = 0; i < KH; ++i) {
-        if (!gr[i]) continue;
-        for (int j = 0; j < KW; ++j) {
-          const int64_t t = iw + g.pl - j;
-          if (t >= 0 && t % SW == 0 && t / SW < g.wo) acc += gr[i][(t / SW) * c + c0] * k[(i * KW + j) * c + c0];
-        }
-      }
-      d[iw * c + c0] = acc;
-    }
+  if (c0 < c) GradInputRow(g, dy, k, dx, row, c0);
 }
 
 template <int KH, int KW>
@@ -308,18 +304,7 @@ void GradKernelRowBlocked(const Geometry& g, const float* x, const float* dy, fl
     for (int i = 0; i < KH; ++i)
       for (int j = 0; j < KW; ++j) Store(acc + (i * KW + j) * c + c0, a[i][j]);
   }
-  for (; c0 < c; ++c0)
-    for (int i = 0; i < KH; ++i) {
-      if (!xr[i]) continue;
-      for (int j = 0; j < KW; ++j) {
-        float s = acc[(i * KW + j) * c + c0];
-        for (int64_t ow = 0; ow < g.wo; ++ow) {
-          const int64_t iw = ow * g.sw + j - g.pl;
-          if (iw >= 0 && iw < g.w) s += xr[i][iw * c + c0] * gr[ow * c + c0];
-        }
-        acc[(i * KW + j) * c + c0] = s;
-      }
-    }
+  if (c0 < c) GradKernelRow(g, x, dy, acc, row, c0);
 }
 
 using RowFn = void (*)(const Geometry&, const float*, const float*, float*, int64_t);
@@ -330,7 +315,7 @@ RowFn PickForward(const Geometry& g) {
 #define X(h, w) if (g.kh == h && g.kw == w) return ForwardRowBlocked<h, w>;
   GNV2_SIZES(X)
 #undef X
-  return ForwardRow;
+  return [](const Geometry& g, const float* x, const float* k, float* o, int64_t r) { ForwardRow(g, x, k, o, r); };
 }
 RowFn PickGradInput(const Geometry& g) {
 #define X(h, w)                                                            \
@@ -338,20 +323,13 @@ RowFn PickGradInput(const Geometry& g) {
   if (g.kh == h && g.kw == w && g.sw == 2) return GradInputRowBlocked<h, w, 2>;
   GNV2_SIZES(X)
 #undef X
-  return GradInputRow;
+  return [](const Geometry& g, const float* dy, const float* k, float* d, int64_t r) { GradInputRow(g, dy, k, d, r); };
 }
 RowFn PickGradKernel(const Geometry& g) {
 #define X(h, w) if (g.kh == h && g.kw == w) return GradKernelRowBlocked<h, w>;
   GNV2_SIZES(X)
 #undef X
-  return GradKernelRow;
-}
-
-template <typename T>
-ffi::Error CheckRank(const T& buf, size_t rank, const char* what) {
-  if (buf.dimensions().size() != rank)
-    return ffi::Error::InvalidArgument(std::string(what) + " has the wrong rank");
-  return ffi::Error::Success();
+  return [](const Geometry& g, const float* x, const float* dy, float* a, int64_t r) { GradKernelRow(g, x, dy, a, r); };
 }
 
 // x: (N, H, W, C); kernel: (kh, kw, 1, C); y: (N, Ho, Wo, C).
@@ -527,6 +505,10 @@ void GhostRows(const Geometry& g, const GhostArgs& a, int64_t n, int64_t r0, int
 
 using GhostFn = void (*)(const Geometry&, const GhostArgs&, int64_t, int64_t, int64_t, std::vector<float>&);
 
+inline bool PerChannel(const ffi::Buffer<ffi::F32>& b, int64_t c) {
+  return b.element_count() == static_cast<size_t>(c);
+}
+
 ffi::Error GhostImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> s1,
                      ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::F32> kernel,
                      ffi::Buffer<ffi::F32> s2, ffi::Buffer<ffi::F32> b2,
@@ -534,8 +516,7 @@ ffi::Error GhostImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<
   const auto pd = p.dimensions(), kd = kernel.dimensions(), od = out->dimensions();
   if (pd.size() != 4 || kd.size() != 4 || od.size() != 4 || kd[2] != 1 || kd[3] != pd[3] ||
       od[0] != pd[0] || od[1] != pd[1] || od[2] != pd[2] || od[3] < pd[3] || od[3] > 2 * pd[3] ||
-      s1.element_count() != pd[3] || b1.element_count() != pd[3] || s2.element_count() != pd[3] ||
-      b2.element_count() != pd[3])
+      !PerChannel(s1, pd[3]) || !PerChannel(b1, pd[3]) || !PerChannel(s2, pd[3]) || !PerChannel(b2, pd[3]))
     return ffi::Error::InvalidArgument("ghost cheap op: inconsistent shapes");
   Geometry g{pd[0], pd[1], pd[2], pd[3], kd[0], kd[1], 1, 1, pt, pl, pd[1], pd[2]};
   if (g.h + 2 * pt - g.kh + 1 != g.h || g.w + 2 * pl - g.kw + 1 != g.w)

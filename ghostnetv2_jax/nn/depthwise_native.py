@@ -151,6 +151,9 @@ class _Target(NamedTuple):
     batched: Tuple[bool, ...]   # which operands carry the batch dimension first
     attrs: Tuple[str, ...]      # geometry attributes, in the order of ``static``
 
+# A call is (target, static, out_tail): ``static`` the attribute values, ``out_tail`` the
+# result's shape after its batch dimension, which is the first operand's (global or per device).
+
 
 _TARGETS = {
     'gnv2_depthwise_forward': _Target('n h w c, i j k c -> n p q c', (True, False),
@@ -164,17 +167,18 @@ _TARGETS = {
 }
 
 
-def _ffi(target, static, out_shape_fn, *operands):
-    out = jax.ShapeDtypeStruct(out_shape_fn(*(o.shape for o in operands)), jnp.float32)
+def _ffi(target, static, out_tail, *operands):
+    out = jax.ShapeDtypeStruct((operands[0].shape[0], *out_tail), jnp.float32)
     attrs = {name: np.int64(v) for name, v in zip(_TARGETS[target].attrs, static)}
     return jax.ffi.ffi_call(target, out, vmap_method='sequential')(*operands, **attrs)
 
 
-def _partitioned(target, static, out_shape_fn):
+def _partitioned(target, static, out_tail):
     """The custom call under ``custom_partitioning``: per-device shapes, batch sharding only."""
     from jax.experimental.custom_partitioning import custom_partitioning
     from jax.sharding import NamedSharding, PartitionSpec
     spec = _TARGETS[target]
+    run = functools.partial(_ffi, target, static, out_tail)
 
     def batch_only(mesh, like, rank):   # ``like``'s sharding of dim 0, everything else whole
         dims = getattr(like, 'spec', None)
@@ -187,10 +191,9 @@ def _partitioned(target, static, out_shape_fn):
         like = arg_shapes[0].sharding
         args = tuple(batch_only(mesh, like, len(a.shape)) if batched else NamedSharding(mesh, PartitionSpec())
                      for a, batched in zip(arg_shapes, spec.batched))
-        lower = lambda *ops: _ffi(target, static, out_shape_fn, *ops)
-        return mesh, lower, batch_only(mesh, like, len(result_shape.shape)), args
+        return mesh, run, batch_only(mesh, like, len(result_shape.shape)), args
 
-    call = custom_partitioning(lambda *ops: _ffi(target, static, out_shape_fn, *ops))
+    call = custom_partitioning(run)
     # Every factor but n stays whole (c too where it mixes with d), listed in order of first
     # appearance: Shardy requires its special factors sorted.
     factors = spec.rule.replace(',', ' ').replace('->', ' ').split()
@@ -201,11 +204,11 @@ def _partitioned(target, static, out_shape_fn):
 
 
 @functools.lru_cache(maxsize=None)
-def _op(target, static, out_shape_fn):
+def _op(target, static, out_tail):
     """``target`` for one geometry, partitionable and vmappable. Under vmap the mapped axis is
     folded into the batch axis when only batch-carrying operands are mapped (the custom calls are
     per example); otherwise (e.g. a mapped kernel) it runs once per element."""
-    partitioned = _partitioned(target, static, out_shape_fn)
+    partitioned = _partitioned(target, static, out_tail)
     batched = _TARGETS[target].batched
 
     @jax.custom_batching.custom_vmap
@@ -225,10 +228,10 @@ def _op(target, static, out_shape_fn):
     return op
 
 
-def _call(target, static, out_shape_fn, *operands):
+def _call(target, static, out_tail, *operands):
     if not load():
         raise RuntimeError(f"depthwise impl 'native' is unavailable: {load_error()}")
-    return _op(target, static, out_shape_fn)(*(o.astype(jnp.float32) for o in operands))
+    return _op(target, static, tuple(out_tail))(*(o.astype(jnp.float32) for o in operands))
 
 
 def _conv_static(strides, padding):
@@ -236,23 +239,11 @@ def _conv_static(strides, padding):
     return sh, sw, pt, pl
 
 
-@functools.lru_cache(maxsize=None)
-def _conv_shapes(strides, padding, in_hw, kernel_hw):
-    """Result-shape functions (of the operand shapes) for the three depthwise targets."""
-    (sh, sw), (ph, pw) = strides, padding
-    forward = lambda x, k: (x[0], (x[1] + sum(ph) - k[0]) // sh + 1, (x[2] + sum(pw) - k[1]) // sw + 1, x[3])
-    grad_input = lambda g, k: (g[0], *in_hw, g[3])
-    grad_kernel = lambda x, g: (x[0], *kernel_hw, 1, x[3])
-    return forward, grad_input, grad_kernel
-
-
-def _shapes(x, kernel, strides, padding):
-    return _conv_shapes(strides, padding, tuple(x.shape[1:3]), tuple(kernel.shape[:2]))
-
-
 def _forward(x, kernel, strides, padding):
-    forward = _shapes(x, kernel, strides, padding)[0]
-    return _call('gnv2_depthwise_forward', _conv_static(strides, padding), forward, x, kernel).astype(x.dtype)
+    (kh, kw), (sh, sw), (ph, pw) = kernel.shape[:2], strides, padding
+    _, h, w, c = x.shape
+    out_tail = ((h + sum(ph) - kh) // sh + 1, (w + sum(pw) - kw) // sw + 1, c)
+    return _call('gnv2_depthwise_forward', _conv_static(strides, padding), out_tail, x, kernel).astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -266,10 +257,9 @@ def _depthwise_fwd(x, kernel, strides, padding):
 
 def _depthwise_bwd(strides, padding, residuals, g):
     x, kernel = residuals
-    _, grad_input, grad_kernel = _shapes(x, kernel, strides, padding)
     static = _conv_static(strides, padding)
-    dx = _call('gnv2_depthwise_grad_input', static, grad_input, g, kernel)
-    dk = jnp.sum(_call('gnv2_depthwise_grad_kernel', static, grad_kernel, x, g), axis=0)
+    dx = _call('gnv2_depthwise_grad_input', static, x.shape[1:], g, kernel)
+    dk = jnp.sum(_call('gnv2_depthwise_grad_kernel', static, kernel.shape, x, g), axis=0)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
@@ -309,13 +299,7 @@ def ghost_cheap_reference(p, s1, b1, kernel, s2, b2, features: int, relu: bool):
 def _ghost(p, s1, b1, kernel, s2, b2, features, relu):
     kh, kw = kernel.shape[:2]
     static = (kh // 2, kw // 2, int(relu))
-    shape = _ghost_shape(features)
-    return _call('gnv2_ghost_cheap', static, shape, p, s1, b1, kernel, s2, b2).astype(p.dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _ghost_shape(features):
-    return lambda p, *_: (*p[:3], features)
+    return _call('gnv2_ghost_cheap', static, (*p.shape[1:3], features), p, s1, b1, kernel, s2, b2).astype(p.dtype)
 
 
 def _ghost_fwd(p, s1, b1, kernel, s2, b2, features, relu):
