@@ -71,10 +71,12 @@ class Contender:
     variant: str              # depthwise impl (jax), 'deploy' (jax, folded BN), or memory layout (torch)
     dtype: str
     xla_options: str = 'project'  # jax: this project's compiler options ('project') or XLA's ('default')
+    chunk: str = 'auto'           # jax inference: batch chunking (ghostnetv2_jax.inference), 'auto' or N
 
     @property
     def label(self) -> str:
         suffix = '' if self.xla_options == 'project' else f'+xla-{self.xla_options}'
+        suffix += '' if self.chunk == 'auto' else f'+chunk{self.chunk}'
         return f'{self.framework}:{self.variant}{suffix}:{self.dtype}'
 
 
@@ -95,6 +97,12 @@ def _csv(kind, choices: Optional[Sequence[str]] = None):
                 f'expected a comma-separated list of {", ".join(choices) if choices else kind.__name__}, got {text!r}')
         return items
     return parse
+
+
+def _chunk(text: str) -> str:
+    if text != 'auto' and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a non-negative integer, got {text!r}")
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--xla-options', type=_csv(str, XLA_OPTIONS), default=['project'],
                    help="JAX contenders compiled with this project's compiler options "
                         "(ghostnetv2_jax.xla_options) and/or with XLA's defaults")
+    p.add_argument('--chunks', type=_csv(_chunk), default=['auto'],
+                   help="JAX inference over chunks of the batch (ghostnetv2_jax.inference): 'auto' "
+                        "(8 images on CPU, the whole batch elsewhere), 0 (the whole batch) or N images")
     p.add_argument('--xla-flags', default='', help='appended to XLA_FLAGS in the JAX workers')
     p.add_argument('--out', default='bench_out', help='directory for bench.json and bench.md')
     return p
@@ -136,10 +147,12 @@ def plan(args) -> List[Group]:
             for mode in args.modes:
                 cs = []
                 for dtype in args.dtypes:
+                    chunks = args.chunks if mode == 'infer' else ['auto']
                     for opts in args.xla_options:
-                        cs += [Contender('jax', impl, dtype, opts) for impl in args.impls]
-                        if args.deploy and mode == 'infer':
-                            cs.append(Contender('jax', 'deploy', dtype, opts))
+                        for chunk in chunks:
+                            cs += [Contender('jax', impl, dtype, opts, chunk) for impl in args.impls]
+                            if args.deploy and mode == 'infer':
+                                cs.append(Contender('jax', 'deploy', dtype, opts, chunk))
                     if args.torch:
                         cs += [Contender('torch', layout, dtype) for layout in args.layouts]
                 groups.append(Group(model, batch, mode, tuple(cs)))
@@ -216,9 +229,10 @@ class _JaxRunner:
         import jax
         import jax.numpy as jnp
         import numpy as np
-        from ghostnetv2_jax import xla_options
+        from ghostnetv2_jax import inference, xla_options
         from ghostnetv2_jax.models.registry import create_model
         self.jax = jax
+        self.chunk = None
         dtype = jnp.bfloat16 if spec['dtype'] == 'bfloat16' else jnp.float32
         impl = 'auto' if spec['variant'] == 'deploy' else spec['variant']
         if impl == 'native' and jax.default_backend() != 'cpu':
@@ -235,7 +249,10 @@ class _JaxRunner:
                    if spec['xla_options'] == 'project' else None)
         t0 = time.perf_counter()
         if spec['mode'] == 'infer':
-            fn = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=options)
+            chunk = spec.get('chunk', 'auto')
+            predict = inference.predict_fn(model, chunk if chunk == 'auto' else int(chunk))
+            fn = jax.jit(predict, compiler_options=options)
+            self.chunk = inference.resolve_chunk(chunk if chunk == 'auto' else int(chunk))
             self.state, self.extra = (variables,), (images,)
         else:
             fn, state = make_jax_train_step(model, variables, compiler_options=options)
@@ -265,7 +282,7 @@ class _JaxRunner:
 
     def describe(self) -> Dict[str, Any]:
         return {'backend': self.jax.default_backend(), 'device': self.device.device_kind,
-                'jax': self.jax.__version__}
+                'jax': self.jax.__version__, 'chunk': self.chunk}
 
 
 def random_variables(model, images, seed: int = 0):
@@ -464,6 +481,7 @@ def run_group(group: Group, args, log) -> List[Dict[str, Any]]:
     try:
         for c in group.contenders:
             spec = dict(framework=c.framework, variant=c.variant, dtype=c.dtype, xla_options=c.xla_options,
+                        chunk=c.chunk,
                         model=group.model, batch=group.batch, mode=group.mode, size=args.size,
                         threads=args.threads, warmup=args.warmup, malloc=args.malloc)
             w = Worker(c.framework, args.xla_flags, args.malloc)

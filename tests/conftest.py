@@ -6,6 +6,11 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 import numpy as np
 import pytest
 
+try:  # timm (torch, torchvision, triton) first: triton's extension segfaults on import once
+    import timm  # noqa: F401   # the trainer's libraries (TF, orbax) are loaded
+except ImportError:  # runtime-only installs have no torch
+    pass
+
 
 @pytest.fixture(scope='session', autouse=True)
 def _torch_threads():

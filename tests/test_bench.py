@@ -62,6 +62,15 @@ def test_plan_adds_xla_default_contenders_on_request():
     assert [c.label for c in group.contenders] == ['jax:shift:float32', 'jax:shift+xla-default:float32']
 
 
+def test_plan_times_inference_chunkings_on_request_and_train_once():
+    args = bench.build_parser().parse_args(
+        ['--batches', '8', '--dtypes', 'float32', '--impls', 'native', '--chunks', 'auto,0', '--no-torch'])
+    infer, train = bench.plan(args)
+    assert [c.label for c in infer.contenders] == [
+        'jax:native:float32', 'jax:deploy:float32', 'jax:native+chunk0:float32', 'jax:deploy+chunk0:float32']
+    assert [c.label for c in train.contenders] == ['jax:native:float32']   # a train step is never chunked
+
+
 def test_ratios_use_the_best_timm_layout_of_the_same_dtype():
     res = [dict(framework='torch', label='torch:nchw:float32', img_per_s=50.0),
            dict(framework='torch', label='torch:channels_last:float32', img_per_s=80.0),
@@ -100,6 +109,7 @@ def test_jax_train_step_updates_params_and_batch_stats_with_donation():
     (['--rounds', '0'], '--rounds must be >= 1'),
     (['--settle', '-1'], '--settle must be >= 0'),
     (['--xla-options', 'fast'], 'expected a comma-separated list'),
+    (['--chunks', 'half'], "expected 'auto' or a non-negative integer"),
 ])
 def test_bad_flags_exit_nonzero_with_one_line(argv, message, capsys, tmp_path):
     try:

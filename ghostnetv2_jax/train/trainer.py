@@ -23,7 +23,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ghostnetv2_jax import xla_options
+from ghostnetv2_jax import inference, xla_options
 from ghostnetv2_jax.data.pipeline import create_split, num_classes_of
 from ghostnetv2_jax.models.registry import create_model
 from ghostnetv2_jax.train import checkpoint as ckpt_lib
@@ -138,10 +138,13 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable,
     return train_step
 
 
-def make_eval_step(model) -> Callable:
-    """(variables, batch) -> sums over the real (mask 1) examples of the global batch."""
+def make_eval_step(model, chunk: inference.Chunk = None) -> Callable:
+    """(variables, batch) -> sums over the real (mask 1) examples of the global batch. ``chunk``:
+    run the network over chunks of the batch (``ghostnetv2_jax.inference``; for one device)."""
+    predict = inference.predict_fn(model, chunk)
+
     def eval_step(variables, batch):
-        logits = model.apply(variables, batch['images'], train=False)
+        logits = predict(variables, batch['images'])
         labels, mask = batch['labels'], batch['mask']
         k = min(5, logits.shape[-1])
         top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
@@ -289,7 +292,8 @@ def _train_and_evaluate(config, workdir: epath.Path, guard: ckpt_lib.PreemptionG
 
     train_step = xla_options.jit(make_train_step(model, tx, schedule, config), train=True,
                                  out_shardings=(state_sharding, replicated), donate_argnums=0)
-    eval_step = xla_options.jit(make_eval_step(model), train=False, out_shardings=replicated)
+    eval_step = xla_options.jit(make_eval_step(model, inference.chunk_for(mesh)), train=False,
+                                out_shardings=replicated)
     writer = metrics_lib.MetricWriter(workdir)
     progress = metrics_lib.Progress(total_steps, config.batch_size, start_step)
     pending = _StepMetrics()
