@@ -90,18 +90,21 @@ def test_deploy_model_is_inference_only_and_bad_input_is_refused():
         deploy.fold_batchnorm(model, {'params': variables['params']})
 
 
-@pytest.mark.parametrize('folded', [False, True])
-def test_fused_ghost_op_gives_the_unfused_logits(monkeypatch, folded):
+@pytest.mark.parametrize('folded,hw,gated', [(False, (64, 72), 1), (True, (64, 72), 1), (True, (60, 68), 0)])
+def test_fused_ghost_op_gives_the_unfused_logits(monkeypatch, folded, hw, gated):
     """Inference on CPU fuses each ghost module's BN, activation, cheap conv and concatenation
-    (nn.depthwise_native.ghost_cheap): same logits as the separate ops, eval and BN-folded."""
+    (nn.depthwise_native.ghost_cheap), and DFC's gate where the map's size is a whole multiple of
+    the pooled one (at 60x68 the DFC block's 15x17 map is not): same logits as the separate ops,
+    eval and BN-folded."""
     from ghostnetv2_jax.models import ghostnet
     model = create_model('ghostnetv2_100', cfgs=TINY, depthwise_impl='native')
-    images = _images()
+    images = _images((2, *hw, 3))
     variables = _randomised(model, images)
     if folded:
         model, variables = deploy.fold_batchnorm(model, variables)
     hlo = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, images).as_text()
     assert hlo.count('gnv2_ghost_cheap') >= 6          # every ghost module of TINY fused
+    assert hlo.count('gnv2_ghost_cheap_gated') == gated   # the one DFC block's ghost1
     fused = _logits(model, variables, images)
     monkeypatch.setattr(ghostnet.GhostModule, '_fused_cheap_op', lambda self, train: False)
     unfused = _logits(model, variables, images)

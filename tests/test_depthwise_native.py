@@ -15,6 +15,7 @@ import pytest
 from conftest import rel_err
 from ghostnetv2_jax.nn import depthwise_native
 from ghostnetv2_jax.nn.depthwise import depthwise_conv
+from ghostnetv2_jax.nn.layers import resize
 
 PAD = ((1, 1), (1, 1))
 
@@ -184,3 +185,41 @@ def test_ghost_cheap_vmaps_and_rejects_what_it_does_not_fuse():
         depthwise_native.ghost_cheap(*ops, 25, True)
     with pytest.raises(ValueError, match='is not one of'):
         depthwise_native.ghost_cheap(ops[0], *ops[1:3], jnp.ones((7, 7, 1, 12)), *ops[4:], 24, True)
+
+
+GATED_CASES = [  # (p shape NHWC, kernel, features, gate's spatial size)
+    ((2, 8, 10, 20), (3, 3), 40, (4, 5)),    # DFC's 2x2 pooled gate, blocked + remainder channels
+    ((1, 6, 9, 12), (5, 5), 23, (3, 3)),     # unequal factors (2, 3), odd features
+    ((2, 5, 7, 8), (3, 3), 16, (5, 7)),      # factor 1 (DFC without down-sampling)
+]
+
+
+@pytest.mark.parametrize('shape,kernel,features,gate_hw', GATED_CASES)
+def test_gated_ghost_cheap_multiplies_by_the_nearest_upsampled_gate(shape, kernel, features, gate_hw):
+    ops = _ghost_operands(shape, kernel)
+    gate = jax.nn.sigmoid(jnp.asarray(np.random.default_rng(3).standard_normal((shape[0], *gate_hw, features)),
+                                      jnp.float32))
+    got = jax.jit(lambda *o: depthwise_native.ghost_cheap(*o[:-1], features, True, gate=o[-1]))(*ops, gate)
+    plain = depthwise_native.ghost_cheap(*ops, features, True)
+    # the DFC module's own up-sampling (PyTorch's nearest interpolation), not the helper under test
+    want = plain * resize(gate, shape[1:3], 'nearest')
+    assert rel_err(got, want) <= 1e-6
+    ref = depthwise_native.ghost_cheap_reference(*ops, features, True, gate)
+    assert rel_err(got, ref) <= 1e-6
+
+
+def test_gated_ghost_cheap_gradients_include_the_gate():
+    ops = _ghost_operands((2, 6, 8, 12), (3, 3))
+    gate = jax.nn.sigmoid(jnp.asarray(np.random.default_rng(4).standard_normal((2, 3, 4, 20)), jnp.float32))
+    loss = lambda f: lambda *o: jnp.sum(jnp.sin(f(*o[:-1], 20, True, o[-1])))
+    got = jax.grad(loss(depthwise_native.ghost_cheap), argnums=tuple(range(7)))(*ops, gate)
+    ref = jax.grad(loss(depthwise_native.ghost_cheap_reference), argnums=tuple(range(7)))(*ops, gate)
+    for g, r in zip(got, ref):
+        assert rel_err(g, r) <= 1e-5
+
+
+def test_gated_ghost_cheap_rejects_a_gate_of_the_wrong_shape():
+    ops = _ghost_operands((2, 6, 8, 12), (3, 3))
+    for bad in ((2, 4, 4, 20), (2, 3, 4, 24), (1, 3, 4, 20)):
+        with pytest.raises(ValueError, match='gate'):
+            depthwise_native.ghost_cheap(*ops, 20, True, gate=jnp.ones(bad))

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ghostnetv2_jax.nn.attention import make_attention
+from ghostnetv2_jax.nn.attention import DFCAttention, make_attention
 from ghostnetv2_jax.nn.depthwise import DepthwiseConv, resolve_impl
 from ghostnetv2_jax.nn.depthwise_native import GHOST_KERNEL_SIZES, ghost_cheap
 from ghostnetv2_jax.nn.layers import BatchNorm, conv2d, make_divisible
@@ -68,18 +68,23 @@ class GhostModule(nn.Module):
         cheap_conv = DepthwiseConv(self.dw_size, multiplier=self.ratio - 1, impl=self.depthwise_impl,
                                    dtype=self.dtype, name='cheap_conv')
         cheap_bn = BatchNorm(dtype=self.dtype, folded=self.fold_bn, name='cheap_bn')
+        options = (self.attention_kwargs or {}) if self.attention != 'none' else {}
+        attn = make_attention(self.attention, self.features, depthwise_impl=self.depthwise_impl,
+                              dtype=self.dtype, fold_bn=self.fold_bn, **options)
         if self._fused_cheap_op(train):
+            # DFC's gate is applied by the fused op as it writes its output (one pass fewer).
+            fuse_gate = isinstance(attn, DFCAttention) and attn.gate_fusible(x.shape[1:3])
+            gate = attn(x, None, train, gate_only=True) if fuse_gate else None
             out = ghost_cheap(x1, *primary_bn(x1, affine_only=True), cheap_conv(x1, kernel_only=True),
-                              *cheap_bn(x1, affine_only=True), self.features, self.use_act)
+                              *cheap_bn(x1, affine_only=True), self.features, self.use_act, gate=gate)
+            if fuse_gate:
+                return out
         else:
             x1 = act(primary_bn(x1, train))
             x2 = act(cheap_bn(cheap_conv(x1), train))
             out = jnp.concatenate([x1, x2], axis=-1)
             if out.shape[-1] != self.features:
                 out = out[..., :self.features]
-        options = (self.attention_kwargs or {}) if self.attention != 'none' else {}
-        attn = make_attention(self.attention, self.features, depthwise_impl=self.depthwise_impl,
-                              dtype=self.dtype, fold_bn=self.fold_bn, **options)
         return out if attn is None else attn(x, out, train)
 
 

@@ -13,7 +13,7 @@ no extra latency on the critical path); SE, CBAM and Coordinate Attention comput
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -55,8 +55,26 @@ class DFCAttention(nn.Module):
     dtype: Dtype = jnp.float32
     fold_bn: bool = False
 
+    def _pooled_size(self, size: Sequence[int]) -> Tuple[int, int]:
+        h, w = size
+        return (h, w) if self.downsample == 'none' else (h // 2, w // 2)
+
+    def gate_fusible(self, size: Sequence[int]) -> bool:
+        """Whether ``gate_only=True`` applies to a target of spatial ``size``: the gate is taken
+        before a nearest up-sampling by whole factors, which a consumer can apply while it writes
+        the target (nn.depthwise_native.ghost_cheap)."""
+        ph, pw = self._pooled_size(size)
+        return (self.gate_before_upsample and self.upsample == 'nearest' and ph > 0 and pw > 0
+                and size[0] % ph == 0 and size[1] % pw == 0)
+
     @nn.compact
-    def __call__(self, source: jax.Array, target: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, source: jax.Array, target: Optional[jax.Array], train: bool = False, *,
+                 gate_only: bool = False) -> jax.Array:
+        """``target`` times the gate computed from ``source``; with ``gate_only`` (and no target)
+        the gate itself at the pooled resolution, for a consumer that up-samples it by nearest
+        neighbour and multiplies while writing the target (see ``gate_fusible``)."""
+        if gate_only and not self.gate_fusible(source.shape[1:3]):
+            raise ValueError('DFC gate_only needs the gate before a nearest up-sampling by whole factors')
         kh, kw = self.kernel
         x = source
         if self.downsample == 'avg':
@@ -75,6 +93,8 @@ class DFCAttention(nn.Module):
         x = bn('bn_w')(x, train)
         x = DepthwiseConv((kh, 1), impl=self.depthwise_impl, dtype=self.dtype, name='fc_h')(x)
         x = bn('bn_h')(x, train)
+        if gate_only:
+            return _gate(self.gate)(x)
         gate, size = _gate(self.gate), target.shape[1:3]
         if self.gate_before_upsample:
             g = resize(gate(x), size, self.upsample)

@@ -430,11 +430,15 @@ ffi::Error GradKernelImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 //   out[..., C:C+keep]  = act(dwconv(x1) * s2 + b2)[..., :keep]        (stride 1)
 // which XLA would otherwise run as three passes over memory (x1, the conv, the concatenation).
 // Each chunk of rows rebuilds the x1 rows it reads (its own plus kh - 1 halo rows) in scratch.
+// The gated form also multiplies the result by an attention gate (N, H / fh, W / fw, C + keep)
+// up-sampled by nearest neighbour (GhostNetV2's DFC), a fourth pass otherwise.
 struct GhostArgs {
   const float *p, *s1, *b1, *k, *s2, *b2;
   float* out;
   int64_t cout;  // C + keep: the output's channel stride
   bool relu;
+  const float* gate = nullptr;  // gated form only
+  int64_t hg = 0, wg = 0, fh = 1, fw = 1;
 };
 
 inline float Act(float v, bool relu) { return relu ? std::max(v, 0.0f) : v; }
@@ -458,7 +462,18 @@ void GhostRows(const Geometry& g, const GhostArgs& a, int64_t n, int64_t r0, int
   for (int64_t oh = r0; oh < r1; ++oh) {
     float* o = a.out + (n * g.h + oh) * w * a.cout;
     const float* own = scratch.data() + (oh - first) * w * c;
-    for (int64_t iw = 0; iw < w; ++iw) std::memcpy(o + iw * a.cout, own + iw * c, sizeof(float) * c);
+    // the gate's row for this output row; pixel ow reads its column ow / fw
+    const float* gr = a.gate ? a.gate + (n * a.hg + oh / a.fh) * a.wg * a.cout : nullptr;
+    auto gate_at = [&](int64_t ow) { return gr + (ow / a.fw) * a.cout; };
+    if (gr) {
+      for (int64_t iw = 0; iw < w; ++iw) {
+        const float* gp = gate_at(iw);
+#pragma GCC ivdep
+        for (int64_t ch = 0; ch < c; ++ch) o[iw * a.cout + ch] = own[iw * c + ch] * gp[ch];
+      }
+    } else {
+      for (int64_t iw = 0; iw < w; ++iw) std::memcpy(o + iw * a.cout, own + iw * c, sizeof(float) * c);
+    }
     const float* xr[KH];
     for (int i = 0; i < KH; ++i) {
       const int64_t ih = oh + i - g.pt;
@@ -482,6 +497,7 @@ void GhostRows(const Geometry& g, const GhostArgs& a, int64_t n, int64_t r0, int
         }
         Vec v = RowSum<KH>(acc) * s2 + b2;
         if (a.relu) v = v > zero ? v : zero;
+        if (gr) v *= Load(gate_at(ow) + c + c0);
         Store(o + ow * a.cout + c + c0, v);
       };
       for (int64_t ow = 0; ow < lo; ++ow) pixel(ow, true);
@@ -498,7 +514,8 @@ void GhostRows(const Geometry& g, const GhostArgs& a, int64_t n, int64_t r0, int
             if (iw >= 0 && iw < w) acc += xr[i][iw * c + c0] * a.k[(i * KW + j) * c + c0];
           }
         }
-        o[ow * a.cout + c + c0] = Act(acc * a.s2[c0] + a.b2[c0], a.relu);
+        const float v = Act(acc * a.s2[c0] + a.b2[c0], a.relu);
+        o[ow * a.cout + c + c0] = gr ? v * gate_at(ow)[c + c0] : v;
       }
   }
 }
@@ -509,10 +526,10 @@ inline bool PerChannel(const ffi::Buffer<ffi::F32>& b, int64_t c) {
   return b.element_count() == static_cast<size_t>(c);
 }
 
-ffi::Error GhostImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> s1,
-                     ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::F32> kernel,
-                     ffi::Buffer<ffi::F32> s2, ffi::Buffer<ffi::F32> b2,
-                     ffi::ResultBuffer<ffi::F32> out, int64_t pt, int64_t pl, int64_t relu) {
+ffi::Error GhostRun(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> s1,
+                    ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::F32> kernel,
+                    ffi::Buffer<ffi::F32> s2, ffi::Buffer<ffi::F32> b2, const ffi::Buffer<ffi::F32>* gate,
+                    ffi::ResultBuffer<ffi::F32> out, int64_t pt, int64_t pl, int64_t relu) {
   const auto pd = p.dimensions(), kd = kernel.dimensions(), od = out->dimensions();
   if (pd.size() != 4 || kd.size() != 4 || od.size() != 4 || kd[2] != 1 || kd[3] != pd[3] ||
       od[0] != pd[0] || od[1] != pd[1] || od[2] != pd[2] || od[3] < pd[3] || od[3] > 2 * pd[3] ||
@@ -526,18 +543,43 @@ ffi::Error GhostImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<
   GNV2_SIZES(X)
 #undef X
   if (!fn) return ffi::Error::InvalidArgument("ghost cheap op: unsupported kernel size");
-  const GhostArgs a{p.typed_data(), s1.typed_data(), b1.typed_data(), kernel.typed_data(),
-                    s2.typed_data(), b2.typed_data(), out->typed_data(), od[3], relu != 0};
+  GhostArgs a{p.typed_data(), s1.typed_data(), b1.typed_data(), kernel.typed_data(),
+              s2.typed_data(), b2.typed_data(), out->typed_data(), od[3], relu != 0};
+  if (gate) {  // (N, H / fh, W / fw, C + keep) with integer factors fh, fw
+    const auto gd = gate->dimensions();
+    if (gd.size() != 4 || gd[0] != g.n || gd[3] != od[3] || gd[1] < 1 || gd[2] < 1 ||
+        g.h % gd[1] != 0 || g.w % gd[2] != 0)
+      return ffi::Error::InvalidArgument("ghost cheap op: the gate must be (N, H / fh, W / fw, C_out)");
+    a.gate = gate->typed_data();
+    a.hg = gd[1], a.wg = gd[2], a.fh = g.h / gd[1], a.fw = g.w / gd[2];
+  }
   const int64_t grain = Grain(g.w * od[3]), per_image = (g.h + grain - 1) / grain;
   const int64_t chunks = g.n * per_image;
   ParallelFor(pool, Workers(pool, chunks, 1), chunks, 1, [&](int64_t b, int64_t e, int) {
-    std::vector<float> scratch;
+    // Kept per thread: a malloc per chunk contends on one lock when glibc runs a single arena
+    // (the bench's --malloc retain), measured -17% for the whole network at batch 32.
+    thread_local std::vector<float> scratch;
     for (int64_t q = b; q < e; ++q) {
       const int64_t n = q / per_image, r0 = (q % per_image) * grain;
       fn(g, a, n, r0, std::min(g.h, r0 + grain), scratch);
     }
   });
   return ffi::Error::Success();
+}
+
+ffi::Error GhostImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> s1,
+                     ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::F32> kernel,
+                     ffi::Buffer<ffi::F32> s2, ffi::Buffer<ffi::F32> b2,
+                     ffi::ResultBuffer<ffi::F32> out, int64_t pt, int64_t pl, int64_t relu) {
+  return GhostRun(pool, p, s1, b1, kernel, s2, b2, nullptr, out, pt, pl, relu);
+}
+
+ffi::Error GhostGatedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> s1,
+                          ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::F32> kernel,
+                          ffi::Buffer<ffi::F32> s2, ffi::Buffer<ffi::F32> b2,
+                          ffi::Buffer<ffi::F32> gate, ffi::ResultBuffer<ffi::F32> out,
+                          int64_t pt, int64_t pl, int64_t relu) {
+  return GhostRun(pool, p, s1, b1, kernel, s2, b2, &gate, out, pt, pl, relu);
 }
 
 }  // namespace
@@ -567,6 +609,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2GhostCheap, GhostImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // kernel
                                   .Arg<ffi::Buffer<ffi::F32>>()   // s2
                                   .Arg<ffi::Buffer<ffi::F32>>()   // b2
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2GhostCheapGated, GhostGatedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // p
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // s1
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b1
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // kernel
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // s2
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b2
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // gate
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("pad_top")
                                   .Attr<int64_t>("pad_left")

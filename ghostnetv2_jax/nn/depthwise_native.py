@@ -42,6 +42,7 @@ TARGETS = {  # XLA custom-call name -> exported handler symbol
     'gnv2_depthwise_grad_input': 'Gnv2DepthwiseGradInput',
     'gnv2_depthwise_grad_kernel': 'Gnv2DepthwiseGradKernel',
     'gnv2_ghost_cheap': 'Gnv2GhostCheap',
+    'gnv2_ghost_cheap_gated': 'Gnv2GhostCheapGated',
 }
 
 _lock = threading.Lock()
@@ -164,6 +165,8 @@ _TARGETS = {
                                           ('stride_h', 'stride_w', 'pad_top', 'pad_left')),
     'gnv2_ghost_cheap': _Target('n h w c, c, c, i j k c, c, c -> n h w d', (True,) + (False,) * 5,
                                 ('pad_top', 'pad_left', 'relu')),
+    'gnv2_ghost_cheap_gated': _Target('n h w c, c, c, i j k c, c, c, n a b d -> n h w d',
+                                      (True,) + (False,) * 5 + (True,), ('pad_top', 'pad_left', 'relu')),
 }
 
 
@@ -286,46 +289,66 @@ def depthwise_native(x, kernel, strides: Sequence[int], padding: Sequence[Sequen
 GHOST_KERNEL_SIZES = ((3, 3), (5, 5), (1, 5), (5, 1))   # compiled in depthwise_cpu.cc
 
 
-def ghost_cheap_reference(p, s1, b1, kernel, s2, b2, features: int, relu: bool):
+def upsample_nearest(gate, size):
+    """``gate`` (N, h, w, C) up-sampled to ``size`` = (H, W), whole multiples of (h, w), by
+    repeating pixels: PyTorch's ``F.interpolate(mode='nearest')`` for whole factors."""
+    (h, w), (oh, ow) = gate.shape[1:3], size
+    return jnp.repeat(jnp.repeat(gate, oh // h, axis=1), ow // w, axis=2)
+
+
+def ghost_cheap_reference(p, s1, b1, kernel, s2, b2, features: int, relu: bool, gate=None):
     """What ``ghost_cheap`` computes, as separate ops (and its gradient, by autodiff)."""
     act = jax.nn.relu if relu else (lambda v: v)
     kh, kw = kernel.shape[:2]
     x1 = act(p * s1 + b1)
     x2 = act(depthwise_native(x1, kernel, (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2))) * s2 + b2)
-    return jnp.concatenate([x1, x2], axis=-1)[..., :features]
+    out = jnp.concatenate([x1, x2], axis=-1)[..., :features]
+    return out if gate is None else out * upsample_nearest(gate, out.shape[1:3])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _ghost(p, s1, b1, kernel, s2, b2, features, relu):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _ghost(p, s1, b1, kernel, s2, b2, gate, features, relu):
     kh, kw = kernel.shape[:2]
     static = (kh // 2, kw // 2, int(relu))
-    return _call('gnv2_ghost_cheap', static, (*p.shape[1:3], features), p, s1, b1, kernel, s2, b2).astype(p.dtype)
+    target, gated = ('gnv2_ghost_cheap', ()) if gate is None else ('gnv2_ghost_cheap_gated', (gate,))
+    return _call(target, static, (*p.shape[1:3], features), p, s1, b1, kernel, s2, b2, *gated).astype(p.dtype)
 
 
-def _ghost_fwd(p, s1, b1, kernel, s2, b2, features, relu):
-    return _ghost(p, s1, b1, kernel, s2, b2, features, relu), (p, s1, b1, kernel, s2, b2)
+def _ghost_fwd(p, s1, b1, kernel, s2, b2, gate, features, relu):
+    return _ghost(p, s1, b1, kernel, s2, b2, gate, features, relu), (p, s1, b1, kernel, s2, b2, gate)
 
 
 def _ghost_bwd(features, relu, residuals, g):
-    _, vjp = jax.vjp(lambda *ops: ghost_cheap_reference(*ops, features, relu), *residuals)
+    *ops, gate = residuals
+    if gate is None:
+        _, vjp = jax.vjp(lambda *o: ghost_cheap_reference(*o, features, relu), *ops)
+        return (*vjp(g), None)
+    _, vjp = jax.vjp(lambda *o: ghost_cheap_reference(*o[:-1], features, relu, o[-1]), *ops, gate)
     return vjp(g)
 
 
 _ghost.defvjp(_ghost_fwd, _ghost_bwd)
 
 
-def ghost_cheap(p, s1, b1, kernel, s2, b2, features: int, relu: bool):
+def ghost_cheap(p, s1, b1, kernel, s2, b2, features: int, relu: bool, gate=None):
     """A ghost module's cheap half at inference, fused: ``concat([x1, act(dw(x1) * s2 + b2)])``
     cut to ``features`` channels, with ``x1 = act(p * s1 + b1)``; stride 1, 'same' padding, odd
-    kernel sizes in GHOST_KERNEL_SIZES. One pass over memory instead of three. Differentiable
-    (through the unfused ops), so it is safe under ``jax.grad`` too."""
+    kernel sizes in GHOST_KERNEL_SIZES. With ``gate`` (N, H / fh, W / fw, features) for whole
+    factors fh, fw, the result is also multiplied by the gate up-sampled by nearest neighbour
+    (``upsample_nearest``; GhostNetV2's DFC attention). One pass over memory instead of three
+    (four with the gate). Differentiable (through the unfused ops), so safe under ``jax.grad``."""
     _check_backend()
-    c = p.shape[-1]
+    n, h, w, c = p.shape
     if tuple(kernel.shape) not in {(*k, 1, c) for k in GHOST_KERNEL_SIZES}:
         raise ValueError(f'ghost_cheap: kernel {kernel.shape} is not one of {GHOST_KERNEL_SIZES} x (1, {c})')
     if not c <= features <= 2 * c:
         raise ValueError(f'ghost_cheap: features must be in [{c}, {2 * c}], got {features}')
-    return _ghost(p, s1, b1, kernel, s2, b2, int(features), bool(relu))
+    if gate is not None:
+        gn, gh, gw, gc = gate.shape
+        if (gn, gc) != (n, features) or not (0 < gh and 0 < gw and h % gh == 0 and w % gw == 0):
+            raise ValueError(f'ghost_cheap: gate {gate.shape} must be ({n}, {h}/fh, {w}/fw, {features}) '
+                             'for whole factors fh, fw')
+    return _ghost(p, s1, b1, kernel, s2, b2, gate, int(features), bool(relu))
 
 
 def main() -> int:
