@@ -40,6 +40,7 @@ CASES = [  # (input shape NHWC, kernel (kh, kw), stride, padding or None for k /
     ((1, 7, 9, 16), (1, 5), 1, None),
     ((1, 9, 7, 16), (5, 1), 1, None),
     ((1, 6, 5, 8), (5, 5), 1, (2, 2)),       # kernel wider than the interior: edges only
+    ((2, 9, 7, 28), (5, 1), 2, None),        # 8-channel blocks, a 4-channel block, no scalar rest
 ]
 IMPLS = ['shift', 'native']
 

@@ -16,6 +16,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -105,7 +106,7 @@ int64_t Grain(int64_t row_floats) {
 }
 
 // The generic row functions handle channels [c0, C): all of them for kernel sizes without a
-// blocked version below, the last C % 8 for those with one.
+// blocked version below, the last C % 4 for those with one.
 
 // Zeroes channels [c0, C) of `pixels` consecutive pixels.
 inline void ZeroChannels(float* row, int64_t pixels, int64_t c, int64_t c0) {
@@ -179,20 +180,45 @@ void GradKernelRow(const Geometry& g, const float* x, const float* dy, float* ac
 // The same three row operations for the kernel sizes GhostNet uses, with the kernel size known at
 // compile time: eight channels at a time, the taps (forward, input grad) or the per-tap sums
 // (kernel grad) held in registers across a whole row, so each multiply-add costs one load and
-// nothing is stored until the row is done. The generic functions above serve other sizes and
-// the last C % 8 channels.
-constexpr int64_t kLanes = 8;
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(sizeof(float))));
+// nothing is stored until the row is done. Blocks are eight channels, then four: GhostNet's
+// widths are multiples of 4 (36, 12, 20, 60, ...), and a scalar remainder cost those layers as
+// much as their vector part. The generic functions above serve other sizes and the last C % 4.
+template <int L>
+struct Lanes {
+  typedef float V __attribute__((vector_size(L * sizeof(float))));
+};
 
-inline Vec Load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
-inline void Store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
+// Unaligned by construction (memcpy compiles to one unaligned vector move): rows start at any
+// multiple of C floats.
+template <typename V>
+inline V Load(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V>
+inline void Store(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
 
-template <int KH>
-inline Vec RowSum(const Vec (&acc)[KH]) {
-  Vec sum = acc[0];
+template <int KH, typename V>
+inline V RowSum(const V (&acc)[KH]) {
+  V sum = acc[0];
   for (int i = 1; i < KH; ++i) sum += acc[i];
   return sum;
 }
+
+// Calls block(lanes, c0) for 8-channel blocks, then one 4-channel block if 4 or more are left;
+// returns the first channel not covered. `lanes` is std::integral_constant<int, 8 or 4>.
+template <typename F>
+inline int64_t ForEachBlock(int64_t c, F&& block) {
+  int64_t c0 = 0;
+  for (; c0 + 8 <= c; c0 += 8) block(std::integral_constant<int, 8>{}, c0);
+  if (c0 + 4 <= c) {
+    block(std::integral_constant<int, 4>{}, c0);
+    c0 += 4;
+  }
+  return c0;
+}
+#define GNV2_VEC(lanes) typename Lanes<decltype(lanes)::value>::V
 
 // Output columns [lo, hi) for which every tap of a KW-wide kernel reads inside the input row.
 inline void InteriorColumns(const Geometry& g, int64_t kw, int64_t* lo, int64_t* hi) {
@@ -218,19 +244,19 @@ void ForwardRowBlocked(const Geometry& g, const float* x, const float* k, float*
   float* o = out + row * g.wo * c;
   int64_t lo, hi;
   InteriorColumns(g, KW, &lo, &hi);
-  int64_t c0 = 0;
-  for (; c0 + kLanes <= c; c0 += kLanes) {
-    Vec kv[KH][KW];
+  const int64_t rest = ForEachBlock(c, [&](auto lanes, int64_t c0) {
+    using V = GNV2_VEC(lanes);
+    V kv[KH][KW];
     for (int i = 0; i < KH; ++i)
-      for (int j = 0; j < KW; ++j) kv[i][j] = Load(k + (i * KW + j) * c + c0);
+      for (int j = 0; j < KW; ++j) kv[i][j] = Load<V>(k + (i * KW + j) * c + c0);
     auto pixel = [&](int64_t ow, bool edge) __attribute__((always_inline)) {
-      Vec acc[KH] = {};  // one chain per kernel row: independent multiply-adds overlap
+      V acc[KH] = {};  // one chain per kernel row: independent multiply-adds overlap
       for (int i = 0; i < KH; ++i) {
         if (!xr[i]) continue;
         for (int j = 0; j < KW; ++j) {
           const int64_t iw = ow * g.sw + j - g.pl;
           if (edge && (iw < 0 || iw >= g.w)) continue;
-          acc[i] += Load(xr[i] + iw * c + c0) * kv[i][j];
+          acc[i] += Load<V>(xr[i] + iw * c + c0) * kv[i][j];
         }
       }
       Store(o + ow * c + c0, RowSum<KH>(acc));
@@ -238,8 +264,8 @@ void ForwardRowBlocked(const Geometry& g, const float* x, const float* k, float*
     for (int64_t ow = 0; ow < lo; ++ow) pixel(ow, true);
     for (int64_t ow = lo; ow < hi; ++ow) pixel(ow, false);
     for (int64_t ow = hi; ow < g.wo; ++ow) pixel(ow, true);
-  }
-  if (c0 < c) ForwardRow(g, x, k, out, row, c0);
+  });
+  if (rest < c) ForwardRow(g, x, k, out, row, rest);
 }
 
 // Gather form: dx[ih, iw] sums dy[oh, ow] * k[i, j] over the taps with ih = oh * sh + i - pt and
@@ -253,25 +279,25 @@ void GradInputRowBlocked(const Geometry& g, const float* dy, const float* k, flo
     gr[i] = (t >= 0 && t % g.sh == 0 && t / g.sh < g.ho) ? dy + (n * g.ho + t / g.sh) * g.wo * c : nullptr;
   }
   float* d = dx + row * g.w * c;
-  int64_t c0 = 0;
-  for (; c0 + kLanes <= c; c0 += kLanes) {
-    Vec kv[KH][KW];
+  const int64_t rest = ForEachBlock(c, [&](auto lanes, int64_t c0) {
+    using V = GNV2_VEC(lanes);
+    V kv[KH][KW];
     for (int i = 0; i < KH; ++i)
-      for (int j = 0; j < KW; ++j) kv[i][j] = Load(k + (i * KW + j) * c + c0);
+      for (int j = 0; j < KW; ++j) kv[i][j] = Load<V>(k + (i * KW + j) * c + c0);
     for (int64_t iw = 0; iw < g.w; ++iw) {
-      Vec acc[KH] = {};
+      V acc[KH] = {};
       for (int i = 0; i < KH; ++i) {
         if (!gr[i]) continue;
         for (int j = 0; j < KW; ++j) {
           const int64_t t = iw + g.pl - j;
           if (t < 0 || t % SW != 0 || t / SW >= g.wo) continue;
-          acc[i] += Load(gr[i] + (t / SW) * c + c0) * kv[i][j];
+          acc[i] += Load<V>(gr[i] + (t / SW) * c + c0) * kv[i][j];
         }
       }
       Store(d + iw * c + c0, RowSum<KH>(acc));
     }
-  }
-  if (c0 < c) GradInputRow(g, dy, k, dx, row, c0);
+  });
+  if (rest < c) GradInputRow(g, dy, k, dx, row, rest);
 }
 
 template <int KH, int KW>
@@ -282,19 +308,19 @@ void GradKernelRowBlocked(const Geometry& g, const float* x, const float* dy, fl
   const float* gr = dy + row * g.wo * c;
   int64_t lo, hi;
   InteriorColumns(g, KW, &lo, &hi);
-  int64_t c0 = 0;
-  for (; c0 + kLanes <= c; c0 += kLanes) {
-    Vec a[KH][KW];
+  const int64_t rest = ForEachBlock(c, [&](auto lanes, int64_t c0) {
+    using V = GNV2_VEC(lanes);
+    V a[KH][KW];
     for (int i = 0; i < KH; ++i)
-      for (int j = 0; j < KW; ++j) a[i][j] = Load(acc + (i * KW + j) * c + c0);
+      for (int j = 0; j < KW; ++j) a[i][j] = Load<V>(acc + (i * KW + j) * c + c0);
     auto pixel = [&](int64_t ow, bool edge) __attribute__((always_inline)) {
-      const Vec gv = Load(gr + ow * c + c0);
+      const V gv = Load<V>(gr + ow * c + c0);
       for (int i = 0; i < KH; ++i) {
         if (!xr[i]) continue;
         for (int j = 0; j < KW; ++j) {
           const int64_t iw = ow * g.sw + j - g.pl;
           if (edge && (iw < 0 || iw >= g.w)) continue;
-          a[i][j] += Load(xr[i] + iw * c + c0) * gv;
+          a[i][j] += Load<V>(xr[i] + iw * c + c0) * gv;
         }
       }
     };
@@ -303,8 +329,8 @@ void GradKernelRowBlocked(const Geometry& g, const float* x, const float* dy, fl
     for (int64_t ow = hi; ow < g.wo; ++ow) pixel(ow, true);
     for (int i = 0; i < KH; ++i)
       for (int j = 0; j < KW; ++j) Store(acc + (i * KW + j) * c + c0, a[i][j]);
-  }
-  if (c0 < c) GradKernelRow(g, x, dy, acc, row, c0);
+  });
+  if (rest < c) GradKernelRow(g, x, dy, acc, row, rest);
 }
 
 using RowFn = void (*)(const Geometry&, const float*, const float*, float*, int64_t);
@@ -479,31 +505,31 @@ void GhostRows(const Geometry& g, const GhostArgs& a, int64_t n, int64_t r0, int
       const int64_t ih = oh + i - g.pt;
       xr[i] = (ih >= 0 && ih < g.h) ? scratch.data() + (ih - first) * w * c : nullptr;
     }
-    int64_t c0 = 0;
-    for (; c0 + kLanes <= keep; c0 += kLanes) {
-      Vec kv[KH][KW];
+    int64_t c0 = ForEachBlock(keep, [&](auto lanes, int64_t c0) {
+      using V = GNV2_VEC(lanes);
+      V kv[KH][KW];
       for (int i = 0; i < KH; ++i)
-        for (int j = 0; j < KW; ++j) kv[i][j] = Load(a.k + (i * KW + j) * c + c0);
-      const Vec s2 = Load(a.s2 + c0), b2 = Load(a.b2 + c0), zero = {};
+        for (int j = 0; j < KW; ++j) kv[i][j] = Load<V>(a.k + (i * KW + j) * c + c0);
+      const V s2 = Load<V>(a.s2 + c0), b2 = Load<V>(a.b2 + c0), zero = {};
       auto pixel = [&](int64_t ow, bool edge) __attribute__((always_inline)) {
-        Vec acc[KH] = {};
+        V acc[KH] = {};
         for (int i = 0; i < KH; ++i) {
           if (!xr[i]) continue;
           for (int j = 0; j < KW; ++j) {
             const int64_t iw = ow + j - g.pl;
             if (edge && (iw < 0 || iw >= w)) continue;
-            acc[i] += Load(xr[i] + iw * c + c0) * kv[i][j];
+            acc[i] += Load<V>(xr[i] + iw * c + c0) * kv[i][j];
           }
         }
-        Vec v = RowSum<KH>(acc) * s2 + b2;
+        V v = RowSum<KH>(acc) * s2 + b2;
         if (a.relu) v = v > zero ? v : zero;
-        if (gr) v *= Load(gate_at(ow) + c + c0);
+        if (gr) v *= Load<V>(gate_at(ow) + c + c0);
         Store(o + ow * a.cout + c + c0, v);
       };
       for (int64_t ow = 0; ow < lo; ++ow) pixel(ow, true);
       for (int64_t ow = lo; ow < hi; ++ow) pixel(ow, false);
       for (int64_t ow = hi; ow < w; ++ow) pixel(ow, true);
-    }
+    });
     for (; c0 < keep; ++c0)
       for (int64_t ow = 0; ow < w; ++ow) {
         float acc = 0.0f;
