@@ -27,6 +27,10 @@ import jax
 import jax.numpy as jnp
 
 CPU_CHUNK = 8   # best of 2/4/8/16/32 above; also the best on one core (121 vs 84 img/s unchunked)
+# Two chunks per loop step, as independent computations that XLA:CPU's executor overlaps: the
+# small late-stage ops leave a core idle when run one at a time. In-process A/B on 2 cores:
+# 144 ms a batch of 32 against 151 ms with one chunk per step; 4 chunks of 4 as fast as 2 of 8.
+CPU_STREAMS = 2
 
 Chunk = Union[str, int, None]
 
@@ -50,22 +54,33 @@ def chunk_for(mesh) -> Chunk:
     return 'auto' if mesh.devices.size == 1 else None
 
 
-def chunked(fn: Callable[[jax.Array], Any], chunk: Chunk = 'auto') -> Callable[[jax.Array], Any]:
+def chunked(fn: Callable[[jax.Array], Any], chunk: Chunk = 'auto',
+            streams: Optional[int] = None) -> Callable[[jax.Array], Any]:
     """``fn(images)`` computed over chunks of ``chunk`` images along axis 0, as one ``lax.map``
-    loop (a batch that does not divide evenly runs its last images as one smaller call). Every
-    leaf of ``fn``'s output must have the batch on axis 0; the result is ``fn(images)``'s.
+    loop whose every step runs ``streams`` chunks as independent computations (default
+    ``CPU_STREAMS``), which XLA:CPU executes concurrently. A batch that does not divide evenly
+    runs its last images as one smaller call. Every leaf of ``fn``'s output must have the batch
+    on axis 0; the result is ``fn(images)``'s.
 
     For a batch on one device: a batch sharded over devices would be gathered chunk by chunk.
     """
     size = resolve_chunk(chunk)
+    streams = CPU_STREAMS if streams is None else streams
+    if streams < 1:
+        raise ValueError(f'streams must be >= 1, got {streams}')
+
+    def step(xs: jax.Array) -> Any:   # (streams, size, ...) -> outputs (streams, size, ...)
+        outs = [fn(xs[i]) for i in range(streams)]
+        return jax.tree.map(lambda *ys: jnp.stack(ys), *outs)
 
     def run(images: jax.Array) -> Any:
         batch = images.shape[0]
-        if size is None or batch <= size:
+        per_step = (size or batch) * streams
+        if size is None or batch < per_step:
             return fn(images)
-        whole = batch // size * size
-        parts = jax.lax.map(fn, images[:whole].reshape(batch // size, size, *images.shape[1:]))
-        parts = jax.tree.map(lambda y: y.reshape(whole, *y.shape[2:]), parts)
+        whole = batch // per_step * per_step
+        xs = images[:whole].reshape(batch // per_step, streams, size, *images.shape[1:])
+        parts = jax.tree.map(lambda y: y.reshape(whole, *y.shape[3:]), jax.lax.map(step, xs))
         if whole == batch:
             return parts
         rest = fn(images[whole:])

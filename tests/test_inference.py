@@ -46,12 +46,24 @@ def test_chunked_folded_model_and_feature_maps_match():
         assert rel_err(got, want) <= TOLERANCE
 
 
-def test_only_a_batch_larger_than_the_chunk_is_looped():
+def test_only_a_batch_of_at_least_one_loop_step_is_looped():
     fn = lambda x: x * 2.0
-    small = jax.make_jaxpr(inference.chunked(fn, 8))(jnp.zeros((8, 3)))
-    large = jax.make_jaxpr(inference.chunked(fn, 8))(jnp.zeros((20, 3)))
+    step = 8 * inference.CPU_STREAMS
+    small = jax.make_jaxpr(inference.chunked(fn, 8))(jnp.zeros((step - 1, 3)))
+    large = jax.make_jaxpr(inference.chunked(fn, 8))(jnp.zeros((step + 4, 3)))
     assert 'scan' not in str(small) and 'scan' in str(large)   # lax.map is a scan
-    np.testing.assert_array_equal(inference.chunked(fn, 8)(jnp.arange(20.0)), jnp.arange(20.0) * 2)
+    x = jnp.arange(step + 4.0)
+    np.testing.assert_array_equal(inference.chunked(fn, 8)(x), x * 2)
+
+
+@pytest.mark.parametrize('streams', [1, 3])
+def test_any_number_of_streams_gives_the_same_outputs(streams):
+    fn = lambda x: {'double': x * 2.0, 'sum': jnp.sum(x, axis=1)}
+    x = jnp.arange(3 * 29.0).reshape(29, 3)
+    got = jax.jit(inference.chunked(fn, 4, streams))(x)
+    chex.assert_trees_all_equal(got, fn(x))
+    with pytest.raises(ValueError, match='streams must be'):
+        inference.chunked(fn, 4, 0)
 
 
 def test_auto_chunks_on_cpu_only_and_bad_chunks_are_refused():
