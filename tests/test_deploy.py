@@ -94,8 +94,8 @@ def test_deploy_model_is_inference_only_and_bad_input_is_refused():
 def test_fused_ghost_op_gives_the_unfused_logits(monkeypatch, folded, hw, gated):
     """Inference on CPU fuses each ghost module's BN, activation, cheap conv and concatenation
     (nn.depthwise_native.ghost_cheap), and DFC's gate where the map's size is a whole multiple of
-    the pooled one (at 60x68 the DFC block's 15x17 map is not): same logits as the separate ops,
-    eval and BN-folded."""
+    the pooled one (at 60x68 the DFC block's 15x17 map is not), and the stem's conv, BN and ReLU
+    (stem_conv): same logits as the separate ops, eval and BN-folded."""
     from ghostnetv2_jax.models import ghostnet
     model = create_model('ghostnetv2_100', cfgs=TINY, depthwise_impl='native')
     images = _images((2, *hw, 3))
@@ -106,7 +106,9 @@ def test_fused_ghost_op_gives_the_unfused_logits(monkeypatch, folded, hw, gated)
     assert hlo.count('gnv2_ghost_cheap') >= 6          # every ghost module of TINY fused
     assert hlo.count('gnv2_ghost_cheap_gated') == gated   # the one DFC block's ghost1
     fused = _logits(model, variables, images)
+    assert hlo.count('gnv2_stem_conv') == 1
     monkeypatch.setattr(ghostnet.GhostModule, '_fused_cheap_op', lambda self, train: False)
+    monkeypatch.setattr(ghostnet.GhostNet, '_fused_stem', lambda self, train, features_only: False)
     unfused = _logits(model, variables, images)
     assert float(jnp.abs(unfused).max()) > 0.1
     assert rel_err(fused, unfused) <= 1e-6

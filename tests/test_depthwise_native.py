@@ -223,3 +223,46 @@ def test_gated_ghost_cheap_rejects_a_gate_of_the_wrong_shape():
     for bad in ((2, 4, 4, 20), (2, 3, 4, 24), (1, 3, 4, 20)):
         with pytest.raises(ValueError, match='gate'):
             depthwise_native.ghost_cheap(*ops, 20, True, gate=jnp.ones(bad))
+
+
+# ----------------------------------------------------------------------------- stem_conv
+STEM_CASES = [  # (x shape NHWC, kernel HWIO, stride, padding)
+    ((2, 15, 17, 3), (3, 3, 3, 16), 2, ((1, 1), (1, 1))),    # the GhostNet stem: 2 blocks of 8
+    ((1, 12, 10, 3), (3, 3, 3, 24), 2, ((1, 1), (1, 1))),    # 3 blocks, even size
+    ((2, 9, 11, 4), (3, 3, 4, 32), 1, ((1, 1), (1, 1))),     # 4 blocks, stride 1
+    ((1, 8, 9, 3), (3, 3, 3, 8), 2, ((0, 2), (2, 0))),       # uneven padding
+    ((2, 7, 6, 3), (5, 5, 3, 12), 1, ((2, 2), (2, 2))),      # a width with no blocked version
+    ((1, 6, 7, 2), (3, 3, 2, 16), 3, ((1, 1), (1, 1))),
+]
+
+
+def _stem_operands(x_shape, k_shape, seed=0):
+    rng = np.random.default_rng(seed)
+    cout = k_shape[-1]
+    return [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (x_shape, k_shape, (cout,), (cout,))]
+
+
+@pytest.mark.parametrize('x_shape,k_shape,stride,padding', STEM_CASES)
+@pytest.mark.parametrize('relu', [True, False])
+def test_stem_conv_matches_xla_conv_with_affine_and_relu(x_shape, k_shape, stride, padding, relu):
+    ops = _stem_operands(x_shape, k_shape)
+    strides = (stride, stride)
+    got = jax.jit(lambda *o: depthwise_native.stem_conv(*o, strides, padding, relu))(*ops)
+    want = depthwise_native.stem_conv_reference(*ops, strides, padding, relu)
+    assert got.shape == want.shape
+    assert float(jnp.abs(want).max()) > 0.1
+    assert rel_err(got, want) <= 1e-6
+
+
+def test_stem_conv_gradients_and_bad_operands():
+    ops = _stem_operands((2, 9, 10, 3), (3, 3, 3, 16))
+    args = ((2, 2), ((1, 1), (1, 1)), True)
+    loss = lambda f: lambda *o: jnp.sum(jnp.sin(f(*o, *args)))
+    got = jax.grad(loss(depthwise_native.stem_conv), argnums=(0, 1, 2, 3))(*ops)
+    ref = jax.grad(loss(depthwise_native.stem_conv_reference), argnums=(0, 1, 2, 3))(*ops)
+    for g, r in zip(got, ref):
+        assert rel_err(g, r) <= 1e-5
+    with pytest.raises(ValueError, match='do not fit'):
+        depthwise_native.stem_conv(ops[0], jnp.ones((3, 3, 4, 16)), *ops[2:], *args)
+    with pytest.raises(ValueError, match='non-negative padding'):
+        depthwise_native.stem_conv(*ops, (2, 2), ((-1, 1), (1, 1)))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from ghostnetv2_jax.nn.attention import DFCAttention, make_attention
 from ghostnetv2_jax.nn.depthwise import DepthwiseConv, resolve_impl
-from ghostnetv2_jax.nn.depthwise_native import GHOST_KERNEL_SIZES, ghost_cheap
+from ghostnetv2_jax.nn.depthwise_native import GHOST_KERNEL_SIZES, ghost_cheap, stem_conv_fn
 from ghostnetv2_jax.nn.layers import BatchNorm, conv2d, make_divisible
 
 Dtype = Any
@@ -152,6 +152,12 @@ class GhostNet(nn.Module):
         chosen = range(2, 10 ** 6) if self.attention_blocks is None else self.attention_blocks
         return self.attention if index in chosen else 'none'
 
+    def _fused_stem(self, train: bool, features_only: bool) -> bool:
+        """Inference on CPU with the native kernels: the stem's conv, BN and ReLU run as one op
+        (nn.depthwise_native.stem_conv) instead of patches, a concatenation and a matmul."""
+        return (not train and not features_only and self.dtype == jnp.float32
+                and resolve_impl(self.depthwise_impl) == 'native')
+
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False, *, features_only: bool = False):
         """Logits (N, num_classes) in float32; with ``features_only`` the list of 5 feature maps at
@@ -160,9 +166,17 @@ class GhostNet(nn.Module):
             raise ValueError('features_only needs the unfolded model: its first map is taken before bn1')
         features: List[jax.Array] = []
         x = images.astype(self.dtype)
-        x = conv2d(make_divisible(16 * self.width), 3, stride=2, dtype=self.dtype, name='conv_stem')(x)
-        features.append(x)  # timm takes the stride-2 map straight from conv_stem, before BN
-        x = nn.relu(BatchNorm(dtype=self.dtype, folded=self.fold_bn, name='bn1')(x, train))
+        stem_width = make_divisible(16 * self.width)
+        bn1 = BatchNorm(dtype=self.dtype, folded=self.fold_bn, name='bn1')
+        if self._fused_stem(train, features_only):
+            # conv, BN and ReLU as one native op; the Conv's variables are unchanged
+            scale, bias = bn1(jax.ShapeDtypeStruct((stem_width,), self.dtype), affine_only=True)
+            x = conv2d(stem_width, 3, stride=2, dtype=self.dtype, name='conv_stem',
+                       conv_fn=stem_conv_fn(scale, bias))(x)
+        else:
+            x = conv2d(stem_width, 3, stride=2, dtype=self.dtype, name='conv_stem')(x)
+            features.append(x)  # timm takes the stride-2 map straight from conv_stem, before BN
+            x = nn.relu(bn1(x, train))
 
         index = 0
         for stage, rows in enumerate(self.cfgs):

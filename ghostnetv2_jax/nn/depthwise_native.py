@@ -1,7 +1,11 @@
 """Depthwise convolution as XLA:CPU custom calls (``depthwise_cpu.cc``), built on first use.
 
+The library holds the depthwise conv (forward and both gradients) and two inference-only fused
+ops built on it: a ghost module's cheap half (``ghost_cheap``, optionally gated by DFC
+attention) and the stem conv with its BatchNorm and ReLU (``stem_conv``).
+
 The C++ source ships in the package. ``load()`` compiles it once per machine with the system C++
-compiler against jaxlib's FFI headers (about 3 s), caches the library, and registers its three
+compiler against jaxlib's FFI headers (about 3 s), caches the library, and registers its
 handlers with XLA. The cache key covers the source, the flags, the jaxlib version and the CPU's
 instruction-set flags (the library is built with ``-march=native``), so a cache directory shared
 between different machines or jaxlib versions never serves a stale or illegal binary.
@@ -43,6 +47,7 @@ TARGETS = {  # XLA custom-call name -> exported handler symbol
     'gnv2_depthwise_grad_kernel': 'Gnv2DepthwiseGradKernel',
     'gnv2_ghost_cheap': 'Gnv2GhostCheap',
     'gnv2_ghost_cheap_gated': 'Gnv2GhostCheapGated',
+    'gnv2_stem_conv': 'Gnv2StemConv',
 }
 
 _lock = threading.Lock()
@@ -167,6 +172,8 @@ _TARGETS = {
                                 ('pad_top', 'pad_left', 'relu')),
     'gnv2_ghost_cheap_gated': _Target('n h w c, c, c, i j k c, c, c, n a b d -> n h w d',
                                       (True,) + (False,) * 5 + (True,), ('pad_top', 'pad_left', 'relu')),
+    'gnv2_stem_conv': _Target('n h w c, i j c d, d, d -> n p q d', (True, False, False, False),
+                              ('stride_h', 'stride_w', 'pad_top', 'pad_left', 'relu')),
 }
 
 
@@ -349,6 +356,64 @@ def ghost_cheap(p, s1, b1, kernel, s2, b2, features: int, relu: bool, gate=None)
             raise ValueError(f'ghost_cheap: gate {gate.shape} must be ({n}, {h}/fh, {w}/fw, {features}) '
                              'for whole factors fh, fw')
     return _ghost(p, s1, b1, kernel, s2, b2, gate, int(features), bool(relu))
+
+
+# ----------------------------------------------------------------------------- stem
+def stem_conv_reference(x, kernel, scale, bias, strides, padding, relu: bool):
+    """What ``stem_conv`` computes, with XLA's convolution (and its gradient, by autodiff)."""
+    y = jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                     precision=jax.lax.Precision.HIGHEST)
+    y = y * scale + bias
+    return jax.nn.relu(y) if relu else y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _stem(x, kernel, scale, bias, strides, padding, relu):
+    (kh, kw, _, cout), (sh, sw), ((pt, pb), (pl, pr)) = kernel.shape, strides, padding
+    _, h, w, _ = x.shape
+    out_tail = ((h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1, cout)
+    return _call('gnv2_stem_conv', (sh, sw, pt, pl, int(relu)), out_tail, x, kernel, scale, bias).astype(x.dtype)
+
+
+def _stem_fwd(x, kernel, scale, bias, strides, padding, relu):
+    return _stem(x, kernel, scale, bias, strides, padding, relu), (x, kernel, scale, bias)
+
+
+def _stem_bwd(strides, padding, relu, residuals, g):
+    _, vjp = jax.vjp(lambda *ops: stem_conv_reference(*ops, strides, padding, relu), *residuals)
+    return vjp(g)
+
+
+_stem.defvjp(_stem_fwd, _stem_bwd)
+
+
+def stem_conv(x, kernel, scale, bias, strides: Sequence[int], padding: Sequence[Sequence[int]],
+              relu: bool = True):
+    """``act(conv(x, kernel) * scale + bias)`` in one pass: a dense conv (NHWC ``x``, HWIO
+    ``kernel``, explicit padding) with its BatchNorm as a per-channel affine, for the few-input-
+    channel stem at inference, where XLA runs patches, a concatenation and a matmul. Float32.
+    Differentiable (through XLA's convolution)."""
+    _check_backend()
+    padding = tuple(tuple(int(v) for v in p) for p in padding)
+    kh, kw, cin, cout = kernel.shape
+    if cin != x.shape[-1] or scale.shape != (cout,) or bias.shape != (cout,):
+        raise ValueError(f'stem_conv: kernel {kernel.shape}, scale {scale.shape} and bias {bias.shape} '
+                         f'do not fit input {x.shape}')
+    if any(v < 0 for p in padding for v in p):
+        raise ValueError(f'stem_conv needs non-negative padding, got {padding}')
+    return _stem(x, kernel, scale, bias, tuple(int(v) for v in strides), padding, bool(relu))
+
+
+def stem_conv_fn(scale, bias, relu: bool = True):
+    """A ``conv_general_dilated`` for ``flax.linen.Conv`` that runs ``stem_conv`` with this
+    affine and activation after the conv: the Conv keeps its variables and names."""
+    def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+             dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+        one = lambda v: v is None or all(int(d) == 1 for d in v)
+        if not (one(lhs_dilation) and one(rhs_dilation) and feature_group_count == 1 and not kwargs):
+            raise ValueError('stem_conv_fn: only plain (undilated, ungrouped) convolutions')
+        return stem_conv(lhs, rhs, scale, bias, window_strides, padding, relu)
+    return conv
 
 
 def main() -> int:

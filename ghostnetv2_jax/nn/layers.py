@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -110,12 +110,13 @@ def matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
 
 def conv2d(features: int, kernel_size: IntOrPair = 1, stride: IntOrPair = 1,
            padding: Optional[IntOrPair] = None, use_bias: bool = False,
-           dtype: Dtype = jnp.float32, name: Optional[str] = None) -> nn.Conv:
+           dtype: Dtype = jnp.float32, name: Optional[str] = None,
+           conv_fn: Callable = matmul_conv) -> nn.Conv:
     """A dense (groups=1) conv with PyTorch's symmetric padding; kernel layout HWIO.
-    Runs through ``matmul_conv``; the variables are nn.Conv's either way."""
+    Runs through ``conv_fn`` (default ``matmul_conv``); the variables are nn.Conv's either way."""
     return nn.Conv(features, pair(kernel_size), strides=pair(stride),
                    padding=torch_padding(kernel_size, padding), use_bias=use_bias,
-                   dtype=dtype, param_dtype=jnp.float32, name=name, conv_general_dilated=matmul_conv)
+                   dtype=dtype, param_dtype=jnp.float32, name=name, conv_general_dilated=conv_fn)
 
 
 class BatchNorm(nn.Module):
