@@ -8,10 +8,12 @@ consume them. The output is the same (each image's result does not depend on the
 inference); only the order of work changes.
 
 Measured on the 2-core AVX-512 VM of docs/benchmarks.md (batch 32, 224x224, float32, BN folded):
-chunks of 8 ran at ~215 img/s against ~160 img/s unchunked; chunks of 4 and 16 at ~195 and
-~185. timm's model gets slower when chunked the same way (146 -> 116 img/s), so the gain is
-XLA's, not the model's. On GPU/TPU one launch over the whole batch is what keeps the device
-busy, so ``'auto'`` chunks only on CPU::
+with the first native kernels, chunks of 8 ran at ~215 img/s against ~160 unchunked (chunks of 4
+and 16 at ~195 and ~185); with the fused gate, stem and 4-channel blocks, which cut most of the
+traffic chunking saved, 8 x 2 streams runs at ~238 against ~226 (in-process A/B). timm's model
+gets slower when chunked the same way (146 -> 116 img/s), so the gain is XLA's, not the
+model's. On GPU/TPU one launch over the whole batch is what keeps the device busy, so ``'auto'``
+chunks only on CPU::
 
     predict = jax.jit(inference.predict_fn(model))      # chunks of 8 on CPU, whole batch elsewhere
     logits = predict(variables, images)
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 CPU_CHUNK = 8   # best of 2/4/8/16/32 above; also the best on one core (121 vs 84 img/s unchunked)
 # Two chunks per loop step, as independent computations that XLA:CPU's executor overlaps: the
 # small late-stage ops leave a core idle when run one at a time. In-process A/B on 2 cores:
-# 144 ms a batch of 32 against 151 ms with one chunk per step; 4 chunks of 4 as fast as 2 of 8.
+# 134 ms a batch of 32 against 141 ms with one chunk per step; 2 chunks of 4 as fast as 2 of 8.
 CPU_STREAMS = 2
 
 Chunk = Union[str, int, None]
