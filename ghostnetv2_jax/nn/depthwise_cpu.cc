@@ -735,34 +735,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2DepthwiseForward, ForwardImpl, GNV2_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2DepthwiseGradInput, GradInputImpl, GNV2_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2DepthwiseGradKernel, GradKernelImpl, GNV2_BINDING);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2GhostCheap, GhostImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // p
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // s1
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // b1
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // kernel
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // s2
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // b2
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("relu"));
+// The ghost op's operands: p, then both BatchNorms' affines around the depthwise kernel.
+#define GNV2_GHOST_OPERANDS                                \
+  ffi::Ffi::Bind()                                         \
+      .Ctx<ffi::ThreadPool>()                              \
+      .Arg<ffi::Buffer<ffi::F32>>() /* p */                \
+      .Arg<ffi::Buffer<ffi::F32>>() /* s1 */               \
+      .Arg<ffi::Buffer<ffi::F32>>() /* b1 */               \
+      .Arg<ffi::Buffer<ffi::F32>>() /* kernel */           \
+      .Arg<ffi::Buffer<ffi::F32>>() /* s2 */               \
+      .Arg<ffi::Buffer<ffi::F32>>() /* b2 */
+#define GNV2_GHOST_RESULT                                  \
+  .Ret<ffi::Buffer<ffi::F32>>()                            \
+      .Attr<int64_t>("pad_top")                            \
+      .Attr<int64_t>("pad_left")                           \
+      .Attr<int64_t>("relu")
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2GhostCheap, GhostImpl, GNV2_GHOST_OPERANDS GNV2_GHOST_RESULT);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2GhostCheapGated, GhostGatedImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // p
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // s1
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // b1
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // kernel
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // s2
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // b2
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // gate
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("relu"));
+                              GNV2_GHOST_OPERANDS.Arg<ffi::Buffer<ffi::F32>>() /* gate */ GNV2_GHOST_RESULT);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2StemConv, StemImpl,
                               ffi::Ffi::Bind()
