@@ -77,9 +77,9 @@ def chunked(fn: Callable[[jax.Array], Any], chunk: Chunk = 'auto',
 
     def run(images: jax.Array) -> Any:
         batch = images.shape[0]
-        per_step = (size or batch) * streams
-        if size is None or batch < per_step:
+        if size is None or batch < size * streams:
             return fn(images)
+        per_step = size * streams
         whole = batch // per_step * per_step
         xs = images[:whole].reshape(batch // per_step, streams, size, *images.shape[1:])
         parts = jax.tree.map(lambda y: y.reshape(whole, *y.shape[3:]), jax.lax.map(step, xs))

@@ -201,7 +201,7 @@ def test_gated_ghost_cheap_multiplies_by_the_nearest_upsampled_gate(shape, kerne
                                       jnp.float32))
     got = jax.jit(lambda *o: depthwise_native.ghost_cheap(*o[:-1], features, True, gate=o[-1]))(*ops, gate)
     plain = depthwise_native.ghost_cheap(*ops, features, True)
-    # the DFC module's own up-sampling (PyTorch's nearest interpolation), not the helper under test
+    # the DFC module's up-sampling (PyTorch's nearest interpolation) on the ungated op's output
     want = plain * resize(gate, shape[1:3], 'nearest')
     assert rel_err(got, want) <= 1e-6
     ref = depthwise_native.ghost_cheap_reference(*ops, features, True, gate)

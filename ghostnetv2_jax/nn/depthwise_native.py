@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from ghostnetv2_jax.nn.layers import resize
+
 SOURCE = Path(__file__).with_name('depthwise_cpu.cc')
 CXXFLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC')
 TARGETS = {  # XLA custom-call name -> exported handler symbol
@@ -296,13 +298,6 @@ def depthwise_native(x, kernel, strides: Sequence[int], padding: Sequence[Sequen
 GHOST_KERNEL_SIZES = ((3, 3), (5, 5), (1, 5), (5, 1))   # compiled in depthwise_cpu.cc
 
 
-def upsample_nearest(gate, size):
-    """``gate`` (N, h, w, C) up-sampled to ``size`` = (H, W), whole multiples of (h, w), by
-    repeating pixels: PyTorch's ``F.interpolate(mode='nearest')`` for whole factors."""
-    (h, w), (oh, ow) = gate.shape[1:3], size
-    return jnp.repeat(jnp.repeat(gate, oh // h, axis=1), ow // w, axis=2)
-
-
 def ghost_cheap_reference(p, s1, b1, kernel, s2, b2, features: int, relu: bool, gate=None):
     """What ``ghost_cheap`` computes, as separate ops (and its gradient, by autodiff)."""
     act = jax.nn.relu if relu else (lambda v: v)
@@ -310,7 +305,7 @@ def ghost_cheap_reference(p, s1, b1, kernel, s2, b2, features: int, relu: bool, 
     x1 = act(p * s1 + b1)
     x2 = act(depthwise_native(x1, kernel, (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2))) * s2 + b2)
     out = jnp.concatenate([x1, x2], axis=-1)[..., :features]
-    return out if gate is None else out * upsample_nearest(gate, out.shape[1:3])
+    return out if gate is None else out * resize(gate, out.shape[1:3], 'nearest')
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
@@ -342,7 +337,7 @@ def ghost_cheap(p, s1, b1, kernel, s2, b2, features: int, relu: bool, gate=None)
     cut to ``features`` channels, with ``x1 = act(p * s1 + b1)``; stride 1, 'same' padding, odd
     kernel sizes in GHOST_KERNEL_SIZES. With ``gate`` (N, H / fh, W / fw, features) for whole
     factors fh, fw, the result is also multiplied by the gate up-sampled by nearest neighbour
-    (``upsample_nearest``; GhostNetV2's DFC attention). One pass over memory instead of three
+    (``nn.layers.resize``; GhostNetV2's DFC attention). One pass over memory instead of three
     (four with the gate). Differentiable (through the unfused ops), so safe under ``jax.grad``."""
     _check_backend()
     n, h, w, c = p.shape
