@@ -370,6 +370,15 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> ker
   return ffi::Error::Success();
 }
 
+// fn over `rows` rows of one output (a: its main input, b: the kernel), spread over the pool.
+void RunRows(ffi::ThreadPool& pool, const Geometry& g, RowFn fn, const float* a, const float* b,
+             float* out, int64_t rows, int64_t row_floats) {
+  const int64_t grain = Grain(row_floats);
+  ParallelFor(pool, Workers(pool, rows, grain), rows, grain, [&](int64_t lo, int64_t hi, int) {
+    for (int64_t r = lo; r < hi; ++r) fn(g, a, b, out, r);
+  });
+}
+
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                        ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
                        int64_t pl) {
@@ -377,13 +386,8 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   if (auto e = MakeGeometry(x.dimensions(), kernel.dimensions(), y->dimensions(), sh, sw, pt, pl, &g);
       e.failure())
     return e;
-  const float *xp = x.typed_data(), *kp = kernel.typed_data();
-  float* yp = y->typed_data();
-  const int64_t rows = g.n * g.ho, grain = Grain(g.wo * g.c);
-  const RowFn fn = PickForward(g);
-  ParallelFor(pool, Workers(pool, rows, grain), rows, grain, [&](int64_t b, int64_t e, int) {
-    for (int64_t r = b; r < e; ++r) fn(g, xp, kp, yp, r);
-  });
+  RunRows(pool, g, PickForward(g), x.typed_data(), kernel.typed_data(), y->typed_data(), g.n * g.ho,
+          g.wo * g.c);
   return ffi::Error::Success();
 }
 
@@ -395,13 +399,8 @@ ffi::Error GradInputImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
   if (auto e = MakeGeometry(dx->dimensions(), kernel.dimensions(), dy.dimensions(), sh, sw, pt, pl, &g);
       e.failure())
     return e;
-  const float *gp = dy.typed_data(), *kp = kernel.typed_data();
-  float* dxp = dx->typed_data();
-  const int64_t rows = g.n * g.h, grain = Grain(g.w * g.c);
-  const RowFn fn = PickGradInput(g);
-  ParallelFor(pool, Workers(pool, rows, grain), rows, grain, [&](int64_t b, int64_t e, int) {
-    for (int64_t r = b; r < e; ++r) fn(g, gp, kp, dxp, r);
-  });
+  RunRows(pool, g, PickGradInput(g), dy.typed_data(), kernel.typed_data(), dx->typed_data(),
+          g.n * g.h, g.w * g.c);
   return ffi::Error::Success();
 }
 
