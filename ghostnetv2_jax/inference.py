@@ -28,6 +28,8 @@ from typing import Any, Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 
+from ghostnetv2_jax.models.ghostnet import GhostNet
+
 CPU_CHUNK = 8   # best of 2/4/8/16/32 above; also the best on one core (121 vs 84 img/s unchunked)
 # Two chunks per loop step, as independent computations that XLA:CPU's executor overlaps: the
 # small late-stage ops leave a core idle when run one at a time. In-process A/B on 2 cores:
@@ -93,7 +95,21 @@ def chunked(fn: Callable[[jax.Array], Any], chunk: Chunk = 'auto',
 def predict_fn(model, chunk: Chunk = 'auto', **apply_kwargs) -> Callable[[Any, jax.Array], Any]:
     """``(variables, images) -> model.apply(variables, images, train=False, **apply_kwargs)``, run
     in chunks of the batch on CPU (see the module docstring). Jit it; works for the eval and the
-    BN-folded (``deploy``) models, and for ``features_only=True``."""
+    BN-folded (``deploy``) models, and for ``features_only=True``.
+
+    For a GhostNet's logits only the convolutional part is chunked; the head (pool, conv_head,
+    classifier) runs once over the whole batch. In the loop, each chunk would read its 10 MB of
+    weights again for an 8-row matmul: 6.9 ms of a 129 ms batch of 32 on 2 cores, against
+    ~1.5 ms once (in-process A/B in docs/benchmarks.md)."""
+    split_head = resolve_chunk(chunk) is not None and _has_head_split(model, apply_kwargs)
+
     def predict(variables: Any, images: jax.Array) -> Any:
-        return chunked(lambda x: model.apply(variables, x, train=False, **apply_kwargs), chunk)(images)
+        if not split_head:
+            return chunked(lambda x: model.apply(variables, x, train=False, **apply_kwargs), chunk)(images)
+        maps = chunked(lambda x: model.apply(variables, x, train=False, part='features'), chunk)(images)
+        return model.apply(variables, maps, train=False, part='head')
     return predict
+
+
+def _has_head_split(model, apply_kwargs) -> bool:
+    return isinstance(model, GhostNet) and not apply_kwargs

@@ -1,4 +1,6 @@
 """deploy.fold_batchnorm: the BN-folded inference model gives the eval model's logits."""
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -95,7 +97,8 @@ def test_fused_ghost_op_gives_the_unfused_logits(monkeypatch, folded, hw, gated)
     """Inference on CPU fuses each ghost module's BN, activation, cheap conv and concatenation
     (nn.depthwise_native.ghost_cheap), and DFC's gate where the map's size is a whole multiple of
     the pooled one (at 60x68 the DFC block's 15x17 map is not), and the stem's conv, BN and ReLU
-    (stem_conv): same logits as the separate ops, eval and BN-folded."""
+    (stem_conv), and the primary 1x1 conv of modules with narrow inputs
+    (FUSED_PRIMARY_MAX_CHANNELS): same logits as the separate ops, eval and BN-folded."""
     from ghostnetv2_jax.models import ghostnet
     model = create_model('ghostnetv2_100', cfgs=TINY, depthwise_impl='native')
     images = _images((2, *hw, 3))
@@ -103,8 +106,11 @@ def test_fused_ghost_op_gives_the_unfused_logits(monkeypatch, folded, hw, gated)
     if folded:
         model, variables = deploy.fold_batchnorm(model, variables)
     hlo = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, images).as_text()
-    assert hlo.count('gnv2_ghost_cheap') >= 6          # every ghost module of TINY fused
-    assert hlo.count('gnv2_ghost_cheap_gated') == gated   # the one DFC block's ghost1
+    # every ghost module of TINY fused; those with inputs of <= 40 channels with their primary conv
+    calls = lambda name: len(re.findall(rf'custom_call @{name}\(', hlo))
+    assert calls('gnv2_ghost_module') + calls('gnv2_ghost_module_gated') == 4
+    assert calls('gnv2_ghost_cheap') + calls('gnv2_ghost_cheap_gated') == 2
+    assert calls('gnv2_ghost_module_gated') == gated   # the one DFC block's ghost1
     fused = _logits(model, variables, images)
     assert hlo.count('gnv2_stem_conv') == 1
     monkeypatch.setattr(ghostnet.GhostModule, '_fused_cheap_op', lambda self, train: False)

@@ -225,6 +225,61 @@ def test_gated_ghost_cheap_rejects_a_gate_of_the_wrong_shape():
             depthwise_native.ghost_cheap(*ops, 20, True, gate=jnp.ones(bad))
 
 
+# ----------------------------------------------------------------------------- ghost module form
+MODULE_CASES = [  # (x shape NHWC, primary channels C, kernel, features, relu, gate's spatial size)
+    ((2, 19, 11, 16), 24, (3, 3), 48, True, None),      # 3 vectors of 8; 2 row chunks per image
+    ((1, 9, 7, 5), 7, (3, 3), 13, False, None),         # fewer channels than a vector, odd Cin
+    ((2, 36, 10, 40), 60, (3, 3), 120, True, (18, 5)),  # 32 + 24 + 4 channels, gated
+    ((1, 40, 6, 24), 36, (5, 5), 71, True, None),       # 4 halo rows between chunks
+    ((2, 12, 9, 8), 12, (1, 5), 20, False, (6, 3)),
+]
+
+
+def _module_operands(x_shape, c, kernel, features, gate_hw, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    primary = jnp.asarray(rng.standard_normal((1, 1, x_shape[-1], c)) / np.sqrt(x_shape[-1]), jnp.float32)
+    rest = _ghost_operands((*x_shape[:3], c), kernel, seed + 1)[1:]
+    gate = None if gate_hw is None else jax.nn.sigmoid(
+        jnp.asarray(rng.standard_normal((x_shape[0], *gate_hw, features)), jnp.float32))
+    return x, primary, rest, gate
+
+
+@pytest.mark.parametrize('x_shape,c,kernel,features,relu,gate_hw', MODULE_CASES)
+def test_ghost_module_form_runs_the_primary_conv_too(x_shape, c, kernel, features, relu, gate_hw):
+    x, primary, rest, gate = _module_operands(x_shape, c, kernel, features, gate_hw)
+    got = jax.jit(lambda x, w, *o: depthwise_native.ghost_cheap(x, *o, features, relu, gate=gate, primary=w))(
+        x, primary, *rest)
+    assert got.shape == (*x_shape[:3], features)
+    # the primary conv by XLA, then the cheap-half op
+    p = jax.lax.conv_general_dilated(x, primary, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                     precision=jax.lax.Precision.HIGHEST)
+    want = depthwise_native.ghost_cheap(p, *rest, features, relu, gate=gate)
+    assert float(jnp.abs(want).max()) > 0.5
+    assert rel_err(got, want) <= 1e-5
+    ref = depthwise_native.ghost_cheap_reference(x, *rest, features, relu, gate, primary)
+    assert rel_err(got, ref) <= 1e-5
+
+
+def test_ghost_module_form_gradients_reach_the_input_and_the_primary_kernel():
+    x, primary, rest, gate = _module_operands((2, 6, 8, 12), 10, (3, 3), 20, (3, 4))
+    loss = lambda f: lambda x, w, g, *o: jnp.sum(jnp.sin(f(x, *o, 20, True, g, w)))
+    argnums = tuple(range(8))
+    got = jax.grad(loss(lambda *a: depthwise_native.ghost_cheap(*a[:8], gate=a[8], primary=a[9])),
+                   argnums)(x, primary, gate, *rest)
+    ref = jax.grad(loss(depthwise_native.ghost_cheap_reference), argnums)(x, primary, gate, *rest)
+    for g, r in zip(got, ref):
+        assert float(jnp.abs(r).max()) > 0
+        assert rel_err(g, r) <= 1e-5
+
+
+def test_ghost_module_form_rejects_a_primary_kernel_of_the_wrong_shape():
+    x, primary, rest, _ = _module_operands((1, 6, 8, 12), 10, (3, 3), 20, None)
+    for bad in (jnp.ones((1, 1, 13, 10)), jnp.ones((3, 3, 12, 10)), jnp.ones((12, 10)), jnp.ones((1, 1, 12, 11))):
+        with pytest.raises(ValueError, match='primary kernel|is not one of'):
+            depthwise_native.ghost_cheap(x, *rest, 20, True, primary=bad)
+
+
 # ----------------------------------------------------------------------------- stem_conv
 STEM_CASES = [  # (x shape NHWC, kernel HWIO, stride, padding)
     ((2, 15, 17, 3), (3, 3, 3, 16), 2, ((1, 1), (1, 1))),    # the GhostNet stem: 2 blocks of 8

@@ -1,4 +1,6 @@
 """inference: the network run over chunks of the batch computes the whole batch's outputs."""
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -44,6 +46,32 @@ def test_chunked_folded_model_and_feature_maps_match():
     chex.assert_trees_all_equal_shapes(feats, ref_feats)
     for got, want in zip(feats, ref_feats):
         assert rel_err(got, want) <= TOLERANCE
+
+
+def test_features_and_head_parts_compose_to_the_logits_and_bad_parts_are_refused():
+    model, variables, images = _setup(batch=3, size=64)
+    logits = model.apply(variables, images, train=False)
+    maps = model.apply(variables, images, train=False, part='features')
+    chex.assert_shape(maps, (3, 16, 16, 72))   # TINY's last map before pooling (stride 4, 72 wide)
+    assert rel_err(model.apply(variables, maps, train=False, part='head'), logits) <= TOLERANCE
+    with pytest.raises(ValueError, match='part must be'):
+        model.apply(variables, images, part='neck')
+    with pytest.raises(ValueError, match='features_only'):
+        model.apply(variables, images, features_only=True, part='features')
+
+
+def test_the_head_runs_once_outside_the_chunk_loop():
+    """Its 1280-wide conv and classifier read their weights once, not once per chunk."""
+    model, variables, images = _setup(batch=16)
+    jaxpr = jax.make_jaxpr(inference.predict_fn(model, 4))(variables, images).jaxpr
+    loop = next(e for e in jaxpr.eqns if e.primitive.name == 'scan')
+    # conv_head's output, (images, 1, 1, 1280) or flattened; its kernel is a loop input either way
+    head_out = lambda rows, text: re.search(rf'f32\[{rows},(1,1,)?1280\]', text) is not None
+    assert not head_out(4, str(loop.params['jaxpr']))
+    assert head_out(16, str(jaxpr))
+    # features_only outputs are not split
+    feats = jax.make_jaxpr(inference.predict_fn(model, 4, features_only=True))(variables, images).jaxpr
+    assert not head_out(16, str(feats))
 
 
 def test_only_a_batch_of_at_least_one_loop_step_is_looped():

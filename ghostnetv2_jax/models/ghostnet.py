@@ -6,6 +6,7 @@ statistics (``mutable=['batch_stats']``) and enables dropout (a ``'dropout'`` rn
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 
 from ghostnetv2_jax.nn.attention import DFCAttention, make_attention
 from ghostnetv2_jax.nn.depthwise import DepthwiseConv, resolve_impl
-from ghostnetv2_jax.nn.depthwise_native import GHOST_KERNEL_SIZES, ghost_cheap, stem_conv_fn
+from ghostnetv2_jax.nn.depthwise_native import GHOST_KERNEL_SIZES, ghost_cheap, ghost_module_fn, stem_conv_fn
 from ghostnetv2_jax.nn.layers import BatchNorm, conv2d, make_divisible
 
 Dtype = Any
@@ -35,6 +36,11 @@ GHOSTNET_CFGS: Tuple[Tuple[Tuple[float, ...], ...], ...] = (
     ((5, 960, 160, 0, 1), (5, 960, 160, 0.25, 1), (5, 960, 160, 0, 1), (5, 960, 160, 0.25, 1)),
 )
 HEAD_WIDTH = 1280
+# The fused inference op also runs a ghost module's primary 1x1 conv when its input is this narrow
+# (every ghost1 from the stem to the 28x28 stage, and block 0's ghost2), where XLA's matmul is
+# bound by memory. Batch 32 on 2 cores, BN folded: 122 ms against 128 unfused; with 72 or 120
+# (wider, compute-bound matmuls too), 125-126 ms.
+FUSED_PRIMARY_MAX_CHANNELS = 40
 
 
 class GhostModule(nn.Module):
@@ -63,7 +69,7 @@ class GhostModule(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         act = nn.relu if self.use_act else (lambda v: v)
         init_chs = math.ceil(self.features / self.ratio)
-        x1 = conv2d(init_chs, 1, dtype=self.dtype, name='primary_conv')(x)
+        primary_conv = functools.partial(conv2d, init_chs, 1, dtype=self.dtype, name='primary_conv')
         primary_bn = BatchNorm(dtype=self.dtype, folded=self.fold_bn, name='primary_bn')
         cheap_conv = DepthwiseConv(self.dw_size, multiplier=self.ratio - 1, impl=self.depthwise_impl,
                                    dtype=self.dtype, name='cheap_conv')
@@ -75,12 +81,17 @@ class GhostModule(nn.Module):
             # DFC's gate is applied by the fused op as it writes its output (one pass fewer).
             fuse_gate = isinstance(attn, DFCAttention) and attn.gate_fusible(x.shape[1:3])
             gate = attn(x, None, train, gate_only=True) if fuse_gate else None
-            out = ghost_cheap(x1, *primary_bn(x1, affine_only=True), cheap_conv(x1, kernel_only=True),
-                              *cheap_bn(x1, affine_only=True), self.features, self.use_act, gate=gate)
+            like = jax.ShapeDtypeStruct((*x.shape[:-1], init_chs), self.dtype)   # x1's shape
+            ops = (*primary_bn(like, affine_only=True), cheap_conv(like, kernel_only=True),
+                   *cheap_bn(like, affine_only=True), self.features, self.use_act)
+            if x.shape[-1] <= FUSED_PRIMARY_MAX_CHANNELS:
+                out = primary_conv(conv_fn=ghost_module_fn(*ops, gate=gate))(x)
+            else:
+                out = ghost_cheap(primary_conv()(x), *ops, gate=gate)
             if fuse_gate:
                 return out
         else:
-            x1 = act(primary_bn(x1, train))
+            x1 = act(primary_bn(primary_conv()(x), train))
             x2 = act(cheap_bn(cheap_conv(x1), train))
             out = jnp.concatenate([x1, x2], axis=-1)
             if out.shape[-1] != self.features:
@@ -130,6 +141,9 @@ class GhostBottleneck(nn.Module):
         return y + shortcut
 
 
+PARTS = ('all', 'features', 'head')
+
+
 class GhostNet(nn.Module):
     """GhostNet V1 (``attention='none'``) or V2 (``attention='dfc'``) classifier.
 
@@ -159,11 +173,23 @@ class GhostNet(nn.Module):
                 and resolve_impl(self.depthwise_impl) == 'native')
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False, *, features_only: bool = False):
+    def __call__(self, images: jax.Array, train: bool = False, *, features_only: bool = False,
+                 part: str = 'all'):
         """Logits (N, num_classes) in float32; with ``features_only`` the list of 5 feature maps at
-        strides 2, 4, 8, 16, 32, the same maps as timm's ``features_only=True`` model."""
+        strides 2, 4, 8, 16, 32, the same maps as timm's ``features_only=True`` model.
+
+        ``part`` splits the network as timm's ``forward_features`` / ``forward_head`` do:
+        ``'features'`` returns the last map before pooling, (N, H/32, W/32, 960) at width 1.0;
+        ``'head'`` takes that map as ``images`` and returns the logits; ``'all'`` runs both.
+        """
+        if part not in PARTS:
+            raise ValueError(f'part must be one of {PARTS}, got {part!r}')
+        if features_only and part != 'all':
+            raise ValueError(f"features_only returns the stage maps; it takes part='all', got {part!r}")
         if features_only and self.fold_bn:
             raise ValueError('features_only needs the unfolded model: its first map is taken before bn1')
+        if part == 'head':
+            return self._head(images.astype(self.dtype), train)
         features: List[jax.Array] = []
         x = images.astype(self.dtype)
         stem_width = make_divisible(16 * self.width)
@@ -196,6 +222,10 @@ class GhostNet(nn.Module):
         x = conv2d(last_width, 1, dtype=self.dtype, name=f'blocks_{len(self.cfgs)}_0_conv')(x)
         x = nn.relu(BatchNorm(dtype=self.dtype, folded=self.fold_bn,
                                  name=f'blocks_{len(self.cfgs)}_0_bn1')(x, train))
+        return x if part == 'features' else self._head(x, train)
+
+    def _head(self, x: jax.Array, train: bool) -> jax.Array:
+        """Global pool, conv_head, classifier (timm's forward_head); submodules of __call__."""
         x = jnp.mean(x, axis=(1, 2), keepdims=True)
         x = nn.relu(conv2d(HEAD_WIDTH, 1, use_bias=True, dtype=self.dtype, name='conv_head')(x))
         x = x.reshape(x.shape[0], -1)

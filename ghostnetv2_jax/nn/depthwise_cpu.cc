@@ -457,6 +457,9 @@ ffi::Error GradKernelImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 // Each chunk of rows rebuilds the x1 rows it reads (its own plus kh - 1 halo rows) in scratch.
 // The gated form also multiplies the result by an attention gate (N, H / fh, W / fw, C + keep)
 // up-sampled by nearest neighbour (GhostNetV2's DFC), a fourth pass otherwise.
+// The module form also runs the primary 1x1 conv: from the module's input x (N, H, W, Cin) and
+// its kernel (Cin, C), p = x @ kernel is made row by row in scratch and never stored. For the
+// narrow early layers that matmul is bound by memory, not arithmetic.
 struct GhostArgs {
   const float *p, *s1, *b1, *k, *s2, *b2;
   float* out;
@@ -464,9 +467,73 @@ struct GhostArgs {
   bool relu;
   const float* gate = nullptr;  // gated form only
   int64_t hg = 0, wg = 0, fh = 1, fw = 1;
+  const float* primary = nullptr;  // module form only: p is then x, and cin its channels
+  int64_t cin = 0;
 };
 
 inline float Act(float v, bool relu) { return relu ? std::max(v, 0.0f) : v; }
+
+// Channels [c0, c0 + NB * L) of one x1 row of the module form, act((x_row @ primary) * s1 + b1):
+// four pixels by NB vectors of results in registers, so each x value loaded is used NB times
+// and each kernel vector four times.
+template <int NB, int L>
+void PrimaryBlocks(const GhostArgs& a, int64_t c, int64_t w, const float* xr, float* dst, int64_t c0) {
+  using V = typename Lanes<L>::V;
+  const int64_t cin = a.cin;
+  const float* wp = a.primary + c0;
+  V s1[NB], b1[NB];
+  for (int j = 0; j < NB; ++j) s1[j] = Load<V>(a.s1 + c0 + j * L), b1[j] = Load<V>(a.b1 + c0 + j * L);
+  const V zero = {};
+  auto store = [&](float* o, const V (&acc)[NB]) __attribute__((always_inline)) {
+    for (int j = 0; j < NB; ++j) {
+      V v = acc[j] * s1[j] + b1[j];
+      Store(o + j * L, a.relu ? (v > zero ? v : zero) : v);
+    }
+  };
+  int64_t iw = 0;
+  for (; iw + 4 <= w; iw += 4) {
+    const float* xp = xr + iw * cin;
+    V acc[4][NB] = {};
+    for (int64_t k = 0; k < cin; ++k) {
+      V wk[NB];
+      for (int j = 0; j < NB; ++j) wk[j] = Load<V>(wp + k * c + j * L);
+      for (int q = 0; q < 4; ++q) {
+        const float xv = xp[q * cin + k];
+        for (int j = 0; j < NB; ++j) acc[q][j] += xv * wk[j];
+      }
+    }
+    for (int q = 0; q < 4; ++q) store(dst + (iw + q) * c + c0, acc[q]);
+  }
+  for (; iw < w; ++iw) {
+    V acc[NB] = {};
+    for (int64_t k = 0; k < cin; ++k)
+      for (int j = 0; j < NB; ++j) acc[j] += xr[iw * cin + k] * Load<V>(wp + k * c + j * L);
+    store(dst + iw * c + c0, acc);
+  }
+}
+
+// One x1 row of the module form: 32 channels at a time, then the 8-channel blocks left, then 4,
+// then single channels.
+void PrimaryRow(const GhostArgs& a, int64_t c, int64_t w, const float* xr, float* dst) {
+  int64_t c0 = 0;
+  for (; c0 + 32 <= c; c0 += 32) PrimaryBlocks<4, 8>(a, c, w, xr, dst, c0);
+  switch ((c - c0) / 8) {
+    case 3: PrimaryBlocks<3, 8>(a, c, w, xr, dst, c0); c0 += 24; break;
+    case 2: PrimaryBlocks<2, 8>(a, c, w, xr, dst, c0); c0 += 16; break;
+    case 1: PrimaryBlocks<1, 8>(a, c, w, xr, dst, c0); c0 += 8; break;
+    default: break;
+  }
+  if (c0 + 4 <= c) {
+    PrimaryBlocks<1, 4>(a, c, w, xr, dst, c0);
+    c0 += 4;
+  }
+  for (; c0 < c; ++c0)
+    for (int64_t iw = 0; iw < w; ++iw) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < a.cin; ++k) acc += xr[iw * a.cin + k] * a.primary[k * c + c0];
+      dst[iw * c + c0] = Act(acc * a.s1[c0] + a.b1[c0], a.relu);
+    }
+}
 
 template <int KH, int KW>
 void GhostRows(const Geometry& g, const GhostArgs& a, int64_t n, int64_t r0, int64_t r1,
@@ -475,8 +542,12 @@ void GhostRows(const Geometry& g, const GhostArgs& a, int64_t n, int64_t r0, int
   const int64_t first = std::max<int64_t>(0, r0 - g.pt), last = std::min(g.h, r1 - g.pt + KH - 1);
   scratch.resize(std::max<int64_t>(0, last - first) * w * c);
   for (int64_t ih = first; ih < last; ++ih) {  // x1 rows
-    const float* src = a.p + (n * g.h + ih) * w * c;
     float* dst = scratch.data() + (ih - first) * w * c;
+    if (a.primary) {
+      PrimaryRow(a, c, w, a.p + (n * g.h + ih) * w * a.cin, dst);
+      continue;
+    }
+    const float* src = a.p + (n * g.h + ih) * w * c;
     for (int64_t iw = 0; iw < w; ++iw)
 #pragma GCC ivdep
       for (int64_t ch = 0; ch < c; ++ch)
@@ -551,11 +622,23 @@ inline bool PerChannel(const ffi::Buffer<ffi::F32>& b, int64_t c) {
   return b.element_count() == static_cast<size_t>(c);
 }
 
-ffi::Error GhostRun(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> s1,
-                    ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::F32> kernel,
+// `primary` (the module form): p is the module's input x and primary its 1x1 kernel (1, 1, Cin, C).
+ffi::Error GhostRun(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, const ffi::Buffer<ffi::F32>* primary,
+                    ffi::Buffer<ffi::F32> s1, ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::F32> kernel,
                     ffi::Buffer<ffi::F32> s2, ffi::Buffer<ffi::F32> b2, const ffi::Buffer<ffi::F32>* gate,
                     ffi::ResultBuffer<ffi::F32> out, int64_t pt, int64_t pl, int64_t relu) {
-  const auto pd = p.dimensions(), kd = kernel.dimensions(), od = out->dimensions();
+  auto pd = p.dimensions();
+  const auto kd = kernel.dimensions(), od = out->dimensions();
+  std::vector<int64_t> x1_dims(pd.begin(), pd.end());
+  int64_t cin = 0;
+  if (primary) {
+    const auto wd = primary->dimensions();
+    if (pd.size() != 4 || wd.size() != 4 || wd[0] != 1 || wd[1] != 1 || wd[2] != pd[3])
+      return ffi::Error::InvalidArgument("ghost module op: the primary kernel must be (1, 1, C_in, C)");
+    cin = pd[3];
+    x1_dims[3] = wd[3];
+    pd = ffi::Span<const int64_t>(x1_dims.data(), x1_dims.size());
+  }
   if (pd.size() != 4 || kd.size() != 4 || od.size() != 4 || kd[2] != 1 || kd[3] != pd[3] ||
       od[0] != pd[0] || od[1] != pd[1] || od[2] != pd[2] || od[3] < pd[3] || od[3] > 2 * pd[3] ||
       !PerChannel(s1, pd[3]) || !PerChannel(b1, pd[3]) || !PerChannel(s2, pd[3]) || !PerChannel(b2, pd[3]))
@@ -578,7 +661,14 @@ ffi::Error GhostRun(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<f
     a.gate = gate->typed_data();
     a.hg = gd[1], a.wg = gd[2], a.fh = g.h / gd[1], a.fw = g.w / gd[2];
   }
-  const int64_t grain = Grain(g.w * od[3]), per_image = (g.h + grain - 1) / grain;
+  // The module form recomputes kh - 1 halo rows of the matmul per chunk, so its chunks are taller.
+  int64_t grain = Grain(g.w * od[3]);
+  if (primary) {
+    a.primary = primary->typed_data();
+    a.cin = cin;
+    grain = std::max<int64_t>(grain, 8 * (g.kh - 1));
+  }
+  const int64_t per_image = (g.h + grain - 1) / grain;
   const int64_t chunks = g.n * per_image;
   ParallelFor(pool, Workers(pool, chunks, 1), chunks, 1, [&](int64_t b, int64_t e, int) {
     // Kept per thread: a malloc per chunk contends on one lock when glibc runs a single arena
@@ -596,7 +686,7 @@ ffi::Error GhostImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<
                      ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::F32> kernel,
                      ffi::Buffer<ffi::F32> s2, ffi::Buffer<ffi::F32> b2,
                      ffi::ResultBuffer<ffi::F32> out, int64_t pt, int64_t pl, int64_t relu) {
-  return GhostRun(pool, p, s1, b1, kernel, s2, b2, nullptr, out, pt, pl, relu);
+  return GhostRun(pool, p, nullptr, s1, b1, kernel, s2, b2, nullptr, out, pt, pl, relu);
 }
 
 ffi::Error GhostGatedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> s1,
@@ -604,7 +694,21 @@ ffi::Error GhostGatedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Bu
                           ffi::Buffer<ffi::F32> s2, ffi::Buffer<ffi::F32> b2,
                           ffi::Buffer<ffi::F32> gate, ffi::ResultBuffer<ffi::F32> out,
                           int64_t pt, int64_t pl, int64_t relu) {
-  return GhostRun(pool, p, s1, b1, kernel, s2, b2, &gate, out, pt, pl, relu);
+  return GhostRun(pool, p, nullptr, s1, b1, kernel, s2, b2, &gate, out, pt, pl, relu);
+}
+
+ffi::Error GhostModuleImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> primary,
+                           ffi::Buffer<ffi::F32> s1, ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::F32> kernel,
+                           ffi::Buffer<ffi::F32> s2, ffi::Buffer<ffi::F32> b2,
+                           ffi::ResultBuffer<ffi::F32> out, int64_t pt, int64_t pl, int64_t relu) {
+  return GhostRun(pool, x, &primary, s1, b1, kernel, s2, b2, nullptr, out, pt, pl, relu);
+}
+
+ffi::Error GhostModuleGatedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> primary,
+                                ffi::Buffer<ffi::F32> s1, ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::F32> kernel,
+                                ffi::Buffer<ffi::F32> s2, ffi::Buffer<ffi::F32> b2, ffi::Buffer<ffi::F32> gate,
+                                ffi::ResultBuffer<ffi::F32> out, int64_t pt, int64_t pl, int64_t relu) {
+  return GhostRun(pool, x, &primary, s1, b1, kernel, s2, b2, &gate, out, pt, pl, relu);
 }
 
 // ----------------------------------------------------------------------------- stem
@@ -734,12 +838,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2DepthwiseForward, ForwardImpl, GNV2_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2DepthwiseGradInput, GradInputImpl, GNV2_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2DepthwiseGradKernel, GradKernelImpl, GNV2_BINDING);
 
-// The ghost op's operands: p, then both BatchNorms' affines around the depthwise kernel.
-#define GNV2_GHOST_OPERANDS                                \
-  ffi::Ffi::Bind()                                         \
-      .Ctx<ffi::ThreadPool>()                              \
-      .Arg<ffi::Buffer<ffi::F32>>() /* p */                \
-      .Arg<ffi::Buffer<ffi::F32>>() /* s1 */               \
+// The ghost op's operands: p (or x and the primary kernel), then both BatchNorms' affines
+// around the depthwise kernel.
+#define GNV2_GHOST_OPERANDS GNV2_GHOST_AFFINES(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>() /* p */)
+#define GNV2_GHOST_MODULE_OPERANDS                         \
+  GNV2_GHOST_AFFINES(ffi::Ffi::Bind()                      \
+                         .Ctx<ffi::ThreadPool>()           \
+                         .Arg<ffi::Buffer<ffi::F32>>()     /* x */ \
+                         .Arg<ffi::Buffer<ffi::F32>>())    /* primary kernel */
+#define GNV2_GHOST_AFFINES(head)                           \
+  head.Arg<ffi::Buffer<ffi::F32>>() /* s1 */               \
       .Arg<ffi::Buffer<ffi::F32>>() /* b1 */               \
       .Arg<ffi::Buffer<ffi::F32>>() /* kernel */           \
       .Arg<ffi::Buffer<ffi::F32>>() /* s2 */               \
@@ -753,6 +861,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2DepthwiseGradKernel, GradKernelImpl, GNV2_BIND
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2GhostCheap, GhostImpl, GNV2_GHOST_OPERANDS GNV2_GHOST_RESULT);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2GhostCheapGated, GhostGatedImpl,
                               GNV2_GHOST_OPERANDS.Arg<ffi::Buffer<ffi::F32>>() /* gate */ GNV2_GHOST_RESULT);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2GhostModule, GhostModuleImpl, GNV2_GHOST_MODULE_OPERANDS GNV2_GHOST_RESULT);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2GhostModuleGated, GhostModuleGatedImpl,
+                              GNV2_GHOST_MODULE_OPERANDS.Arg<ffi::Buffer<ffi::F32>>() /* gate */ GNV2_GHOST_RESULT);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2StemConv, StemImpl,
                               ffi::Ffi::Bind()

@@ -49,6 +49,8 @@ TARGETS = {  # XLA custom-call name -> exported handler symbol
     'gnv2_depthwise_grad_kernel': 'Gnv2DepthwiseGradKernel',
     'gnv2_ghost_cheap': 'Gnv2GhostCheap',
     'gnv2_ghost_cheap_gated': 'Gnv2GhostCheapGated',
+    'gnv2_ghost_module': 'Gnv2GhostModule',
+    'gnv2_ghost_module_gated': 'Gnv2GhostModuleGated',
     'gnv2_stem_conv': 'Gnv2StemConv',
 }
 
@@ -174,6 +176,10 @@ _TARGETS = {
                                 ('pad_top', 'pad_left', 'relu')),
     'gnv2_ghost_cheap_gated': _Target('n h w c, c, c, i j k c, c, c, n a b d -> n h w d',
                                       (True,) + (False,) * 5 + (True,), ('pad_top', 'pad_left', 'relu')),
+    'gnv2_ghost_module': _Target('n h w e, a b e c, c, c, i j k c, c, c -> n h w d', (True,) + (False,) * 6,
+                                 ('pad_top', 'pad_left', 'relu')),
+    'gnv2_ghost_module_gated': _Target('n h w e, a b e c, c, c, i j k c, c, c, n u v d -> n h w d',
+                                       (True,) + (False,) * 6 + (True,), ('pad_top', 'pad_left', 'relu')),
     'gnv2_stem_conv': _Target('n h w c, i j c d, d, d -> n p q d', (True, False, False, False),
                               ('stride_h', 'stride_w', 'pad_top', 'pad_left', 'relu')),
 }
@@ -298,49 +304,62 @@ def depthwise_native(x, kernel, strides: Sequence[int], padding: Sequence[Sequen
 GHOST_KERNEL_SIZES = ((3, 3), (5, 5), (1, 5), (5, 1))   # compiled in depthwise_cpu.cc
 
 
-def ghost_cheap_reference(p, s1, b1, kernel, s2, b2, features: int, relu: bool, gate=None):
+def ghost_cheap_reference(p, s1, b1, kernel, s2, b2, features: int, relu: bool, gate=None, primary=None):
     """What ``ghost_cheap`` computes, as separate ops (and its gradient, by autodiff)."""
     act = jax.nn.relu if relu else (lambda v: v)
     kh, kw = kernel.shape[:2]
+    if primary is not None:
+        p = jnp.einsum('nhwe,ec->nhwc', p, primary[0, 0], precision=jax.lax.Precision.HIGHEST)
     x1 = act(p * s1 + b1)
     x2 = act(depthwise_native(x1, kernel, (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2))) * s2 + b2)
     out = jnp.concatenate([x1, x2], axis=-1)[..., :features]
     return out if gate is None else out * resize(gate, out.shape[1:3], 'nearest')
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _ghost(p, s1, b1, kernel, s2, b2, gate, features, relu):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+def _ghost(p, s1, b1, kernel, s2, b2, gate, primary, features, relu):
     kh, kw = kernel.shape[:2]
     static = (kh // 2, kw // 2, int(relu))
-    target, gated = ('gnv2_ghost_cheap', ()) if gate is None else ('gnv2_ghost_cheap_gated', (gate,))
-    return _call(target, static, (*p.shape[1:3], features), p, s1, b1, kernel, s2, b2, *gated).astype(p.dtype)
+    target = 'gnv2_ghost_cheap' if primary is None else 'gnv2_ghost_module'
+    head = (p,) if primary is None else (p, primary)
+    gated = () if gate is None else (gate,)
+    target += '_gated' if gated else ''
+    return _call(target, static, (*p.shape[1:3], features), *head, s1, b1, kernel, s2, b2, *gated).astype(p.dtype)
 
 
-def _ghost_fwd(p, s1, b1, kernel, s2, b2, gate, features, relu):
-    return _ghost(p, s1, b1, kernel, s2, b2, gate, features, relu), (p, s1, b1, kernel, s2, b2, gate)
+def _ghost_fwd(p, s1, b1, kernel, s2, b2, gate, primary, features, relu):
+    out = _ghost(p, s1, b1, kernel, s2, b2, gate, primary, features, relu)
+    return out, (p, s1, b1, kernel, s2, b2, gate, primary)
 
 
 def _ghost_bwd(features, relu, residuals, g):
-    *ops, gate = residuals
-    if gate is None:
-        _, vjp = jax.vjp(lambda *o: ghost_cheap_reference(*o, features, relu), *ops)
-        return (*vjp(g), None)
-    _, vjp = jax.vjp(lambda *o: ghost_cheap_reference(*o[:-1], features, relu, o[-1]), *ops, gate)
-    return vjp(g)
+    *ops, gate, primary = residuals    # either may be None: no cotangent, no vjp input
+
+    def reference(ops, gate, primary):
+        return ghost_cheap_reference(*ops, features, relu, gate, primary)
+    _, vjp = jax.vjp(reference, tuple(ops), gate, primary)
+    d_ops, d_gate, d_primary = vjp(g)
+    return (*d_ops, d_gate, d_primary)
 
 
 _ghost.defvjp(_ghost_fwd, _ghost_bwd)
 
 
-def ghost_cheap(p, s1, b1, kernel, s2, b2, features: int, relu: bool, gate=None):
+def ghost_cheap(p, s1, b1, kernel, s2, b2, features: int, relu: bool, gate=None, primary=None):
     """A ghost module's cheap half at inference, fused: ``concat([x1, act(dw(x1) * s2 + b2)])``
     cut to ``features`` channels, with ``x1 = act(p * s1 + b1)``; stride 1, 'same' padding, odd
     kernel sizes in GHOST_KERNEL_SIZES. With ``gate`` (N, H / fh, W / fw, features) for whole
     factors fh, fw, the result is also multiplied by the gate up-sampled by nearest neighbour
     (``nn.layers.resize``; GhostNetV2's DFC attention). One pass over memory instead of three
-    (four with the gate). Differentiable (through the unfused ops), so safe under ``jax.grad``."""
+    (four with the gate). With ``primary``, the whole module: ``p`` is the module's input
+    (N, H, W, Cin) and ``p @ primary`` (its 1x1 kernel, (1, 1, Cin, C)) is computed in the same
+    pass and never stored. Differentiable (through the unfused ops), so safe under ``jax.grad``."""
     _check_backend()
     n, h, w, c = p.shape
+    if primary is not None:
+        if primary.ndim != 4 or tuple(primary.shape[:3]) != (1, 1, c):
+            raise ValueError(f'ghost_cheap: primary kernel {primary.shape} must be (1, 1, {c}, C)')
+        c = primary.shape[-1]
     if tuple(kernel.shape) not in {(*k, 1, c) for k in GHOST_KERNEL_SIZES}:
         raise ValueError(f'ghost_cheap: kernel {kernel.shape} is not one of {GHOST_KERNEL_SIZES} x (1, {c})')
     if not c <= features <= 2 * c:
@@ -350,7 +369,21 @@ def ghost_cheap(p, s1, b1, kernel, s2, b2, features: int, relu: bool, gate=None)
         if (gn, gc) != (n, features) or not (0 < gh and 0 < gw and h % gh == 0 and w % gw == 0):
             raise ValueError(f'ghost_cheap: gate {gate.shape} must be ({n}, {h}/fh, {w}/fw, {features}) '
                              'for whole factors fh, fw')
-    return _ghost(p, s1, b1, kernel, s2, b2, gate, int(features), bool(relu))
+    return _ghost(p, s1, b1, kernel, s2, b2, gate, primary, int(features), bool(relu))
+
+
+def ghost_module_fn(s1, b1, kernel, s2, b2, features: int, relu: bool, gate=None):
+    """A ``conv_general_dilated`` for a ghost module's primary ``flax.linen.Conv`` (1x1, stride 1)
+    that returns the whole module's output, ``ghost_cheap(x, ..., primary=conv_kernel)``: the Conv
+    keeps its variables and names, as with ``stem_conv_fn``."""
+    def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+             dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+        ones = lambda v: v is None or all(int(d) == 1 for d in v)
+        if not (tuple(rhs.shape[:2]) == (1, 1) and ones(window_strides) and ones(lhs_dilation)
+                and ones(rhs_dilation) and feature_group_count == 1 and not kwargs):
+            raise ValueError('ghost_module_fn: only a plain 1x1 stride-1 convolution')
+        return ghost_cheap(lhs, s1, b1, kernel, s2, b2, features, relu, gate=gate, primary=rhs)
+    return conv
 
 
 # ----------------------------------------------------------------------------- stem
