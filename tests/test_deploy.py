@@ -98,7 +98,8 @@ def test_fused_ghost_op_gives_the_unfused_logits(monkeypatch, folded, hw, gated)
     (nn.depthwise_native.ghost_cheap), and DFC's gate where the map's size is a whole multiple of
     the pooled one (at 60x68 the DFC block's 15x17 map is not), and the stem's conv, BN and ReLU
     (stem_conv), and the primary 1x1 conv of modules with narrow inputs
-    (FUSED_PRIMARY_MAX_CHANNELS): same logits as the separate ops, eval and BN-folded."""
+    (FUSED_PRIMARY_MAX_CHANNELS), with a stride-2 block's conv_dw and bn_dw after it: same logits
+    as the separate ops, eval and BN-folded."""
     from ghostnetv2_jax.models import ghostnet
     model = create_model('ghostnetv2_100', cfgs=TINY, depthwise_impl='native')
     images = _images((2, *hw, 3))
@@ -108,7 +109,10 @@ def test_fused_ghost_op_gives_the_unfused_logits(monkeypatch, folded, hw, gated)
     hlo = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, images).as_text()
     # every ghost module of TINY fused; those with inputs of <= 40 channels with their primary conv
     calls = lambda name: len(re.findall(rf'custom_call @{name}\(', hlo))
-    assert calls('gnv2_ghost_module') + calls('gnv2_ghost_module_gated') == 4
+    # (and the stride-2 block's ghost1 with its conv_dw and bn_dw)
+    assert calls('gnv2_ghost_module') + calls('gnv2_ghost_module_gated') == 3
+    assert calls('gnv2_ghost_module_strided') == 1
+    assert calls('gnv2_depthwise_forward') == 3    # shortcut_dw and DFC's two 1-D convs; not conv_dw
     assert calls('gnv2_ghost_cheap') + calls('gnv2_ghost_cheap_gated') == 2
     assert calls('gnv2_ghost_module_gated') == gated   # the one DFC block's ghost1
     fused = _logits(model, variables, images)

@@ -280,6 +280,53 @@ def test_ghost_module_form_rejects_a_primary_kernel_of_the_wrong_shape():
             depthwise_native.ghost_cheap(x, *rest, 20, True, primary=bad)
 
 
+STRIDED_CASES = [  # (x shape, C, features, gate's spatial size, depthwise kernel, stride)
+    ((2, 38, 11, 16), 24, 48, None, 3, 2),       # block 1's shape: several row chunks, odd width
+    ((1, 12, 10, 24), 36, 72, (6, 5), 5, 2),     # block 3's: gated, 5x5
+    ((2, 9, 7, 5), 7, 13, None, 3, 2),           # odd sizes, scalar channels
+    ((2, 14, 14, 40), 60, 120, (7, 7), 3, 2),    # block 5's
+    ((1, 10, 9, 8), 12, 20, None, 5, 1),         # stride 1
+]
+
+
+@pytest.mark.parametrize('x_shape,c,features,gate_hw,dk,stride', STRIDED_CASES)
+def test_strided_form_stores_only_the_depthwise_conv_after_the_module(x_shape, c, features, gate_hw, dk, stride):
+    x, primary, rest, gate = _module_operands(x_shape, c, (3, 3), features, gate_hw)
+    rng = np.random.default_rng(5)
+    k3, s3, b3 = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((dk, dk, 1, features), (features,),
+                                                                             (features,)))
+    strided = depthwise_native.StridedDepthwise(k3, s3, b3, (stride, stride), ((dk // 2,) * 2,) * 2)
+    got = jax.jit(lambda x: depthwise_native.ghost_cheap(x, *rest, features, True, gate=gate, primary=primary,
+                                                         strided=strided))(x)
+    module = depthwise_native.ghost_cheap(x, *rest, features, True, gate=gate, primary=primary)
+    want = depthwise_conv(module, k3, (stride, stride), strided.padding, 'xla') * s3 + b3
+    assert got.shape == want.shape
+    assert rel_err(got, want) <= 1e-5
+    # a linear loss: the cotangent does not depend on the forward's rounding (sin's would, at |y| ~ 100)
+    weights = jnp.asarray(rng.standard_normal(got.shape), jnp.float32)
+    loss = lambda f: lambda x, k3: jnp.sum(
+        weights * f(x, *rest, features, True, gate, primary, strided._replace(kernel=k3)))
+    fused = lambda *a: depthwise_native.ghost_cheap(*a[:8], gate=a[8], primary=a[9], strided=a[10])
+    for g, r in zip(jax.grad(loss(fused), (0, 1))(x, k3),
+                    jax.grad(loss(depthwise_native.ghost_cheap_reference), (0, 1))(x, k3)):
+        assert rel_err(g, r) <= 1e-5
+
+
+def test_strided_form_rejects_what_it_does_not_fuse():
+    x, primary, rest, _ = _module_operands((1, 8, 8, 12), 10, (3, 3), 20, None)
+    good = depthwise_native.StridedDepthwise(jnp.ones((3, 3, 1, 20)), jnp.ones(20), jnp.ones(20), (2, 2),
+                                             ((1, 1), (1, 1)))
+    p = jax.lax.conv_general_dilated(x, primary, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    bad = {'module form': dict(p=p, primary=None, strided=good),
+           'is not one of': dict(strided=good._replace(kernel=jnp.ones((7, 7, 1, 20)))),
+           'scale and bias': dict(strided=good._replace(bias=jnp.ones(19))),
+           'symmetric padding': dict(strided=good._replace(padding=((0, 1), (1, 1))))}
+    for message, kwargs in bad.items():
+        with pytest.raises(ValueError, match=message):
+            depthwise_native.ghost_cheap(kwargs.pop('p', x), *rest, 20, True,
+                                         primary=kwargs.pop('primary', primary), **kwargs)
+
+
 # ----------------------------------------------------------------------------- stem_conv
 STEM_CASES = [  # (x shape NHWC, kernel HWIO, stride, padding)
     ((2, 15, 17, 3), (3, 3, 3, 16), 2, ((1, 1), (1, 1))),    # the GhostNet stem: 2 blocks of 8

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 
 from ghostnetv2_jax.nn.attention import DFCAttention, make_attention
 from ghostnetv2_jax.nn.depthwise import DepthwiseConv, resolve_impl
-from ghostnetv2_jax.nn.depthwise_native import GHOST_KERNEL_SIZES, ghost_cheap, ghost_module_fn, stem_conv_fn
-from ghostnetv2_jax.nn.layers import BatchNorm, conv2d, make_divisible
+from ghostnetv2_jax.nn.depthwise_native import (GHOST_KERNEL_SIZES, StridedDepthwise, apply_strided, ghost_cheap,
+                                                ghost_module_fn, stem_conv_fn)
+from ghostnetv2_jax.nn.layers import BatchNorm, conv2d, make_divisible, torch_padding
 
 Dtype = Any
 
@@ -66,7 +67,13 @@ class GhostModule(nn.Module):
                 and resolve_impl(self.depthwise_impl) == 'native')
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False,
+                 strided: Optional[StridedDepthwise] = None) -> jax.Array:
+        """The module's output; with ``strided`` (the fused inference path only: a stride-2
+        bottleneck's conv_dw and bn_dw), that conv's output, computed in the same op where the
+        primary conv is fused too and DFC's gate, if any, is."""
+        if strided is not None and not self._fused_cheap_op(train):
+            raise ValueError('strided is for the fused inference path (GhostModule._fused_cheap_op)')
         act = nn.relu if self.use_act else (lambda v: v)
         init_chs = math.ceil(self.features / self.ratio)
         primary_conv = functools.partial(conv2d, init_chs, 1, dtype=self.dtype, name='primary_conv')
@@ -85,11 +92,15 @@ class GhostModule(nn.Module):
             ops = (*primary_bn(like, affine_only=True), cheap_conv(like, kernel_only=True),
                    *cheap_bn(like, affine_only=True), self.features, self.use_act)
             if x.shape[-1] <= FUSED_PRIMARY_MAX_CHANNELS:
-                out = primary_conv(conv_fn=ghost_module_fn(*ops, gate=gate))(x)
+                last = fuse_gate or attn is None    # no attention left to apply after the op
+                out = primary_conv(conv_fn=ghost_module_fn(*ops, gate=gate, strided=strided if last else None))(x)
+                if last:
+                    return out
             else:
                 out = ghost_cheap(primary_conv()(x), *ops, gate=gate)
-            if fuse_gate:
-                return out
+            if not fuse_gate and attn is not None:
+                out = attn(x, out, train)
+            return out if strided is None else apply_strided(out, strided)
         else:
             x1 = act(primary_bn(primary_conv()(x), train))
             x2 = act(cheap_bn(cheap_conv(x1), train))
@@ -124,9 +135,17 @@ class GhostBottleneck(nn.Module):
         bn = lambda name: BatchNorm(dtype=self.dtype, folded=self.fold_bn, name=name)
         in_features, k, s = x.shape[-1], self.kernel_size, self.stride
 
-        y = GhostModule(self.mid_features, use_act=True, name='ghost1', **attn('ghost1'), **common)(x, train)
-        if s > 1:
-            y = bn('bn_dw')(dw(k, s, 'conv_dw')(y), train)
+        ghost1 = GhostModule(self.mid_features, use_act=True, name='ghost1', **attn('ghost1'), **common)
+        if s > 1 and ghost1._fused_cheap_op(train):
+            # conv_dw and bn_dw run in ghost1's fused op: the expanded map is never stored
+            like = jax.ShapeDtypeStruct((self.mid_features,), self.dtype)
+            y = ghost1(x, train, strided=StridedDepthwise(
+                dw(k, s, 'conv_dw')(like, kernel_only=True), *bn('bn_dw')(like, affine_only=True),
+                (s, s), torch_padding(k)))
+        else:
+            y = ghost1(x, train)
+            if s > 1:
+                y = bn('bn_dw')(dw(k, s, 'conv_dw')(y), train)
         if self.se_ratio > 0:
             y = make_attention('se', self.mid_features, rd_ratio=self.se_ratio, dtype=self.dtype,
                                module_name='se')(y, y, train)

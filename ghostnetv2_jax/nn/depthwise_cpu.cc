@@ -236,12 +236,12 @@ inline void TapRows(const Geometry& g, const float* x, int64_t n, int64_t oh, co
   }
 }
 
+// One output row of the depthwise conv from the input rows under its kernel rows (xr, nullptr
+// for padding), into o; with s and b (a BatchNorm's affine), stores conv * s + b.
 template <int KH, int KW>
-void ForwardRowBlocked(const Geometry& g, const float* x, const float* k, float* out, int64_t row) {
-  const int64_t n = row / g.ho, oh = row % g.ho, c = g.c;
-  const float* xr[KH];
-  TapRows<KH>(g, x, n, oh, xr);
-  float* o = out + row * g.wo * c;
+void DepthwiseRowFrom(const Geometry& g, const float* const (&xr)[KH], const float* k, float* o,
+                      const float* s = nullptr, const float* b = nullptr) {
+  const int64_t c = g.c;
   int64_t lo, hi;
   InteriorColumns(g, KW, &lo, &hi);
   const int64_t rest = ForEachBlock(c, [&](auto lanes, int64_t c0) {
@@ -249,6 +249,8 @@ void ForwardRowBlocked(const Geometry& g, const float* x, const float* k, float*
     V kv[KH][KW];
     for (int i = 0; i < KH; ++i)
       for (int j = 0; j < KW; ++j) kv[i][j] = Load<V>(k + (i * KW + j) * c + c0);
+    V sv = {}, bv = {};
+    if (s) sv = Load<V>(s + c0), bv = Load<V>(b + c0);
     auto pixel = [&](int64_t ow, bool edge) __attribute__((always_inline)) {
       V acc[KH] = {};  // one chain per kernel row: independent multiply-adds overlap
       for (int i = 0; i < KH; ++i) {
@@ -259,13 +261,32 @@ void ForwardRowBlocked(const Geometry& g, const float* x, const float* k, float*
           acc[i] += Load<V>(xr[i] + iw * c + c0) * kv[i][j];
         }
       }
-      Store(o + ow * c + c0, RowSum<KH>(acc));
+      const V v = RowSum<KH>(acc);
+      Store(o + ow * c + c0, s ? v * sv + bv : v);
     };
     for (int64_t ow = 0; ow < lo; ++ow) pixel(ow, true);
     for (int64_t ow = lo; ow < hi; ++ow) pixel(ow, false);
     for (int64_t ow = hi; ow < g.wo; ++ow) pixel(ow, true);
   });
-  if (rest < c) ForwardRow(g, x, k, out, row, rest);
+  for (int64_t c0 = rest; c0 < c; ++c0)
+    for (int64_t ow = 0; ow < g.wo; ++ow) {
+      float acc = 0.0f;
+      for (int i = 0; i < KH; ++i) {
+        if (!xr[i]) continue;
+        for (int j = 0; j < KW; ++j) {
+          const int64_t iw = ow * g.sw + j - g.pl;
+          if (iw >= 0 && iw < g.w) acc += xr[i][iw * c + c0] * k[(i * KW + j) * c + c0];
+        }
+      }
+      o[ow * c + c0] = s ? acc * s[c0] + b[c0] : acc;
+    }
+}
+
+template <int KH, int KW>
+void ForwardRowBlocked(const Geometry& g, const float* x, const float* k, float* out, int64_t row) {
+  const float* xr[KH];
+  TapRows<KH>(g, x, row / g.ho, row % g.ho, xr);
+  DepthwiseRowFrom<KH, KW>(g, xr, k, out + row * g.wo * g.c);
 }
 
 // Gather form: dx[ih, iw] sums dy[oh, ow] * k[i, j] over the taps with ih = oh * sh + i - pt and
@@ -469,6 +490,13 @@ struct GhostArgs {
   int64_t hg = 0, wg = 0, fh = 1, fw = 1;
   const float* primary = nullptr;  // module form only: p is then x, and cin its channels
   int64_t cin = 0;
+  // strided form only: the depthwise conv after the module (kernel k, geometry g over the
+  // module's output) and its BatchNorm's affine (s, b); its output is stored, the module's is not
+  struct {
+    const float *k = nullptr, *s = nullptr, *b = nullptr;
+    Geometry g;
+    float* out = nullptr;
+  } dw;
 };
 
 inline float Act(float v, bool relu) { return relu ? std::max(v, 0.0f) : v; }
@@ -537,7 +565,7 @@ void PrimaryRow(const GhostArgs& a, int64_t c, int64_t w, const float* xr, float
 
 template <int KH, int KW>
 void GhostRows(const Geometry& g, const GhostArgs& a, int64_t n, int64_t r0, int64_t r1,
-               std::vector<float>& scratch) {
+               std::vector<float>& scratch, float* dst) {  // dst: output row r0
   const int64_t c = g.c, w = g.w, keep = a.cout - c;
   const int64_t first = std::max<int64_t>(0, r0 - g.pt), last = std::min(g.h, r1 - g.pt + KH - 1);
   scratch.resize(std::max<int64_t>(0, last - first) * w * c);
@@ -556,7 +584,7 @@ void GhostRows(const Geometry& g, const GhostArgs& a, int64_t n, int64_t r0, int
   int64_t lo, hi;
   InteriorColumns(g, KW, &lo, &hi);
   for (int64_t oh = r0; oh < r1; ++oh) {
-    float* o = a.out + (n * g.h + oh) * w * a.cout;
+    float* o = dst + (oh - r0) * w * a.cout;
     const float* own = scratch.data() + (oh - first) * w * c;
     // the gate's row for this output row; pixel ow reads its column ow / fw
     const float* gr = a.gate ? a.gate + (n * a.hg + oh / a.fh) * a.wg * a.cout : nullptr;
@@ -616,19 +644,64 @@ void GhostRows(const Geometry& g, const GhostArgs& a, int64_t n, int64_t r0, int
   }
 }
 
-using GhostFn = void (*)(const Geometry&, const GhostArgs&, int64_t, int64_t, int64_t, std::vector<float>&);
+using GhostFn = void (*)(const Geometry&, const GhostArgs&, int64_t, int64_t, int64_t, std::vector<float>&,
+                         float*);
+using DwRowFn = void (*)(const Geometry&, const float* const (&)[5], const float*, float*, const float*,
+                         const float*);
+
+// The strided form's depthwise row for kernel KH x KW, from up to five tap rows.
+template <int KH, int KW>
+void DwRow(const Geometry& g, const float* const (&rows)[5], const float* k, float* o, const float* s,
+           const float* b) {
+  const float* xr[KH];
+  for (int i = 0; i < KH; ++i) xr[i] = rows[i];
+  DepthwiseRowFrom<KH, KW>(g, xr, k, o, s, b);
+}
+
+// Output rows [o0, o1) of image n in the strided form: the module's rows under them go to
+// `rows` (scratch), then the depthwise conv reads them there.
+void StridedRows(GhostFn fn, DwRowFn dw_row, const Geometry& g, const GhostArgs& a, int64_t n, int64_t o0,
+                 int64_t o1, std::vector<float>& scratch, std::vector<float>& rows) {
+  const Geometry& d = a.dw.g;
+  const int64_t r0 = std::max<int64_t>(0, o0 * d.sh - d.pt);
+  const int64_t r1 = std::min(g.h, (o1 - 1) * d.sh - d.pt + d.kh);
+  rows.resize((r1 - r0) * g.w * a.cout);
+  fn(g, a, n, r0, r1, scratch, rows.data());
+  for (int64_t oh = o0; oh < o1; ++oh) {
+    const float* xr[5] = {};
+    for (int i = 0; i < d.kh; ++i) {
+      const int64_t ih = oh * d.sh + i - d.pt;
+      xr[i] = (ih >= 0 && ih < g.h) ? rows.data() + (ih - r0) * g.w * a.cout : nullptr;
+    }
+    dw_row(d, xr, a.dw.k, a.dw.out + (n * d.ho + oh) * d.wo * d.c, a.dw.s, a.dw.b);
+  }
+}
 
 inline bool PerChannel(const ffi::Buffer<ffi::F32>& b, int64_t c) {
   return b.element_count() == static_cast<size_t>(c);
 }
 
+// The strided form's depthwise conv: kernel (kh, kw, 1, C_out), its BatchNorm's affine, geometry.
+struct StridedDw {
+  ffi::Buffer<ffi::F32> k, s, b;
+  int64_t sh, sw, pt, pl;
+};
+
 // `primary` (the module form): p is the module's input x and primary its 1x1 kernel (1, 1, Cin, C).
+// `strided`: out is the output of this depthwise conv over the module's output.
 ffi::Error GhostRun(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, const ffi::Buffer<ffi::F32>* primary,
                     ffi::Buffer<ffi::F32> s1, ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::F32> kernel,
                     ffi::Buffer<ffi::F32> s2, ffi::Buffer<ffi::F32> b2, const ffi::Buffer<ffi::F32>* gate,
-                    ffi::ResultBuffer<ffi::F32> out, int64_t pt, int64_t pl, int64_t relu) {
+                    ffi::ResultBuffer<ffi::F32> out, int64_t pt, int64_t pl, int64_t relu,
+                    const StridedDw* strided = nullptr) {
   auto pd = p.dimensions();
-  const auto kd = kernel.dimensions(), od = out->dimensions();
+  const auto kd = kernel.dimensions();
+  auto od = out->dimensions();
+  std::vector<int64_t> module_dims(od.begin(), od.end());
+  if (strided && pd.size() == 4 && od.size() == 4) {  // the module's output: (N, H, W, C_out)
+    module_dims[1] = pd[1], module_dims[2] = pd[2];
+    od = ffi::Span<const int64_t>(module_dims.data(), module_dims.size());
+  }
   std::vector<int64_t> x1_dims(pd.begin(), pd.end());
   int64_t cin = 0;
   if (primary) {
@@ -652,7 +725,24 @@ ffi::Error GhostRun(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, const ffi::Bu
 #undef X
   if (!fn) return ffi::Error::InvalidArgument("ghost cheap op: unsupported kernel size");
   GhostArgs a{p.typed_data(), s1.typed_data(), b1.typed_data(), kernel.typed_data(),
-              s2.typed_data(), b2.typed_data(), out->typed_data(), od[3], relu != 0};
+              s2.typed_data(), b2.typed_data(), strided ? nullptr : out->typed_data(), od[3], relu != 0};
+  DwRowFn dw_row = nullptr;
+  if (strided) {
+    Geometry& d = a.dw.g;
+    if (auto e = MakeGeometry(od, strided->k.dimensions(), out->dimensions(), strided->sh, strided->sw,
+                              strided->pt, strided->pl, &d);
+        e.failure())
+      return e;
+    if (d.ho != (g.h + 2 * d.pt - d.kh) / d.sh + 1 || d.wo != (g.w + 2 * d.pl - d.kw) / d.sw + 1 ||
+        !PerChannel(strided->s, d.c) || !PerChannel(strided->b, d.c))
+      return ffi::Error::InvalidArgument("ghost strided op: inconsistent depthwise conv");
+#define X(h, w) if (d.kh == h && d.kw == w) dw_row = DwRow<h, w>;
+    GNV2_SIZES(X)
+#undef X
+    if (!dw_row) return ffi::Error::InvalidArgument("ghost strided op: unsupported depthwise kernel size");
+    a.dw.k = strided->k.typed_data(), a.dw.s = strided->s.typed_data(), a.dw.b = strided->b.typed_data();
+    a.dw.out = out->typed_data();
+  }
   if (gate) {  // (N, H / fh, W / fw, C + keep) with integer factors fh, fw
     const auto gd = gate->dimensions();
     if (gd.size() != 4 || gd[0] != g.n || gd[3] != od[3] || gd[1] < 1 || gd[2] < 1 ||
@@ -668,15 +758,21 @@ ffi::Error GhostRun(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, const ffi::Bu
     a.cin = cin;
     grain = std::max<int64_t>(grain, 8 * (g.kh - 1));
   }
-  const int64_t per_image = (g.h + grain - 1) / grain;
+  // The strided form chunks its own output rows, about 16 of the module's rows each.
+  const int64_t rows = strided ? a.dw.g.ho : g.h;
+  if (strided) grain = std::max<int64_t>(1, 16 / a.dw.g.sh);
+  const int64_t per_image = (rows + grain - 1) / grain;
   const int64_t chunks = g.n * per_image;
   ParallelFor(pool, Workers(pool, chunks, 1), chunks, 1, [&](int64_t b, int64_t e, int) {
     // Kept per thread: a malloc per chunk contends on one lock when glibc runs a single arena
     // (the bench's --malloc retain), measured -17% for the whole network at batch 32.
-    thread_local std::vector<float> scratch;
+    thread_local std::vector<float> scratch, module_rows;
     for (int64_t q = b; q < e; ++q) {
-      const int64_t n = q / per_image, r0 = (q % per_image) * grain;
-      fn(g, a, n, r0, std::min(g.h, r0 + grain), scratch);
+      const int64_t n = q / per_image, r0 = (q % per_image) * grain, r1 = std::min(rows, r0 + grain);
+      if (strided)
+        StridedRows(fn, dw_row, g, a, n, r0, r1, scratch, module_rows);
+      else
+        fn(g, a, n, r0, r1, scratch, a.out + (n * g.h + r0) * g.w * a.cout);
     }
   });
   return ffi::Error::Success();
@@ -702,6 +798,25 @@ ffi::Error GhostModuleImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
                            ffi::Buffer<ffi::F32> s2, ffi::Buffer<ffi::F32> b2,
                            ffi::ResultBuffer<ffi::F32> out, int64_t pt, int64_t pl, int64_t relu) {
   return GhostRun(pool, x, &primary, s1, b1, kernel, s2, b2, nullptr, out, pt, pl, relu);
+}
+
+ffi::Error GhostStridedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> primary,
+                            ffi::Buffer<ffi::F32> s1, ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::F32> kernel,
+                            ffi::Buffer<ffi::F32> s2, ffi::Buffer<ffi::F32> b2, ffi::Buffer<ffi::F32> k3,
+                            ffi::Buffer<ffi::F32> s3, ffi::Buffer<ffi::F32> b3, ffi::ResultBuffer<ffi::F32> out,
+                            int64_t pt, int64_t pl, int64_t relu, int64_t sh, int64_t sw, int64_t dpt, int64_t dpl) {
+  const StridedDw dw{k3, s3, b3, sh, sw, dpt, dpl};
+  return GhostRun(pool, x, &primary, s1, b1, kernel, s2, b2, nullptr, out, pt, pl, relu, &dw);
+}
+
+ffi::Error GhostStridedGatedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> primary,
+                                 ffi::Buffer<ffi::F32> s1, ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::F32> kernel,
+                                 ffi::Buffer<ffi::F32> s2, ffi::Buffer<ffi::F32> b2, ffi::Buffer<ffi::F32> gate,
+                                 ffi::Buffer<ffi::F32> k3, ffi::Buffer<ffi::F32> s3, ffi::Buffer<ffi::F32> b3,
+                                 ffi::ResultBuffer<ffi::F32> out, int64_t pt, int64_t pl, int64_t relu, int64_t sh,
+                                 int64_t sw, int64_t dpt, int64_t dpl) {
+  const StridedDw dw{k3, s3, b3, sh, sw, dpt, dpl};
+  return GhostRun(pool, x, &primary, s1, b1, kernel, s2, b2, &gate, out, pt, pl, relu, &dw);
 }
 
 ffi::Error GhostModuleGatedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> primary,
@@ -864,6 +979,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2GhostCheapGated, GhostGatedImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2GhostModule, GhostModuleImpl, GNV2_GHOST_MODULE_OPERANDS GNV2_GHOST_RESULT);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2GhostModuleGated, GhostModuleGatedImpl,
                               GNV2_GHOST_MODULE_OPERANDS.Arg<ffi::Buffer<ffi::F32>>() /* gate */ GNV2_GHOST_RESULT);
+
+// The strided form: the module form's operands [and gate], then the depthwise conv's kernel and
+// affine; its stride and padding follow the module's attributes.
+#define GNV2_STRIDED_DW                                      \
+  .Arg<ffi::Buffer<ffi::F32>>()   /* depthwise kernel */   \
+      .Arg<ffi::Buffer<ffi::F32>>() /* s3 */                 \
+      .Arg<ffi::Buffer<ffi::F32>>() /* b3 */ GNV2_GHOST_RESULT \
+      .Attr<int64_t>("dw_stride_h")                          \
+      .Attr<int64_t>("dw_stride_w")                          \
+      .Attr<int64_t>("dw_pad_top")                           \
+      .Attr<int64_t>("dw_pad_left")
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2GhostModuleStrided, GhostStridedImpl, GNV2_GHOST_MODULE_OPERANDS GNV2_STRIDED_DW);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2GhostModuleStridedGated, GhostStridedGatedImpl,
+                              GNV2_GHOST_MODULE_OPERANDS.Arg<ffi::Buffer<ffi::F32>>() /* gate */ GNV2_STRIDED_DW);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2StemConv, StemImpl,
                               ffi::Ffi::Bind()

@@ -51,6 +51,8 @@ TARGETS = {  # XLA custom-call name -> exported handler symbol
     'gnv2_ghost_cheap_gated': 'Gnv2GhostCheapGated',
     'gnv2_ghost_module': 'Gnv2GhostModule',
     'gnv2_ghost_module_gated': 'Gnv2GhostModuleGated',
+    'gnv2_ghost_module_strided': 'Gnv2GhostModuleStrided',
+    'gnv2_ghost_module_strided_gated': 'Gnv2GhostModuleStridedGated',
     'gnv2_stem_conv': 'Gnv2StemConv',
 }
 
@@ -180,6 +182,13 @@ _TARGETS = {
                                  ('pad_top', 'pad_left', 'relu')),
     'gnv2_ghost_module_gated': _Target('n h w e, a b e c, c, c, i j k c, c, c, n u v d -> n h w d',
                                        (True,) + (False,) * 6 + (True,), ('pad_top', 'pad_left', 'relu')),
+    'gnv2_ghost_module_strided': _Target(
+        'n h w e, a b e c, c, c, i j k c, c, c, f g l d, d, d -> n p q d', (True,) + (False,) * 9,
+        ('pad_top', 'pad_left', 'relu', 'dw_stride_h', 'dw_stride_w', 'dw_pad_top', 'dw_pad_left')),
+    'gnv2_ghost_module_strided_gated': _Target(
+        'n h w e, a b e c, c, c, i j k c, c, c, n u v d, f g l d, d, d -> n p q d',
+        (True,) + (False,) * 6 + (True,) + (False,) * 3,
+        ('pad_top', 'pad_left', 'relu', 'dw_stride_h', 'dw_stride_w', 'dw_pad_top', 'dw_pad_left')),
     'gnv2_stem_conv': _Target('n h w c, i j c d, d, d -> n p q d', (True, False, False, False),
                               ('stride_h', 'stride_w', 'pad_top', 'pad_left', 'relu')),
 }
@@ -304,7 +313,8 @@ def depthwise_native(x, kernel, strides: Sequence[int], padding: Sequence[Sequen
 GHOST_KERNEL_SIZES = ((3, 3), (5, 5), (1, 5), (5, 1))   # compiled in depthwise_cpu.cc
 
 
-def ghost_cheap_reference(p, s1, b1, kernel, s2, b2, features: int, relu: bool, gate=None, primary=None):
+def ghost_cheap_reference(p, s1, b1, kernel, s2, b2, features: int, relu: bool, gate=None, primary=None,
+                          strided=None):
     """What ``ghost_cheap`` computes, as separate ops (and its gradient, by autodiff)."""
     act = jax.nn.relu if relu else (lambda v: v)
     kh, kw = kernel.shape[:2]
@@ -313,39 +323,67 @@ def ghost_cheap_reference(p, s1, b1, kernel, s2, b2, features: int, relu: bool, 
     x1 = act(p * s1 + b1)
     x2 = act(depthwise_native(x1, kernel, (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2))) * s2 + b2)
     out = jnp.concatenate([x1, x2], axis=-1)[..., :features]
-    return out if gate is None else out * resize(gate, out.shape[1:3], 'nearest')
+    out = out if gate is None else out * resize(gate, out.shape[1:3], 'nearest')
+    return out if strided is None else apply_strided(out, strided)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
-def _ghost(p, s1, b1, kernel, s2, b2, gate, primary, features, relu):
+class StridedDepthwise(NamedTuple):
+    """A depthwise conv and its BatchNorm's inference affine after a ghost module, ``dw(out, kernel)
+    * scale + bias``: a stride-2 bottleneck's conv_dw and bn_dw, for ``ghost_cheap(strided=...)``."""
+    kernel: jax.Array                          # (kh, kw, 1, C)
+    scale: jax.Array                           # (C,)
+    bias: jax.Array                            # (C,)
+    strides: Tuple[int, int]
+    padding: Tuple[Tuple[int, int], Tuple[int, int]]   # symmetric
+
+
+def apply_strided(x, strided: StridedDepthwise):
+    """``strided``'s depthwise conv and affine on ``x``, as separate ops."""
+    return depthwise_native(x, strided.kernel, strided.strides, strided.padding) * strided.scale + strided.bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))
+def _ghost(p, s1, b1, kernel, s2, b2, gate, primary, dw, features, relu, dw_geometry):
     kh, kw = kernel.shape[:2]
     static = (kh // 2, kw // 2, int(relu))
+    operands = (p,) if primary is None else (p, primary)
+    operands += (s1, b1, kernel, s2, b2) + (() if gate is None else (gate,))
     target = 'gnv2_ghost_cheap' if primary is None else 'gnv2_ghost_module'
-    head = (p,) if primary is None else (p, primary)
-    gated = () if gate is None else (gate,)
-    target += '_gated' if gated else ''
-    return _call(target, static, (*p.shape[1:3], features), *head, s1, b1, kernel, s2, b2, *gated).astype(p.dtype)
+    out_hw = p.shape[1:3]
+    if dw is not None:   # (kernel, scale, bias); dw_geometry (sh, sw, pt, pl)
+        target += '_strided'
+        static += dw_geometry
+        operands += tuple(dw)
+        (dkh, dkw), (sh, sw, pt, pl) = dw[0].shape[:2], dw_geometry
+        out_hw = ((out_hw[0] + 2 * pt - dkh) // sh + 1, (out_hw[1] + 2 * pl - dkw) // sw + 1)
+    target += '_gated' if gate is not None else ''
+    return _call(target, static, (*out_hw, features), *operands).astype(p.dtype)
 
 
-def _ghost_fwd(p, s1, b1, kernel, s2, b2, gate, primary, features, relu):
-    out = _ghost(p, s1, b1, kernel, s2, b2, gate, primary, features, relu)
-    return out, (p, s1, b1, kernel, s2, b2, gate, primary)
+def _ghost_fwd(p, s1, b1, kernel, s2, b2, gate, primary, dw, features, relu, dw_geometry):
+    out = _ghost(p, s1, b1, kernel, s2, b2, gate, primary, dw, features, relu, dw_geometry)
+    return out, (p, s1, b1, kernel, s2, b2, gate, primary, dw)
 
 
-def _ghost_bwd(features, relu, residuals, g):
-    *ops, gate, primary = residuals    # either may be None: no cotangent, no vjp input
+def _ghost_bwd(features, relu, dw_geometry, residuals, g):
+    *ops, gate, primary, dw = residuals    # any of these may be None: no cotangent, no vjp input
 
-    def reference(ops, gate, primary):
-        return ghost_cheap_reference(*ops, features, relu, gate, primary)
-    _, vjp = jax.vjp(reference, tuple(ops), gate, primary)
-    d_ops, d_gate, d_primary = vjp(g)
-    return (*d_ops, d_gate, d_primary)
+    def reference(ops, gate, primary, dw):
+        strided = None
+        if dw is not None:
+            sh, sw, pt, pl = dw_geometry
+            strided = StridedDepthwise(*dw, (sh, sw), ((pt, pt), (pl, pl)))
+        return ghost_cheap_reference(*ops, features, relu, gate, primary, strided)
+    _, vjp = jax.vjp(reference, tuple(ops), gate, primary, dw)
+    d_ops, d_gate, d_primary, d_dw = vjp(g)
+    return (*d_ops, d_gate, d_primary, d_dw)
 
 
 _ghost.defvjp(_ghost_fwd, _ghost_bwd)
 
 
-def ghost_cheap(p, s1, b1, kernel, s2, b2, features: int, relu: bool, gate=None, primary=None):
+def ghost_cheap(p, s1, b1, kernel, s2, b2, features: int, relu: bool, gate=None, primary=None,
+                strided: Optional[StridedDepthwise] = None):
     """A ghost module's cheap half at inference, fused: ``concat([x1, act(dw(x1) * s2 + b2)])``
     cut to ``features`` channels, with ``x1 = act(p * s1 + b1)``; stride 1, 'same' padding, odd
     kernel sizes in GHOST_KERNEL_SIZES. With ``gate`` (N, H / fh, W / fw, features) for whole
@@ -353,7 +391,9 @@ def ghost_cheap(p, s1, b1, kernel, s2, b2, features: int, relu: bool, gate=None,
     (``nn.layers.resize``; GhostNetV2's DFC attention). One pass over memory instead of three
     (four with the gate). With ``primary``, the whole module: ``p`` is the module's input
     (N, H, W, Cin) and ``p @ primary`` (its 1x1 kernel, (1, 1, Cin, C)) is computed in the same
-    pass and never stored. Differentiable (through the unfused ops), so safe under ``jax.grad``."""
+    pass and never stored. With ``primary`` and ``strided``, the depthwise conv after the module
+    too: only its output is stored. Differentiable (through the unfused ops), so safe under
+    ``jax.grad``."""
     _check_backend()
     n, h, w, c = p.shape
     if primary is not None:
@@ -369,20 +409,37 @@ def ghost_cheap(p, s1, b1, kernel, s2, b2, features: int, relu: bool, gate=None,
         if (gn, gc) != (n, features) or not (0 < gh and 0 < gw and h % gh == 0 and w % gw == 0):
             raise ValueError(f'ghost_cheap: gate {gate.shape} must be ({n}, {h}/fh, {w}/fw, {features}) '
                              'for whole factors fh, fw')
-    return _ghost(p, s1, b1, kernel, s2, b2, gate, primary, int(features), bool(relu))
+    dw = dw_geometry = None
+    if strided is not None:
+        (sh, sw), ((pt, pb), (pl, pr)) = strided.strides, strided.padding
+        if primary is None:
+            raise ValueError('ghost_cheap: strided needs the module form (primary)')
+        if tuple(strided.kernel.shape) not in {(*k, 1, features) for k in GHOST_KERNEL_SIZES}:
+            raise ValueError(f'ghost_cheap: strided kernel {strided.kernel.shape} is not one of '
+                             f'{GHOST_KERNEL_SIZES} x (1, {features})')
+        if (strided.scale.shape, strided.bias.shape) != ((features,), (features,)):
+            raise ValueError(f'ghost_cheap: strided scale and bias must be ({features},)')
+        if pt != pb or pl != pr or min(sh, sw, pt, pl) < 0 or min(sh, sw) < 1:
+            raise ValueError(f'ghost_cheap: strided needs positive strides and symmetric padding, got '
+                             f'{strided.strides}, {strided.padding}')
+        dw = (strided.kernel, strided.scale, strided.bias)
+        dw_geometry = tuple(int(v) for v in (sh, sw, pt, pl))
+    return _ghost(p, s1, b1, kernel, s2, b2, gate, primary, dw, int(features), bool(relu), dw_geometry)
 
 
-def ghost_module_fn(s1, b1, kernel, s2, b2, features: int, relu: bool, gate=None):
+def ghost_module_fn(s1, b1, kernel, s2, b2, features: int, relu: bool, gate=None,
+                    strided: Optional[StridedDepthwise] = None):
     """A ``conv_general_dilated`` for a ghost module's primary ``flax.linen.Conv`` (1x1, stride 1)
-    that returns the whole module's output, ``ghost_cheap(x, ..., primary=conv_kernel)``: the Conv
-    keeps its variables and names, as with ``stem_conv_fn``."""
+    that returns the whole module's output (or with ``strided``, the depthwise conv's after it),
+    ``ghost_cheap(x, ..., primary=conv_kernel)``: the Conv keeps its variables and names, as with
+    ``stem_conv_fn``."""
     def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
              dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
         ones = lambda v: v is None or all(int(d) == 1 for d in v)
         if not (tuple(rhs.shape[:2]) == (1, 1) and ones(window_strides) and ones(lhs_dilation)
                 and ones(rhs_dilation) and feature_group_count == 1 and not kwargs):
             raise ValueError('ghost_module_fn: only a plain 1x1 stride-1 convolution')
-        return ghost_cheap(lhs, s1, b1, kernel, s2, b2, features, relu, gate=gate, primary=rhs)
+        return ghost_cheap(lhs, s1, b1, kernel, s2, b2, features, relu, gate=gate, primary=rhs, strided=strided)
     return conv
 
 
