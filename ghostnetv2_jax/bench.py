@@ -36,6 +36,14 @@ Method (see docs/benchmarks.md for results):
   before the first timed-or-warm-up call, i.e. what running the contender added; for JAX also
   XLA's own ``compiled.memory_analysis()`` (temporaries + arguments + outputs). On GPU, the
   device's peak bytes in use (JAX ``memory_stats``, ``torch.cuda.max_memory_allocated``).
+- Core placement: right before each contender's turn the harness measures how much slower one
+  CPU reads 4 MB that another CPU just wrote than 4 MB it wrote itself (``cross_core_penalty``).
+  On the 2-vCPU VM of docs/benchmarks.md the hypervisor now and then, for tens of seconds, places
+  the two vCPUs where they share no cache: the penalty reads ~3.2 instead of ~1.1 (core-to-core
+  latency 0.75 against 0.19 us). The chunked JAX inference hands every op's output between the
+  cores through the cache and runs ~1.65x slower then; timm, streaming whole-batch tensors
+  through DRAM, does not slow down. Each contender reports how many of its rounds ran split
+  (penalty above ``SPLIT_CORES``) and its img/s and ratio over the other rounds too.
 - ``--malloc retain`` (default) configures glibc malloc in every worker, torch's included, to
   keep freed memory mapped (``GLIBC_TUNABLES``: one arena, no mmap'd chunks, no trimming; see
   RETAIN_TUNABLES). Without it, each step re-faults every large buffer it allocates (~2 us per
@@ -469,6 +477,63 @@ class Worker:
         self.proc.wait()
 
 
+# ----------------------------------------------------------------------------- core placement
+SPLIT_CORES = 2.0   # cross_core_penalty above this: the first two usable CPUs share no cache
+
+
+def cross_core_penalty(mb: int = 4, reps: int = 5) -> Optional[float]:
+    """Median over ``reps`` of (time for the second usable CPU to read ``mb`` MB the first one
+    just wrote) / (time to read them after writing them itself); None with one usable CPU.
+    Both threads are pinned for the measurement and the caller's affinity is restored."""
+    import threading
+    import numpy as np
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    data = np.ones(mb * 2 ** 18, np.float32)
+    written, read = threading.Event(), threading.Event()
+    ratios = []
+
+    def writer():    # on Linux, sched_setaffinity(0) pins the calling thread only
+        os.sched_setaffinity(0, {cpus[0]})
+        for _ in range(reps):
+            read.wait()
+            read.clear()
+            data.fill(1.0)
+            written.set()
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    os.sched_setaffinity(0, {cpus[1]})
+    try:
+        for _ in range(reps):
+            read.set()
+            written.wait()
+            written.clear()
+            t0 = time.perf_counter()
+            data.max()                       # vectorised: reads at memory speed
+            remote = time.perf_counter() - t0
+            data.fill(1.0)
+            t0 = time.perf_counter()
+            data.max()
+            ratios.append(remote / max(time.perf_counter() - t0, 1e-9))
+    finally:
+        thread.join()
+        os.sched_setaffinity(0, set(cpus))
+    return _median(ratios)
+
+
+def _shared_rounds(res: Dict[str, Any], batch: int) -> None:
+    """``split_rounds`` and, over the rounds that ran on cache-sharing cores, ``img_per_s_shared``."""
+    penalties = res.get('cross_core') or []
+    if not penalties or None in penalties:
+        return
+    shared = [t for p, ts in zip(penalties, res['round_times']) if p <= SPLIT_CORES for t in ts]
+    res['split_rounds'] = sum(p > SPLIT_CORES for p in penalties)
+    if shared:
+        res['img_per_s_shared'] = batch / _median(shared)
+
+
 def _median(xs: Sequence[float]) -> float:
     s = sorted(xs)
     n = len(s)
@@ -506,12 +571,15 @@ def run_group(group: Group, args, log) -> List[Dict[str, Any]]:
             shift = r % max(len(live), 1)
             for w, res in live[shift:] + live[:shift]:     # rotate: no contender always goes first
                 time.sleep(args.settle)
+                penalty = cross_core_penalty()
                 reply = w.ask(cmd='run', n=args.repeats)
                 if 'error' in reply:
                     res['error'] = reply['error']
                     continue
                 res.setdefault('times', []).extend(reply['times'])
+                res.setdefault('round_times', []).append(reply['times'])
                 res.setdefault('round_medians', []).append(_median(reply['times']))
+                res.setdefault('cross_core', []).append(penalty)
         for w, res in live:
             res['memory'] = w.ask(cmd='stats')
     finally:
@@ -522,6 +590,7 @@ def run_group(group: Group, args, log) -> List[Dict[str, Any]]:
             res['median_s'] = _median(res['times'])
             res['img_per_s'] = group.batch / res['median_s']
             res['img_per_s_rounds'] = [group.batch / t for t in res['round_medians']]
+            _shared_rounds(res, group.batch)
     return results
 
 
@@ -539,6 +608,8 @@ def add_ratios(results: List[Dict[str, Any]]) -> None:
         if r['framework'] == 'jax' and 'img_per_s' in r and ref is not None:
             r['timm_best'] = ref['label']
             r['ratio_vs_timm_best'] = r['img_per_s'] / ref['img_per_s']
+            if 'img_per_s_shared' in r and 'img_per_s_shared' in ref:
+                r['ratio_vs_timm_best_shared'] = r['img_per_s_shared'] / ref['img_per_s_shared']
 
 
 def machine_info(threads: int) -> Dict[str, Any]:
@@ -566,26 +637,31 @@ def markdown(report: Dict[str, Any]) -> str:
         f'- Command: `{report["command"]}`',
         f'- Input {cfg["size"]}x{cfg["size"]}; {cfg["rounds"]} alternating rounds x {cfg["repeats"]} '
         f'iterations, {cfg["warmup"]} warm-up; malloc policy `{cfg["malloc"]}`; img/s = batch / median',
-        '', '| model | batch | mode | contender | img/s | rounds min-max | vs timm best | compile s | '
-            'peak added MB | XLA MB |',
-        '|---|---|---|---|---|---|---|---|---|---|',
+        '', '| model | batch | mode | contender | img/s | rounds min-max | vs timm best | split rounds | '
+            'img/s, vs timm (shared rounds) | compile s | peak added MB | XLA MB |',
+        '|---|---|---|---|---|---|---|---|---|---|---|---|',
     ]
+    ratio_text = lambda v: '-' if v is None else f'{v:.2f}x'
     for r in report['results']:
         if 'img_per_s' not in r:
             lines.append(f'| {r["model"]} | {r["batch"]} | {r["mode"]} | {r["label"]} | failed: '
-                         f'{r.get("error", "no timing")} | | | | | |')
+                         f'{r.get("error", "no timing")} | | | | | | | |')
             continue
         rounds = r['img_per_s_rounds']
         mem = r.get('memory', {})
-        ratio = r.get('ratio_vs_timm_best')
-        comp = r.get('compile_s')
+        split = f'{r["split_rounds"]} of {len(rounds)}' if 'split_rounds' in r else '-'
+        shared = ('-' if 'img_per_s_shared' not in r else
+                  f'{r["img_per_s_shared"]:.1f}, {ratio_text(r.get("ratio_vs_timm_best_shared"))}')
         lines.append(
             f'| {r["model"]} | {r["batch"]} | {r["mode"]} | {r["label"]} | {r["img_per_s"]:.1f} | '
-            f'{min(rounds):.1f}-{max(rounds):.1f} | {"-" if ratio is None else f"{ratio:.2f}x"} | '
-            f'{_fmt(comp)} | {_fmt(mem.get("peak_added_mb"), ".0f")} | {_fmt(mem.get("xla_total_mb"), ".0f")} |')
+            f'{min(rounds):.1f}-{max(rounds):.1f} | {ratio_text(r.get("ratio_vs_timm_best"))} | {split} | '
+            f'{shared} | {_fmt(r.get("compile_s"))} | {_fmt(mem.get("peak_added_mb"), ".0f")} | '
+            f'{_fmt(mem.get("xla_total_mb"), ".0f")} |')
     lines += ['', 'compile s: trace + lower + XLA compile (JAX); timm has none. peak added MB: worker '
               'maxrss minus its RSS before the first call. XLA MB: compiled.memory_analysis() '
-              'temporaries + arguments + outputs - aliased (donated).', '']
+              'temporaries + arguments + outputs - aliased (donated). split rounds: rounds run while '
+              f'the first two CPUs shared no cache (cross_core_penalty > {SPLIT_CORES}); the shared-rounds '
+              'columns are img/s and the ratio over the other rounds, timm\'s included.', '']
     return '\n'.join(lines)
 
 
@@ -627,9 +703,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         for r in report['results']:
             if r['model'] == group.model and r['batch'] == group.batch and r['mode'] == group.mode \
                     and 'img_per_s' in r:
-                ratio = r.get('ratio_vs_timm_best')
+                ratio, shared = r.get('ratio_vs_timm_best'), r.get('ratio_vs_timm_best_shared')
                 log(f'    {r["label"]:<28} {r["img_per_s"]:8.1f} img/s'
-                    + ('' if ratio is None else f'   {ratio:.2f}x timm best ({r["timm_best"]})'))
+                    + ('' if ratio is None else f'   {ratio:.2f}x timm best ({r["timm_best"]})')
+                    + ('' if shared is None else f'; {shared:.2f}x over rounds on cache-sharing cores')
+                    + (f'; {r["split_rounds"]} of {len(r["img_per_s_rounds"])} rounds split'
+                       if r.get('split_rounds') else ''))
     _write_report(args.out, report)
     log(f'wrote {os.path.join(args.out, "bench.json")} and bench.md')
     return 0

@@ -41,6 +41,11 @@ def test_smoke_run_writes_json_and_markdown_with_ratios(tmp_path):
     assert f'| jax:native:float32 | {jax_res["img_per_s"]:.1f} |' in md
     assert f'{jax_res["ratio_vs_timm_best"]:.2f}x' in md
     assert report['machine']['cpu_model'] in md
+    if len(os.sched_getaffinity(0)) > 1:    # the core-placement probe ran before every turn
+        for r in by_label.values():
+            assert len(r['cross_core']) == 2 and all(p > 0 for p in r['cross_core'])
+            assert 0 <= r['split_rounds'] <= 2
+        assert '| split rounds |' in md
 
 
 def test_plan_alternates_every_contender_of_a_group():
@@ -83,6 +88,37 @@ def test_ratios_use_the_best_timm_layout_of_the_same_dtype():
     bench.add_ratios(res)
     assert res[3]['timm_best'] == 'torch:channels_last:float32' and res[3]['ratio_vs_timm_best'] == 1.5
     assert res[4]['timm_best'] == 'torch:nchw:bfloat16' and res[4]['ratio_vs_timm_best'] == 1.5
+
+
+def test_split_rounds_are_counted_and_shared_rounds_give_their_own_ratio():
+    jax_res = dict(framework='jax', label='jax:native:float32', img_per_s=100.0,
+                   cross_core=[1.1, 3.2, 1.0], round_times=[[0.1, 0.12], [0.3, 0.3], [0.1, 0.1]])
+    torch_res = dict(framework='torch', label='torch:channels_last:float32', img_per_s=50.0,
+                     cross_core=[3.0, 1.2, 1.1], round_times=[[0.25, 0.25], [0.2, 0.2], [0.2, 0.2]])
+    for r in (jax_res, torch_res):
+        r.update(model='m', batch=10, mode='infer', dtype='float32')
+        bench._shared_rounds(r, 10)
+    assert jax_res['split_rounds'] == 1 and torch_res['split_rounds'] == 1
+    assert jax_res['img_per_s_shared'] == pytest.approx(10 / 0.1)   # median of 0.1, 0.12, 0.1, 0.1
+    assert torch_res['img_per_s_shared'] == pytest.approx(10 / 0.2)
+    bench.add_ratios([jax_res, torch_res])
+    assert jax_res['ratio_vs_timm_best'] == 2.0 and jax_res['ratio_vs_timm_best_shared'] == pytest.approx(2.0)
+    unprobed = dict(cross_core=[None, None], round_times=[[0.1], [0.1]])
+    bench._shared_rounds(unprobed, 10)
+    assert 'split_rounds' not in unprobed and 'img_per_s_shared' not in unprobed
+
+
+def test_cross_core_penalty_needs_two_cpus_and_restores_the_affinity():
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) > 1:
+        penalty = bench.cross_core_penalty(mb=1, reps=3)
+        assert penalty is not None and penalty > 0
+        assert os.sched_getaffinity(0) == cpus
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        assert bench.cross_core_penalty() is None
+    finally:
+        os.sched_setaffinity(0, cpus)
 
 
 def test_jax_train_step_updates_params_and_batch_stats_with_donation():
