@@ -99,8 +99,8 @@ def predict_fn(model, chunk: Chunk = 'auto', **apply_kwargs) -> Callable[[Any, j
 
     For a GhostNet's logits only the convolutional part is chunked; the head (pool, conv_head,
     classifier) runs once over the whole batch. In the loop, each chunk would read its 10 MB of
-    weights again for an 8-row matmul: 6.9 ms of a 129 ms batch of 32 on 2 cores, against
-    ~1.5 ms once (in-process A/B in docs/benchmarks.md)."""
+    weights again for an 8-row matmul (6.9 ms of a 129 ms batch of 32 on 2 cores in the profile;
+    in-process A/B, 127.1 against 129.9 ms a batch)."""
     split_head = resolve_chunk(chunk) is not None and _has_head_split(model, apply_kwargs)
 
     def predict(variables: Any, images: jax.Array) -> Any:
