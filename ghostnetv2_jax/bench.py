@@ -492,13 +492,15 @@ def cross_core_penalty(mb: int = 4, reps: int = 5) -> Optional[float]:
         return None
     data = np.ones(mb * 2 ** 18, np.float32)
     written, read = threading.Event(), threading.Event()
-    ratios = []
+    ratios, stop = [], []
 
     def writer():    # on Linux, sched_setaffinity(0) pins the calling thread only
         os.sched_setaffinity(0, {cpus[0]})
         for _ in range(reps):
             read.wait()
             read.clear()
+            if stop:
+                return
             data.fill(1.0)
             written.set()
 
@@ -518,6 +520,8 @@ def cross_core_penalty(mb: int = 4, reps: int = 5) -> Optional[float]:
             data.max()
             ratios.append(remote / max(time.perf_counter() - t0, 1e-9))
     finally:
+        stop.append(True)    # a writer still waiting (the reader failed) returns
+        read.set()
         thread.join()
         os.sched_setaffinity(0, set(cpus))
     return _median(ratios)

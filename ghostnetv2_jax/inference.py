@@ -112,4 +112,5 @@ def predict_fn(model, chunk: Chunk = 'auto', **apply_kwargs) -> Callable[[Any, j
 
 
 def _has_head_split(model, apply_kwargs) -> bool:
+    # only for the plain logits: other apply arguments (features_only) keep the whole network
     return isinstance(model, GhostNet) and not apply_kwargs

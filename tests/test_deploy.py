@@ -92,6 +92,21 @@ def test_deploy_model_is_inference_only_and_bad_input_is_refused():
         deploy.fold_batchnorm(model, {'params': variables['params']})
 
 
+def test_stride2_block_with_a_kernel_the_fused_ops_lack_keeps_its_own_conv():
+    """A 7x7 stride-2 block (no fused kernel of that size): ghost1 still fuses, conv_dw runs after."""
+    from ghostnetv2_jax.models import ghostnet
+    cfgs = (((3, 16, 16, 0, 1),), ((7, 48, 24, 0, 2),))
+    model = create_model('ghostnetv2_100', cfgs=cfgs, depthwise_impl='native', attention_blocks=())
+    images = _images((2, 32, 32, 3))
+    variables = _randomised(model, images)
+    fused = _logits(model, variables, images)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ghostnet.GhostModule, '_fused_cheap_op', lambda self, train: False)
+        mp.setattr(ghostnet.GhostNet, '_fused_stem', lambda self, train, features_only: False)
+        unfused = _logits(model, variables, images)
+    assert rel_err(fused, unfused) <= 1e-6
+
+
 @pytest.mark.parametrize('folded,hw,gated', [(False, (64, 72), 1), (True, (64, 72), 1), (True, (60, 68), 0)])
 def test_fused_ghost_op_gives_the_unfused_logits(monkeypatch, folded, hw, gated):
     """Inference on CPU fuses each ghost module's BN, activation, cheap conv and concatenation

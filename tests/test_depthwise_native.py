@@ -227,10 +227,10 @@ def test_gated_ghost_cheap_rejects_a_gate_of_the_wrong_shape():
 
 # ----------------------------------------------------------------------------- ghost module form
 MODULE_CASES = [  # (x shape NHWC, primary channels C, kernel, features, relu, gate's spatial size)
-    ((2, 19, 11, 16), 24, (3, 3), 48, True, None),      # 3 vectors of 8; 2 row chunks per image
+    ((2, 40, 11, 16), 24, (3, 3), 48, True, None),      # 3 vectors of 8; 2 row chunks per image
     ((1, 9, 7, 5), 7, (3, 3), 13, False, None),         # fewer channels than a vector, odd Cin
     ((2, 36, 10, 40), 60, (3, 3), 120, True, (18, 5)),  # 32 + 24 + 4 channels, gated
-    ((1, 40, 6, 24), 36, (5, 5), 71, True, None),       # 4 halo rows between chunks
+    ((1, 40, 6, 24), 36, (5, 5), 71, True, None),       # 2 chunks, 4 halo rows between them
     ((2, 12, 9, 8), 12, (1, 5), 20, False, (6, 3)),
 ]
 
@@ -285,6 +285,7 @@ STRIDED_CASES = [  # (x shape, C, features, gate's spatial size, depthwise kerne
     ((1, 12, 10, 24), 36, 72, (6, 5), 5, 2),     # block 3's: gated, 5x5
     ((2, 9, 7, 5), 7, 13, None, 3, 2),           # odd sizes, scalar channels
     ((2, 14, 14, 40), 60, 120, (7, 7), 3, 2),    # block 5's
+    ((2, 41, 7, 16), 24, 48, (41, 7), 5, 2),     # 5x5, gated, 3 chunks of output rows, odd sizes
     ((1, 10, 9, 8), 12, 20, None, 5, 1),         # stride 1
 ]
 
@@ -304,12 +305,48 @@ def test_strided_form_stores_only_the_depthwise_conv_after_the_module(x_shape, c
     assert rel_err(got, want) <= 1e-5
     # a linear loss: the cotangent does not depend on the forward's rounding (sin's would, at |y| ~ 100)
     weights = jnp.asarray(rng.standard_normal(got.shape), jnp.float32)
-    loss = lambda f: lambda x, k3: jnp.sum(
-        weights * f(x, *rest, features, True, gate, primary, strided._replace(kernel=k3)))
+    # every differentiable operand, the gate and the strided conv's included
+    loss = lambda f: lambda x, w, g, k3, s3, b3: jnp.sum(
+        weights * f(x, *rest, features, True, g, w, strided._replace(kernel=k3, scale=s3, bias=b3)))
     fused = lambda *a: depthwise_native.ghost_cheap(*a[:8], gate=a[8], primary=a[9], strided=a[10])
-    for g, r in zip(jax.grad(loss(fused), (0, 1))(x, k3),
-                    jax.grad(loss(depthwise_native.ghost_cheap_reference), (0, 1))(x, k3)):
+    args = (x, primary, gate, k3, s3, b3)
+    argnums = (0, 1, 3, 4, 5) if gate is None else tuple(range(6))
+    for g, r in zip(jax.grad(loss(fused), argnums)(*args),
+                    jax.grad(loss(depthwise_native.ghost_cheap_reference), argnums)(*args)):
+        assert float(jnp.abs(r).max()) > 0
         assert rel_err(g, r) <= 1e-5
+
+
+def test_module_and_strided_forms_shard_over_the_batch_and_vmap():
+    """The fused inference ops with their extra operands (primary kernel, gate, the strided
+    conv's kernel and affine) also run per device under a batch-sharded jit, and under vmap."""
+    code = '''
+        import json, jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from ghostnetv2_jax.nn import depthwise_native as dn
+        rng = np.random.default_rng(0)
+        f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+        x, w, s1, b1, k, s2, b2 = f(8, 12, 10, 16), f(1, 1, 16, 12), f(12), f(12), f(3, 3, 1, 12), f(12), f(12)
+        gate = jax.nn.sigmoid(f(8, 6, 5, 24))
+        strided = dn.StridedDepthwise(f(3, 3, 1, 24), f(24), f(24), (2, 2), ((1, 1), (1, 1)))
+        run = jax.jit(lambda x, g: (dn.ghost_cheap(x, s1, b1, k, s2, b2, 24, True, gate=g, primary=w),
+                                    dn.ghost_cheap(x, s1, b1, k, s2, b2, 24, True, gate=g, primary=w,
+                                                   strided=strided)))
+        mesh = Mesh(np.array(jax.devices()), ('data',))
+        put = lambda a: jax.device_put(a, NamedSharding(mesh, P('data')))
+        one, four = run(x, gate), run(put(x), put(gate))
+        hlo = run.lower(put(x), put(gate)).compile().as_text()
+        err = lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+        mapped = jax.vmap(run)(x.reshape(2, 4, 12, 10, 16), gate.reshape(2, 4, 6, 5, 24))
+        print(json.dumps({'devices': jax.device_count(), 'all_gather': 'all-gather' in hlo,
+                          'spec': [list(o.sharding.spec) for o in four],
+                          'sharded': max(err(a, b) for a, b in zip(four, one)),
+                          'vmap': max(err(m.reshape(o.shape), o) for m, o in zip(mapped, one))}))
+    '''
+    out = _run(code, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+    assert out['devices'] == 4 and not out['all_gather']
+    assert out['spec'] == [['data'], ['data']]
+    assert out['sharded'] <= 1e-6 and out['vmap'] <= 1e-6, out
 
 
 def test_strided_form_rejects_what_it_does_not_fuse():
@@ -320,7 +357,8 @@ def test_strided_form_rejects_what_it_does_not_fuse():
     bad = {'module form': dict(p=p, primary=None, strided=good),
            'is not one of': dict(strided=good._replace(kernel=jnp.ones((7, 7, 1, 20)))),
            'scale and bias': dict(strided=good._replace(bias=jnp.ones(19))),
-           'symmetric padding': dict(strided=good._replace(padding=((0, 1), (1, 1))))}
+           'symmetric padding': dict(strided=good._replace(padding=((0, 1), (1, 1)))),
+           'smaller than the kernel': dict(strided=good._replace(padding=((3, 3), (1, 1))))}
     for message, kwargs in bad.items():
         with pytest.raises(ValueError, match=message):
             depthwise_native.ghost_cheap(kwargs.pop('p', x), *rest, 20, True,

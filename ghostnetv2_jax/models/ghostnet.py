@@ -61,7 +61,9 @@ class GhostModule(nn.Module):
 
     def _fused_cheap_op(self, train: bool) -> bool:
         """Inference on CPU with the native kernels: BN, activation, cheap conv and concatenation
-        run as one op (nn.depthwise_native.ghost_cheap), which reads and writes memory once."""
+        run as one op (nn.depthwise_native.ghost_cheap), which reads and writes memory once; with
+        it DFC's gate where fusible, the primary conv for narrow inputs, and a stride-2 block's
+        depthwise conv (``strided``) after those."""
         return (not train and self.ratio == 2 and self.dtype == jnp.float32
                 and (self.dw_size, self.dw_size) in GHOST_KERNEL_SIZES
                 and resolve_impl(self.depthwise_impl) == 'native')
@@ -136,8 +138,9 @@ class GhostBottleneck(nn.Module):
         in_features, k, s = x.shape[-1], self.kernel_size, self.stride
 
         ghost1 = GhostModule(self.mid_features, use_act=True, name='ghost1', **attn('ghost1'), **common)
-        if s > 1 and ghost1._fused_cheap_op(train):
-            # conv_dw and bn_dw run in ghost1's fused op: the expanded map is never stored
+        if s > 1 and (k, k) in GHOST_KERNEL_SIZES and ghost1._fused_cheap_op(train):
+            # conv_dw and bn_dw go to ghost1, which runs them in its fused op where it fuses its
+            # primary conv and any attention (the expanded map is then never stored), else after it
             like = jax.ShapeDtypeStruct((self.mid_features,), self.dtype)
             y = ghost1(x, train, strided=StridedDepthwise(
                 dw(k, s, 'conv_dw')(like, kernel_only=True), *bn('bn_dw')(like, affine_only=True),

@@ -105,8 +105,8 @@ int64_t Grain(int64_t row_floats) {
   return std::max<int64_t>(1, (16 * 1024) / std::max<int64_t>(1, row_floats));
 }
 
-// The generic row functions handle channels [c0, C): all of them for kernel sizes without a
-// blocked version below, the last C % 4 for those with one.
+// The generic row functions: the forward for kernel sizes without a blocked version below; the
+// gradients also for the last C % 4 channels of those with one (from c0).
 
 // Zeroes channels [c0, C) of `pixels` consecutive pixels.
 inline void ZeroChannels(float* row, int64_t pixels, int64_t c, int64_t c0) {
@@ -117,12 +117,11 @@ inline void ZeroChannels(float* row, int64_t pixels, int64_t c, int64_t c0) {
   for (int64_t p = 0; p < pixels; ++p) std::memset(row + p * c + c0, 0, sizeof(float) * (c - c0));
 }
 
-// out[n, oh, :, c0:] for one output row.
-void ForwardRow(const Geometry& g, const float* x, const float* k, float* out, int64_t row,
-                int64_t c0 = 0) {
+// out[n, oh, :, :] for one output row.
+void ForwardRow(const Geometry& g, const float* x, const float* k, float* out, int64_t row) {
   const int64_t n = row / g.ho, oh = row % g.ho, c = g.c;
   float* o = out + row * g.wo * c;
-  ZeroChannels(o, g.wo, c, c0);
+  ZeroChannels(o, g.wo, c, 0);
   for (int64_t i = 0; i < g.kh; ++i) {
     const int64_t ih = oh * g.sh + i - g.pt;
     if (ih < 0 || ih >= g.h) continue;
@@ -132,7 +131,7 @@ void ForwardRow(const Geometry& g, const float* x, const float* k, float* out, i
       int64_t lo, hi;
       ValidRange(j, g.sw, g.pl, g.w, g.wo, &lo, &hi);
       for (int64_t ow = lo; ow < hi; ++ow)
-        Fma(o + ow * c + c0, xr + (ow * g.sw + j - g.pl) * c + c0, kk + c0, c - c0);
+        Fma(o + ow * c, xr + (ow * g.sw + j - g.pl) * c, kk, c);
     }
   }
 }
@@ -182,7 +181,8 @@ void GradKernelRow(const Geometry& g, const float* x, const float* dy, float* ac
 // (kernel grad) held in registers across a whole row, so each multiply-add costs one load and
 // nothing is stored until the row is done. Blocks are eight channels, then four: GhostNet's
 // widths are multiples of 4 (36, 12, 20, 60, ...), and a scalar remainder cost those layers as
-// much as their vector part. The generic functions above serve other sizes and the last C % 4.
+// much as their vector part. The generic functions above serve other sizes and, for the
+// gradients, the last C % 4; the forward handles its own (DepthwiseRowFrom).
 template <int L>
 struct Lanes {
   typedef float V __attribute__((vector_size(L * sizeof(float))));
@@ -570,16 +570,16 @@ void GhostRows(const Geometry& g, const GhostArgs& a, int64_t n, int64_t r0, int
   const int64_t first = std::max<int64_t>(0, r0 - g.pt), last = std::min(g.h, r1 - g.pt + KH - 1);
   scratch.resize(std::max<int64_t>(0, last - first) * w * c);
   for (int64_t ih = first; ih < last; ++ih) {  // x1 rows
-    float* dst = scratch.data() + (ih - first) * w * c;
+    float* x1_row = scratch.data() + (ih - first) * w * c;
     if (a.primary) {
-      PrimaryRow(a, c, w, a.p + (n * g.h + ih) * w * a.cin, dst);
+      PrimaryRow(a, c, w, a.p + (n * g.h + ih) * w * a.cin, x1_row);
       continue;
     }
     const float* src = a.p + (n * g.h + ih) * w * c;
     for (int64_t iw = 0; iw < w; ++iw)
 #pragma GCC ivdep
       for (int64_t ch = 0; ch < c; ++ch)
-        dst[iw * c + ch] = Act(src[iw * c + ch] * a.s1[ch] + a.b1[ch], a.relu);
+        x1_row[iw * c + ch] = Act(src[iw * c + ch] * a.s1[ch] + a.b1[ch], a.relu);
   }
   int64_t lo, hi;
   InteriorColumns(g, KW, &lo, &hi);
@@ -664,7 +664,7 @@ void StridedRows(GhostFn fn, DwRowFn dw_row, const Geometry& g, const GhostArgs&
                  int64_t o1, std::vector<float>& scratch, std::vector<float>& rows) {
   const Geometry& d = a.dw.g;
   const int64_t r0 = std::max<int64_t>(0, o0 * d.sh - d.pt);
-  const int64_t r1 = std::min(g.h, (o1 - 1) * d.sh - d.pt + d.kh);
+  const int64_t r1 = std::max(r0, std::min(g.h, (o1 - 1) * d.sh - d.pt + d.kh));  // rows of padding only
   rows.resize((r1 - r0) * g.w * a.cout);
   fn(g, a, n, r0, r1, scratch, rows.data());
   for (int64_t oh = o0; oh < o1; ++oh) {
@@ -751,16 +751,13 @@ ffi::Error GhostRun(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, const ffi::Bu
     a.gate = gate->typed_data();
     a.hg = gd[1], a.wg = gd[2], a.fh = g.h / gd[1], a.fw = g.w / gd[2];
   }
-  // The module form recomputes kh - 1 halo rows of the matmul per chunk, so its chunks are taller.
-  int64_t grain = Grain(g.w * od[3]);
-  if (primary) {
-    a.primary = primary->typed_data();
-    a.cin = cin;
-    grain = std::max<int64_t>(grain, 8 * (g.kh - 1));
-  }
-  // The strided form chunks its own output rows, about 16 of the module's rows each.
+  if (primary) a.primary = primary->typed_data(), a.cin = cin;
+  // Chunks of rows: the strided form's are its own output rows, about 16 of the module's rows
+  // each; the module form recomputes kh - 1 halo rows of the matmul per chunk, so its are taller.
   const int64_t rows = strided ? a.dw.g.ho : g.h;
-  if (strided) grain = std::max<int64_t>(1, 16 / a.dw.g.sh);
+  const int64_t grain = strided ? std::max<int64_t>(1, 16 / a.dw.g.sh)
+                        : primary ? std::max<int64_t>(Grain(g.w * od[3]), 8 * (g.kh - 1))
+                                  : Grain(g.w * od[3]);
   const int64_t per_image = (rows + grain - 1) / grain;
   const int64_t chunks = g.n * per_image;
   ParallelFor(pool, Workers(pool, chunks, 1), chunks, 1, [&](int64_t b, int64_t e, int) {

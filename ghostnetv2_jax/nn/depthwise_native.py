@@ -419,12 +419,20 @@ def ghost_cheap(p, s1, b1, kernel, s2, b2, features: int, relu: bool, gate=None,
                              f'{GHOST_KERNEL_SIZES} x (1, {features})')
         if (strided.scale.shape, strided.bias.shape) != ((features,), (features,)):
             raise ValueError(f'ghost_cheap: strided scale and bias must be ({features},)')
-        if pt != pb or pl != pr or min(sh, sw, pt, pl) < 0 or min(sh, sw) < 1:
-            raise ValueError(f'ghost_cheap: strided needs positive strides and symmetric padding, got '
-                             f'{strided.strides}, {strided.padding}')
+        kh3, kw3 = strided.kernel.shape[:2]
+        if pt != pb or pl != pr or min(sh, sw) < 1 or not (0 <= pt < kh3 and 0 <= pl < kw3):
+            raise ValueError(f'ghost_cheap: strided needs positive strides and symmetric padding '
+                             f'smaller than the kernel, got {strided.strides}, {strided.padding}')
         dw = (strided.kernel, strided.scale, strided.bias)
         dw_geometry = tuple(int(v) for v in (sh, sw, pt, pl))
     return _ghost(p, s1, b1, kernel, s2, b2, gate, primary, dw, int(features), bool(relu), dw_geometry)
+
+
+def _check_plain_conv(name, lhs_dilation, rhs_dilation, feature_group_count, kwargs):
+    """What a fused op standing in for ``lax.conv_general_dilated`` in an ``nn.Conv`` supports."""
+    one = lambda v: v is None or all(int(d) == 1 for d in v)
+    if not (one(lhs_dilation) and one(rhs_dilation) and feature_group_count == 1 and not kwargs):
+        raise ValueError(f'{name}: only plain (undilated, ungrouped) convolutions')
 
 
 def ghost_module_fn(s1, b1, kernel, s2, b2, features: int, relu: bool, gate=None,
@@ -435,10 +443,10 @@ def ghost_module_fn(s1, b1, kernel, s2, b2, features: int, relu: bool, gate=None
     ``stem_conv_fn``."""
     def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
              dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-        ones = lambda v: v is None or all(int(d) == 1 for d in v)
-        if not (tuple(rhs.shape[:2]) == (1, 1) and ones(window_strides) and ones(lhs_dilation)
-                and ones(rhs_dilation) and feature_group_count == 1 and not kwargs):
-            raise ValueError('ghost_module_fn: only a plain 1x1 stride-1 convolution')
+        _check_plain_conv('ghost_module_fn', lhs_dilation, rhs_dilation, feature_group_count, kwargs)
+        if tuple(rhs.shape[:2]) != (1, 1) or tuple(window_strides) != (1, 1) \
+                or any(tuple(p) != (0, 0) for p in padding):
+            raise ValueError('ghost_module_fn: only a 1x1 stride-1 unpadded convolution')
         return ghost_cheap(lhs, s1, b1, kernel, s2, b2, features, relu, gate=gate, primary=rhs, strided=strided)
     return conv
 
@@ -494,9 +502,7 @@ def stem_conv_fn(scale, bias, relu: bool = True):
     affine and activation after the conv: the Conv keeps its variables and names."""
     def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
              dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-        one = lambda v: v is None or all(int(d) == 1 for d in v)
-        if not (one(lhs_dilation) and one(rhs_dilation) and feature_group_count == 1 and not kwargs):
-            raise ValueError('stem_conv_fn: only plain (undilated, ungrouped) convolutions')
+        _check_plain_conv('stem_conv_fn', lhs_dilation, rhs_dilation, feature_group_count, kwargs)
         return stem_conv(lhs, rhs, scale, bias, window_strides, padding, relu)
     return conv
 
