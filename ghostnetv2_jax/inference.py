@@ -10,7 +10,9 @@ inference); only the order of work changes.
 Measured on the 2-core AVX-512 VM of docs/benchmarks.md (batch 32, 224x224, float32, BN folded):
 with the first native kernels, chunks of 8 ran at ~215 img/s against ~160 unchunked (chunks of 4
 and 16 at ~195 and ~185); with the fused gate, stem and 4-channel blocks, which cut most of the
-traffic chunking saved, 8 x 2 streams runs at ~238 against ~226 (in-process A/B). timm's model
+traffic chunking saved, 8 x 2 streams runs at ~238 against ~226 (in-process A/B); with the fused
+primary and stride-2 convs, 117.5 against 120.6 ms a batch, and the whole batch is the faster
+one (173.5 against 190.3 ms) while the VM's two cores share no cache (docs/benchmarks.md). timm's model
 gets slower when chunked the same way (146 -> 116 img/s), so the gain is XLA's, not the
 model's. On GPU/TPU one launch over the whole batch is what keeps the device busy, so ``'auto'``
 chunks only on CPU::

@@ -646,36 +646,27 @@ void GhostRows(const Geometry& g, const GhostArgs& a, int64_t n, int64_t r0, int
 
 using GhostFn = void (*)(const Geometry&, const GhostArgs&, int64_t, int64_t, int64_t, std::vector<float>&,
                          float*);
-using DwRowFn = void (*)(const Geometry&, const float* const (&)[5], const float*, float*, const float*,
-                         const float*);
-
-// The strided form's depthwise row for kernel KH x KW, from up to five tap rows.
+// Output rows [o0, o1) of image n in the strided form, depthwise kernel KH x KW: the module's
+// rows under them go to `rows` (scratch), then the depthwise conv reads them there.
 template <int KH, int KW>
-void DwRow(const Geometry& g, const float* const (&rows)[5], const float* k, float* o, const float* s,
-           const float* b) {
-  const float* xr[KH];
-  for (int i = 0; i < KH; ++i) xr[i] = rows[i];
-  DepthwiseRowFrom<KH, KW>(g, xr, k, o, s, b);
-}
-
-// Output rows [o0, o1) of image n in the strided form: the module's rows under them go to
-// `rows` (scratch), then the depthwise conv reads them there.
-void StridedRows(GhostFn fn, DwRowFn dw_row, const Geometry& g, const GhostArgs& a, int64_t n, int64_t o0,
-                 int64_t o1, std::vector<float>& scratch, std::vector<float>& rows) {
+void StridedRows(GhostFn fn, const Geometry& g, const GhostArgs& a, int64_t n, int64_t o0, int64_t o1,
+                 std::vector<float>& scratch, std::vector<float>& rows) {
   const Geometry& d = a.dw.g;
   const int64_t r0 = std::max<int64_t>(0, o0 * d.sh - d.pt);
-  const int64_t r1 = std::max(r0, std::min(g.h, (o1 - 1) * d.sh - d.pt + d.kh));  // rows of padding only
+  const int64_t r1 = std::max(r0, std::min(g.h, (o1 - 1) * d.sh - d.pt + KH));  // rows of padding only
   rows.resize((r1 - r0) * g.w * a.cout);
   fn(g, a, n, r0, r1, scratch, rows.data());
   for (int64_t oh = o0; oh < o1; ++oh) {
-    const float* xr[5] = {};
-    for (int i = 0; i < d.kh; ++i) {
+    const float* xr[KH];
+    for (int i = 0; i < KH; ++i) {
       const int64_t ih = oh * d.sh + i - d.pt;
       xr[i] = (ih >= 0 && ih < g.h) ? rows.data() + (ih - r0) * g.w * a.cout : nullptr;
     }
-    dw_row(d, xr, a.dw.k, a.dw.out + (n * d.ho + oh) * d.wo * d.c, a.dw.s, a.dw.b);
+    DepthwiseRowFrom<KH, KW>(d, xr, a.dw.k, a.dw.out + (n * d.ho + oh) * d.wo * d.c, a.dw.s, a.dw.b);
   }
 }
+using StridedFn = void (*)(GhostFn, const Geometry&, const GhostArgs&, int64_t, int64_t, int64_t,
+                           std::vector<float>&, std::vector<float>&);
 
 inline bool PerChannel(const ffi::Buffer<ffi::F32>& b, int64_t c) {
   return b.element_count() == static_cast<size_t>(c);
@@ -726,7 +717,7 @@ ffi::Error GhostRun(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, const ffi::Bu
   if (!fn) return ffi::Error::InvalidArgument("ghost cheap op: unsupported kernel size");
   GhostArgs a{p.typed_data(), s1.typed_data(), b1.typed_data(), kernel.typed_data(),
               s2.typed_data(), b2.typed_data(), strided ? nullptr : out->typed_data(), od[3], relu != 0};
-  DwRowFn dw_row = nullptr;
+  StridedFn strided_rows = nullptr;
   if (strided) {
     Geometry& d = a.dw.g;
     if (auto e = MakeGeometry(od, strided->k.dimensions(), out->dimensions(), strided->sh, strided->sw,
@@ -736,10 +727,10 @@ ffi::Error GhostRun(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, const ffi::Bu
     if (d.ho != (g.h + 2 * d.pt - d.kh) / d.sh + 1 || d.wo != (g.w + 2 * d.pl - d.kw) / d.sw + 1 ||
         !PerChannel(strided->s, d.c) || !PerChannel(strided->b, d.c))
       return ffi::Error::InvalidArgument("ghost strided op: inconsistent depthwise conv");
-#define X(h, w) if (d.kh == h && d.kw == w) dw_row = DwRow<h, w>;
+#define X(h, w) if (d.kh == h && d.kw == w) strided_rows = StridedRows<h, w>;
     GNV2_SIZES(X)
 #undef X
-    if (!dw_row) return ffi::Error::InvalidArgument("ghost strided op: unsupported depthwise kernel size");
+    if (!strided_rows) return ffi::Error::InvalidArgument("ghost strided op: unsupported depthwise kernel size");
     a.dw.k = strided->k.typed_data(), a.dw.s = strided->s.typed_data(), a.dw.b = strided->b.typed_data();
     a.dw.out = out->typed_data();
   }
@@ -767,7 +758,7 @@ ffi::Error GhostRun(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, const ffi::Bu
     for (int64_t q = b; q < e; ++q) {
       const int64_t n = q / per_image, r0 = (q % per_image) * grain, r1 = std::min(rows, r0 + grain);
       if (strided)
-        StridedRows(fn, dw_row, g, a, n, r0, r1, scratch, module_rows);
+        strided_rows(fn, g, a, n, r0, r1, scratch, module_rows);
       else
         fn(g, a, n, r0, r1, scratch, a.out + (n * g.h + r0) * g.w * a.cout);
     }
@@ -952,7 +943,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gnv2DepthwiseGradKernel, GradKernelImpl, GNV2_BIND
 
 // The ghost op's operands: p (or x and the primary kernel), then both BatchNorms' affines
 // around the depthwise kernel.
-#define GNV2_GHOST_OPERANDS GNV2_GHOST_AFFINES(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>() /* p */)
+#define GNV2_GHOST_OPERANDS                                \
+  GNV2_GHOST_AFFINES(ffi::Ffi::Bind()                      \
+                         .Ctx<ffi::ThreadPool>()           \
+                         .Arg<ffi::Buffer<ffi::F32>>())    /* p */
 #define GNV2_GHOST_MODULE_OPERANDS                         \
   GNV2_GHOST_AFFINES(ffi::Ffi::Bind()                      \
                          .Ctx<ffi::ThreadPool>()           \
