@@ -258,9 +258,9 @@ class _JaxRunner:
         t0 = time.perf_counter()
         if spec['mode'] == 'infer':
             chunk = spec.get('chunk', 'auto')
-            predict = inference.predict_fn(model, chunk if chunk == 'auto' else int(chunk))
-            fn = jax.jit(predict, compiler_options=options)
-            self.chunk = inference.resolve_chunk(chunk if chunk == 'auto' else int(chunk))
+            chunk = chunk if chunk == 'auto' else int(chunk)
+            fn = jax.jit(inference.predict_fn(model, chunk), compiler_options=options)
+            self.chunk = inference.resolve_chunk(chunk)
             self.state, self.extra = (variables,), (images,)
         else:
             fn, state = make_jax_train_step(model, variables, compiler_options=options)
@@ -580,9 +580,7 @@ def run_group(group: Group, args, log) -> List[Dict[str, Any]]:
                 if 'error' in reply:
                     res['error'] = reply['error']
                     continue
-                res.setdefault('times', []).extend(reply['times'])
                 res.setdefault('round_times', []).append(reply['times'])
-                res.setdefault('round_medians', []).append(_median(reply['times']))
                 res.setdefault('cross_core', []).append(penalty)
         for w, res in live:
             res['memory'] = w.ask(cmd='stats')
@@ -590,7 +588,9 @@ def run_group(group: Group, args, log) -> List[Dict[str, Any]]:
         for w, _ in live:
             w.close()
     for res in results:
-        if res.get('times') and 'error' not in res:
+        if res.get('round_times') and 'error' not in res:
+            res['times'] = [t for ts in res['round_times'] for t in ts]
+            res['round_medians'] = [_median(ts) for ts in res['round_times']]
             res['median_s'] = _median(res['times'])
             res['img_per_s'] = group.batch / res['median_s']
             res['img_per_s_rounds'] = [group.batch / t for t in res['round_medians']]
