@@ -44,6 +44,11 @@ Method (see docs/benchmarks.md for results):
   cores through the cache and runs ~1.65x slower then; timm, streaming whole-batch tensors
   through DRAM, does not slow down. Each contender reports how many of its rounds ran split
   (penalty above ``SPLIT_CORES``) and its img/s and ratio over the other rounds too.
+- The JAX worker dispatches CPU computations synchronously, as the trainer does and as torch's
+  eager calls run (``xla_options.dispatch_cpu_synchronously``): asynchronously, each train step
+  allocated its temporaries before the previous step had freed its own, and the heap's growth
+  re-faulted whole sets of them in the warm-up and first rounds. Every timed iteration's minor
+  page faults are recorded; the report gives the most of any one iteration.
 - ``--malloc retain`` (default) configures glibc malloc in every worker, torch's included, to
   keep freed memory mapped (``GLIBC_TUNABLES``: one arena, no mmap'd chunks, no trimming; see
   RETAIN_TUNABLES). Without it, each step re-faults every large buffer it allocates (~2 us per
@@ -239,6 +244,7 @@ class _JaxRunner:
         import numpy as np
         from ghostnetv2_jax import inference, xla_options
         from ghostnetv2_jax.models.registry import create_model
+        xla_options.dispatch_cpu_synchronously()   # before the backend starts, as the trainer does
         self.jax = jax
         self.chunk = None
         dtype = jnp.bfloat16 if spec['dtype'] == 'bfloat16' else jnp.float32
@@ -290,7 +296,8 @@ class _JaxRunner:
 
     def describe(self) -> Dict[str, Any]:
         return {'backend': self.jax.default_backend(), 'device': self.device.device_kind,
-                'jax': self.jax.__version__, 'chunk': self.chunk}
+                'jax': self.jax.__version__, 'chunk': self.chunk,
+                'async_dispatch': bool(self.jax.config.read('jax_cpu_enable_async_dispatch'))}
 
 
 def random_variables(model, images, seed: int = 0):
@@ -396,12 +403,20 @@ class _TorchRunner:
                 'torch': self.torch.__version__, 'timm': timm.__version__}
 
 
-def _timed(fn, n: int) -> List[float]:
+def _minor_faults() -> int:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _timed(fn, n: int, faults: Optional[List[int]] = None) -> List[float]:
+    """Seconds per call of ``fn``, ``n`` calls; their minor page faults go to ``faults``."""
     times = []
     for _ in range(n):
-        t0 = time.perf_counter()
+        f0, t0 = _minor_faults(), time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+        if faults is not None:
+            faults.append(_minor_faults() - f0)
     return times
 
 
@@ -424,7 +439,8 @@ def worker_main() -> int:
                 reply = {'compile_s': runner.compile_s, 'first_call_s': first, 'warmup_s': warm,
                          'malloc': policy, **runner.describe()}
             elif msg['cmd'] == 'run':
-                reply = {'times': _timed(runner.step, msg['n'])}
+                faults: List[int] = []
+                reply = {'times': _timed(runner.step, msg['n'], faults), 'faults': faults}
             elif msg['cmd'] == 'stats':
                 reply = {'rss_before_mb': rss_before, 'maxrss_mb': _maxrss_mb(),
                          'peak_added_mb': max(0.0, _maxrss_mb() - rss_before), **runner.memory()}
@@ -581,6 +597,7 @@ def run_group(group: Group, args, log) -> List[Dict[str, Any]]:
                     res['error'] = reply['error']
                     continue
                 res.setdefault('round_times', []).append(reply['times'])
+                res.setdefault('round_faults', []).append(reply['faults'])
                 res.setdefault('cross_core', []).append(penalty)
         for w, res in live:
             res['memory'] = w.ask(cmd='stats')
@@ -594,6 +611,7 @@ def run_group(group: Group, args, log) -> List[Dict[str, Any]]:
             res['median_s'] = _median(res['times'])
             res['img_per_s'] = group.batch / res['median_s']
             res['img_per_s_rounds'] = [group.batch / t for t in res['round_medians']]
+            res['faults_max'] = max(f for fs in res['round_faults'] for f in fs)
             _shared_rounds(res, group.batch)
     return results
 
@@ -642,14 +660,14 @@ def markdown(report: Dict[str, Any]) -> str:
         f'- Input {cfg["size"]}x{cfg["size"]}; {cfg["rounds"]} alternating rounds x {cfg["repeats"]} '
         f'iterations, {cfg["warmup"]} warm-up; malloc policy `{cfg["malloc"]}`; img/s = batch / median',
         '', '| model | batch | mode | contender | img/s | rounds min-max | vs timm best | split rounds | '
-            'img/s, vs timm (shared rounds) | compile s | peak added MB | XLA MB |',
-        '|---|---|---|---|---|---|---|---|---|---|---|---|',
+            'img/s, vs timm (shared rounds) | compile s | peak added MB | XLA MB | page faults, max |',
+        '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
     ]
     ratio_text = lambda v: '-' if v is None else f'{v:.2f}x'
     for r in report['results']:
         if 'img_per_s' not in r:
             lines.append(f'| {r["model"]} | {r["batch"]} | {r["mode"]} | {r["label"]} | failed: '
-                         f'{r.get("error", "no timing")} | | | | | | | |')
+                         f'{r.get("error", "no timing")} | | | | | | | | |')
             continue
         rounds = r['img_per_s_rounds']
         mem = r.get('memory', {})
@@ -660,12 +678,14 @@ def markdown(report: Dict[str, Any]) -> str:
             f'| {r["model"]} | {r["batch"]} | {r["mode"]} | {r["label"]} | {r["img_per_s"]:.1f} | '
             f'{min(rounds):.1f}-{max(rounds):.1f} | {ratio_text(r.get("ratio_vs_timm_best"))} | {split} | '
             f'{shared} | {_fmt(r.get("compile_s"))} | {_fmt(mem.get("peak_added_mb"), ".0f")} | '
-            f'{_fmt(mem.get("xla_total_mb"), ".0f")} |')
+            f'{_fmt(mem.get("xla_total_mb"), ".0f")} | {_fmt(r.get("faults_max"), ",")} |')
     lines += ['', 'compile s: trace + lower + XLA compile (JAX); timm has none. peak added MB: worker '
               'maxrss minus its RSS before the first call. XLA MB: compiled.memory_analysis() '
               'temporaries + arguments + outputs - aliased (donated). split rounds: rounds run while '
               f'the first two CPUs shared no cache (cross_core_penalty > {SPLIT_CORES}); the shared-rounds '
-              'columns are img/s and the ratio over the other rounds, timm\'s included.', '']
+              'columns are img/s and the ratio over the other rounds, timm\'s included. page faults, max: '
+              'the most minor page faults of one timed iteration (a re-faulted buffer costs ~2 us per '
+              '4 KiB page here).', '']
     return '\n'.join(lines)
 
 

@@ -29,15 +29,19 @@ def test_smoke_run_writes_json_and_markdown_with_ratios(tmp_path):
         assert r['img_per_s'] == pytest.approx(2 / r['median_s'])
         assert r['memory']['maxrss_mb'] > 0 and r['memory']['peak_added_mb'] >= 0
         assert r['malloc'] == 'retain'           # the workers got the glibc tunables
+        assert [len(f) for f in r['round_faults']] == [len(t) for t in r['round_times']]   # per iteration
+        assert r['faults_max'] == max(f for fs in r['round_faults'] for f in fs) >= 0
     jax_res = by_label['jax:native:float32']
     best = max((by_label['torch:nchw:float32'], by_label['torch:channels_last:float32']),
                key=lambda r: r['img_per_s'])
     assert jax_res['timm_best'] == best['label']
     assert jax_res['ratio_vs_timm_best'] == pytest.approx(jax_res['img_per_s'] / best['img_per_s'])
     assert jax_res['compile_s'] > 0 and jax_res['memory']['xla_total_mb'] > 0
+    assert jax_res['async_dispatch'] is False     # each call returns when its step has run, as torch's
     assert 'ratio_vs_timm_best' not in by_label['torch:nchw:float32']
     md = (out / 'bench.md').read_text()
     assert '| model | batch | mode | contender | img/s |' in md and 'vs timm best' in md
+    assert md.count('| page faults, max |') == 1
     assert f'| jax:native:float32 | {jax_res["img_per_s"]:.1f} |' in md
     assert f'{jax_res["ratio_vs_timm_best"]:.2f}x' in md
     assert report['machine']['cpu_model'] in md

@@ -1,4 +1,6 @@
 """The compiler options the trainer, evaluator and benchmark compile with."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,3 +35,27 @@ def test_train_jit_computes_what_plain_jit_computes():
     ours = xla_options.jit(jax.grad(loss), train=True)(variables['params'])
     plain = jax.jit(jax.grad(loss))(variables['params'])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), ours, plain)
+
+
+_DISPATCH_PROBE = """
+import sys, jax, jax.numpy as jnp
+from ghostnetv2_jax import xla_options
+if sys.argv[1] == 'sync':
+    xla_options.dispatch_cpu_synchronously()
+f = jax.jit(lambda x: jax.lax.fori_loop(0, 40, lambda i, y: jnp.tanh(y @ y), x))
+x = jnp.ones((512, 512)) / 512
+f(x).block_until_ready()                 # compiled; the next call only runs
+y = f(x)
+print(y.is_ready())
+"""
+
+
+def test_dispatch_cpu_synchronously_returns_after_the_computation_ran():
+    import subprocess
+    import sys
+    run = lambda mode: subprocess.run([sys.executable, '-c', _DISPATCH_PROBE, mode], capture_output=True,
+                                      text=True, timeout=120, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+    sync, default = run('sync'), run('async')
+    assert sync.returncode == 0 and default.returncode == 0, sync.stderr + default.stderr
+    assert sync.stdout.split()[-1] == 'True'       # the call returned once the computation had run
+    assert default.stdout.split()[-1] == 'False'   # JAX's default: the call returns at dispatch

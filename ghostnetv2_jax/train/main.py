@@ -31,7 +31,9 @@ def _main(argv: List[str]) -> int:
         return 1
     if not FLAGS['verbosity'].present:   # orbax and absl are chatty at INFO; progress is printed
         logging.set_verbosity(logging.WARNING)
+    from ghostnetv2_jax import xla_options
     from ghostnetv2_jax.train import sharding
+    xla_options.dispatch_cpu_synchronously()   # one train step's temporaries at a time on CPU
     try:
         sharding.initialize_distributed(config.distributed)   # before anything touches a backend
         from ghostnetv2_jax.train import trainer
