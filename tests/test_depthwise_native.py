@@ -406,3 +406,86 @@ def test_stem_conv_gradients_and_bad_operands():
         depthwise_native.stem_conv(ops[0], jnp.ones((3, 3, 4, 16)), *ops[2:], *args)
     with pytest.raises(ValueError, match='non-negative padding'):
         depthwise_native.stem_conv(*ops, (2, 2), ((-1, 1), (1, 1)))
+
+
+# ----------------------------------------------------------------------------- BatchNorm sums
+@pytest.mark.parametrize('shape', [(40, 9, 9, 20), (3, 5, 7, 6), (1, 33, 17, 12), (2, 1, 1, 5)])
+def test_batch_norm_moments_are_the_float64_mean_and_biased_variance(shape):
+    """Whole examples per worker (40), rows of one example split over workers (1, 2, 3); a
+    channel mean 15 times its spread must not cost the variance its digits (shifted sums)."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(shape) * rng.uniform(0.5, 2, shape[-1]) + 30).astype(np.float32)
+    mean, var = jax.jit(depthwise_native.batch_norm_moments)(x)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(mean, x64.mean((0, 1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(var, x64.var((0, 1, 2)), rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('shape', [(40, 9, 9, 20), (1, 33, 17, 12)])
+def test_batch_norm_grad_sums_are_sum_g_and_sum_g_times_centred_x(shape):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(shape) + 30).astype(np.float32)
+    g = rng.standard_normal(shape).astype(np.float32)
+    mean = x.astype(np.float64).mean((0, 1, 2)).astype(np.float32)
+    sg, sgc = jax.jit(depthwise_native.batch_norm_grad_sums)(g, x, mean)
+    g64 = g.astype(np.float64)
+    np.testing.assert_allclose(sg, g64.sum((0, 1, 2)), rtol=1e-5, atol=1e-4)
+    centred = x - mean.astype(np.float64)
+    np.testing.assert_allclose(sgc, (g64 * centred).sum((0, 1, 2)), rtol=1e-5, atol=1e-4)
+
+
+def test_batch_norm_train_with_native_sums_equals_the_xla_reductions():
+    """Output, statistics and every gradient (input, scale, bias) of the training-mode op."""
+    from ghostnetv2_jax.nn.layers import batch_norm_train
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((4, 12, 10, 8)) * 3 + 5, jnp.float32)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, 8), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(8), jnp.float32)
+
+    def run(native):
+        loss = lambda x, s, b: jnp.sum(jnp.sin(batch_norm_train(x, s, b, 1e-5, native)[0]))
+        return jax.jit(lambda x, s, b: (batch_norm_train(x, s, b, 1e-5, native),
+                                        jax.grad(loss, argnums=(0, 1, 2))(x, s, b)))(x, scale, bias)
+    (out_n, grads_n), (out_x, grads_x) = run(True), run(False)
+    for a, b in zip((*out_n, *grads_n), (*out_x, *grads_x)):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_batch_norm_sums_shard_over_the_batch_and_vmap():
+    """A batch-sharded BatchNorm train step keeps the batch sharded (no all-gather) and equals
+    the single-device one: each device sums its examples, XLA adds the devices' sums."""
+    code = '''
+        import json, jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from ghostnetv2_jax.nn.layers import batch_norm_train
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal((8, 6, 5, 4)) + 2, jnp.float32)
+        s, b = jnp.full((4,), 1.5, jnp.float32), jnp.full((4,), 0.1, jnp.float32)
+        loss = lambda x: jnp.sum(jnp.sin(batch_norm_train(x, s, b, 1e-5, True)[0]))
+        step = jax.jit(jax.value_and_grad(loss))
+        mesh = Mesh(np.array(jax.devices()), ('data',))
+        xs = jax.device_put(x, NamedSharding(mesh, P('data')))
+        (l1, g1), (l4, g4) = step(x), step(xs)
+        hlo = step.lower(xs).compile().as_text()
+        err = lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+        print(json.dumps({'devices': jax.device_count(), 'all_gather': 'all-gather' in hlo,
+                          'spec': list(g4.sharding.spec), 'loss': err(l4, l1), 'grad': err(g4, g1)}))
+    '''
+    out = _run(code, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+    assert out['devices'] == 4 and not out['all_gather'] and out['spec'] == ['data']
+    assert max(out['loss'], out['grad']) <= 1e-5, out
+    rng = np.random.default_rng(3)
+    xs = jnp.asarray(rng.standard_normal((3, 2, 6, 5, 4)), jnp.float32)
+    per_map = jax.vmap(depthwise_native.batch_norm_moments)(xs)
+    one_by_one = [depthwise_native.batch_norm_moments(x) for x in xs]
+    for i, (m, v) in enumerate(one_by_one):
+        assert rel_err(per_map[0][i], m) <= 1e-6 and rel_err(per_map[1][i], v) <= 1e-6
+
+
+def test_batch_norm_sums_reject_bad_operands():
+    with pytest.raises(Exception, match='g and x must have one shape'):
+        jax.jit(depthwise_native.batch_norm_grad_sums)(jnp.zeros((2, 3, 3, 4)), jnp.zeros((2, 3, 4, 4)),
+                                                       jnp.zeros((4,)))
+    with pytest.raises(Exception, match=r'mean must be \(C\)'):
+        jax.jit(depthwise_native.batch_norm_grad_sums)(jnp.zeros((2, 3, 3, 4)), jnp.zeros((2, 3, 3, 4)),
+                                                       jnp.zeros((5,)))

@@ -79,10 +79,12 @@ class GhostModule(nn.Module):
         act = nn.relu if self.use_act else (lambda v: v)
         init_chs = math.ceil(self.features / self.ratio)
         primary_conv = functools.partial(conv2d, init_chs, 1, dtype=self.dtype, name='primary_conv')
-        primary_bn = BatchNorm(dtype=self.dtype, folded=self.fold_bn, name='primary_bn')
+        bn = lambda name: BatchNorm(dtype=self.dtype, folded=self.fold_bn, impl=self.depthwise_impl,
+                                    name=name)
+        primary_bn = bn('primary_bn')
         cheap_conv = DepthwiseConv(self.dw_size, multiplier=self.ratio - 1, impl=self.depthwise_impl,
                                    dtype=self.dtype, name='cheap_conv')
-        cheap_bn = BatchNorm(dtype=self.dtype, folded=self.fold_bn, name='cheap_bn')
+        cheap_bn = bn('cheap_bn')
         options = (self.attention_kwargs or {}) if self.attention != 'none' else {}
         attn = make_attention(self.attention, self.features, depthwise_impl=self.depthwise_impl,
                               dtype=self.dtype, fold_bn=self.fold_bn, **options)
@@ -134,7 +136,8 @@ class GhostBottleneck(nn.Module):
         attn = lambda pos: (dict(attention=self.attention, attention_kwargs=self.attention_kwargs)
                             if self.attention_position == pos else {})
         dw = lambda k, s, name: DepthwiseConv(k, stride=s, impl=self.depthwise_impl, dtype=self.dtype, name=name)
-        bn = lambda name: BatchNorm(dtype=self.dtype, folded=self.fold_bn, name=name)
+        bn = lambda name: BatchNorm(dtype=self.dtype, folded=self.fold_bn, impl=self.depthwise_impl,
+                                    name=name)
         in_features, k, s = x.shape[-1], self.kernel_size, self.stride
 
         ghost1 = GhostModule(self.mid_features, use_act=True, name='ghost1', **attn('ghost1'), **common)
@@ -215,7 +218,7 @@ class GhostNet(nn.Module):
         features: List[jax.Array] = []
         x = images.astype(self.dtype)
         stem_width = make_divisible(16 * self.width)
-        bn1 = BatchNorm(dtype=self.dtype, folded=self.fold_bn, name='bn1')
+        bn1 = BatchNorm(dtype=self.dtype, folded=self.fold_bn, impl=self.depthwise_impl, name='bn1')
         if self._fused_stem(train, features_only):
             # conv, BN and ReLU as one native op; the Conv's variables are unchanged
             scale, bias = bn1(jax.ShapeDtypeStruct((stem_width,), self.dtype), affine_only=True)
@@ -242,7 +245,7 @@ class GhostNet(nn.Module):
 
         last_width = make_divisible(self.cfgs[-1][-1][1] * self.width)
         x = conv2d(last_width, 1, dtype=self.dtype, name=f'blocks_{len(self.cfgs)}_0_conv')(x)
-        x = nn.relu(BatchNorm(dtype=self.dtype, folded=self.fold_bn,
+        x = nn.relu(BatchNorm(dtype=self.dtype, folded=self.fold_bn, impl=self.depthwise_impl,
                                  name=f'blocks_{len(self.cfgs)}_0_bn1')(x, train))
         return x if part == 'features' else self._head(x, train)
 

@@ -86,7 +86,8 @@ class DFCAttention(nn.Module):
         if 0 in x.shape[1:3]:
             raise ValueError(f'DFC attention got a {source.shape[1]}x{source.shape[2]} map, too small to '
                              'down-sample 2x; GhostNetV2 needs inputs of at least 64x64 pixels')
-        bn = lambda name: BatchNorm(dtype=self.dtype, folded=self.fold_bn, name=name)
+        bn = lambda name: BatchNorm(dtype=self.dtype, folded=self.fold_bn, impl=self.depthwise_impl,
+                                    name=name)
         x = conv2d(self.features, 1, dtype=self.dtype, name='conv')(x)
         x = bn('bn')(x, train)
         x = DepthwiseConv((1, kw), impl=self.depthwise_impl, dtype=self.dtype, name='fc_w')(x)

@@ -1,8 +1,9 @@
 """Depthwise convolution as XLA:CPU custom calls (``depthwise_cpu.cc``), built on first use.
 
-The library holds the depthwise conv (forward and both gradients) and two inference-only fused
+The library holds the depthwise conv (forward and both gradients), two inference-only fused
 ops built on it: a ghost module's cheap half (``ghost_cheap``, optionally gated by DFC
-attention) and the stem conv with its BatchNorm and ReLU (``stem_conv``).
+attention) and the stem conv with its BatchNorm and ReLU (``stem_conv``), and training-mode
+BatchNorm's reductions (``batch_norm_moments``, ``batch_norm_grad_sums``).
 
 The C++ source ships in the package. ``load()`` compiles it once per machine with the system C++
 compiler against jaxlib's FFI headers (about 3 s), caches the library, and registers its
@@ -54,6 +55,8 @@ TARGETS = {  # XLA custom-call name -> exported handler symbol
     'gnv2_ghost_module_strided': 'Gnv2GhostModuleStrided',
     'gnv2_ghost_module_strided_gated': 'Gnv2GhostModuleStridedGated',
     'gnv2_stem_conv': 'Gnv2StemConv',
+    'gnv2_batchnorm_moments': 'Gnv2BatchNormMoments',
+    'gnv2_batchnorm_grad_sums': 'Gnv2BatchNormGradSums',
 }
 
 _lock = threading.Lock()
@@ -191,6 +194,8 @@ _TARGETS = {
         ('pad_top', 'pad_left', 'relu', 'dw_stride_h', 'dw_stride_w', 'dw_pad_top', 'dw_pad_left')),
     'gnv2_stem_conv': _Target('n h w c, i j c d, d, d -> n p q d', (True, False, False, False),
                               ('stride_h', 'stride_w', 'pad_top', 'pad_left', 'relu')),
+    'gnv2_batchnorm_moments': _Target('n h w c -> n t c', (True,), ()),
+    'gnv2_batchnorm_grad_sums': _Target('n h w c, n h w c, c -> n t c', (True, True, False), ()),
 }
 
 
@@ -514,3 +519,25 @@ def main() -> int:
         return 0
     print(f'native depthwise kernels unavailable ({load_error()}); CPU runs use the shift form')
     return 1
+
+
+# ----------------------------------------------------------------------------- BatchNorm sums
+def batch_norm_moments(x):
+    """(mean, biased variance) over every axis of NHWC ``x`` but the channels, in one pass over
+    ``x`` (float32). The kernel returns each example's mean and sum of squared deviations, shifted
+    by its first pixel and summed in double; examples are combined here (Chan et al.)."""
+    _check_backend()
+    n, h, w, c = x.shape
+    per = _call('gnv2_batchnorm_moments', (), (2, c), x)
+    means, m2 = per[:, 0], per[:, 1]
+    mean = jnp.mean(means, axis=0)
+    m2 = jnp.sum(m2, axis=0) + (h * w) * jnp.sum(jnp.square(means - mean), axis=0)
+    return mean, m2 / max(n * h * w, 1)
+
+
+def batch_norm_grad_sums(g, x, mean):
+    """(sum(g), sum(g * (x - mean))) over every axis of NHWC ``g`` and ``x`` but the channels,
+    in one pass over both (float32; summed in double per example)."""
+    _check_backend()
+    per = jnp.sum(_call('gnv2_batchnorm_grad_sums', (), (2, x.shape[-1]), g, x, mean), axis=0)
+    return per[0], per[1]

@@ -130,11 +130,21 @@ class BatchNorm(nn.Module):
 
     ``folded=True`` is the inference form made by ``ghostnetv2_jax.deploy``: the normalisation is
     folded into the preceding conv's kernel and only the per-channel shift ``bias`` is left.
+
+    ``impl`` names a depthwise implementation (``nn.depthwise.IMPLEMENTATIONS``; models pass
+    theirs): where it resolves to 'native', training-mode statistics and their gradient's two
+    sums run as the native kernels' one-pass reductions (float32 NHWC inputs; measured: XLA's
+    separate elementwise and reduction passes were ~16% of a GhostNetV2 train step on CPU).
     """
     momentum: float = 0.1
     epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
     folded: bool = False
+    impl: str = 'auto'
+
+    def _native_sums(self, x: jax.Array) -> bool:
+        from ghostnetv2_jax.nn.depthwise import resolve_impl   # it imports this module
+        return x.ndim == 4 and x.dtype == jnp.float32 and resolve_impl(self.impl) == 'native'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, *, affine_only: bool = False):
@@ -155,7 +165,8 @@ class BatchNorm(nn.Module):
         ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
         if train:
-            y, mean, var = batch_norm_train(x.astype(self.dtype), scale, bias, self.epsilon)
+            x = x.astype(self.dtype)
+            y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, self._native_sums(x))
             if not self.is_initializing():
                 n = math.prod(x.shape[:-1])
                 m = self.momentum
@@ -171,24 +182,30 @@ class BatchNorm(nn.Module):
         return x * mul.astype(self.dtype) + add.astype(self.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm_train(x, scale, bias, epsilon: float):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(x, scale, bias, epsilon: float, native: bool = False):
     """Training-mode BatchNorm over all axes but the last: (y, batch mean, biased batch variance).
 
     The variance is two-pass (mean of squared deviations), as torch computes it. The backward is
     the closed form, dx = k * (g - mean(g) - xhat * mean(g * xhat)) with k = scale / std, from two
     reductions, sum(g) and sum(g * x), that read only same-shape operands: autodiff of the
     two-pass forward takes three and materialises an activation-sized intermediate (measured:
-    BatchNorm was ~20% of a GhostNet train step on CPU).
+    BatchNorm was ~20% of a GhostNet train step on CPU). With ``native`` (float32 NHWC on CPU)
+    the statistics and both sums are the native kernels' one-pass reductions
+    (``nn.depthwise_native.batch_norm_moments`` / ``batch_norm_grad_sums``).
     """
-    return _bn_train_fwd(x, scale, bias, epsilon)[0]
+    return _bn_train_fwd(x, scale, bias, epsilon, native)[0]
 
 
-def _bn_train_fwd(x, scale, bias, epsilon):
+def _bn_train_fwd(x, scale, bias, epsilon, native):
     axes = tuple(range(x.ndim - 1))
     x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axes)
-    var = jnp.mean(jnp.square(x32 - mean), axes)
+    if native:
+        from ghostnetv2_jax.nn import depthwise_native   # it imports this module
+        mean, var = depthwise_native.batch_norm_moments(x32)
+    else:
+        mean = jnp.mean(x32, axes)
+        var = jnp.mean(jnp.square(x32 - mean), axes)
     rstd = lax.rsqrt(var + epsilon)
     mul = scale * rstd
     add = bias - mean * mul
@@ -196,15 +213,19 @@ def _bn_train_fwd(x, scale, bias, epsilon):
     return (y, mean, var), (x, mean, rstd, scale)
 
 
-def _bn_train_bwd(epsilon, residuals, cotangents):
+def _bn_train_bwd(epsilon, native, residuals, cotangents):
     del epsilon
     x, mean, rstd, scale = residuals
     g, g_mean, g_var = cotangents
     axes = tuple(range(x.ndim - 1))
     n = math.prod(x.shape[:-1])
     x32, g32 = x.astype(jnp.float32), g.astype(jnp.float32)
-    sum_g = jnp.sum(g32, axes)
-    sum_gc = jnp.sum(g32 * x32, axes) - mean * sum_g            # sum(g * (x - mean))
+    if native:
+        from ghostnetv2_jax.nn import depthwise_native
+        sum_g, sum_gc = depthwise_native.batch_norm_grad_sums(g32, x32, mean)
+    else:
+        sum_g = jnp.sum(g32, axes)
+        sum_gc = jnp.sum(g32 * x32, axes) - mean * sum_g        # sum(g * (x - mean))
     k = scale * rstd
     # dx = k*g + x * cx + c0; the mean/var outputs' own cotangents (zero when they only feed
     # the running statistics) enter the same per-channel coefficients.
