@@ -240,7 +240,10 @@ def _op(target, static, out_tail):
     """``target`` for one geometry, partitionable and vmappable. Under vmap the mapped axis is
     folded into the batch axis when only batch-carrying operands are mapped (the custom calls are
     per example); otherwise (e.g. a mapped kernel) it runs once per element."""
-    partitioned = _partitioned(target, static, out_tail)
+    # One device has nothing to partition; without custom_partitioning's wrapper a batch-32
+    # train step (~400 calls) compiled 1-2 s faster (17.8 / 20.5 against 19.8 / 21.4 s).
+    partitioned = (_partitioned(target, static, out_tail) if jax.device_count() > 1 else
+                   functools.partial(_ffi, target, static, out_tail))
     batched = _TARGETS[target].batched
 
     @jax.custom_batching.custom_vmap
