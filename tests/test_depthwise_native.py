@@ -489,3 +489,27 @@ def test_batch_norm_sums_reject_bad_operands():
     with pytest.raises(Exception, match=r'mean must be \(C\)'):
         jax.jit(depthwise_native.batch_norm_grad_sums)(jnp.zeros((2, 3, 3, 4)), jnp.zeros((2, 3, 3, 4)),
                                                        jnp.zeros((5,)))
+
+
+@pytest.mark.parametrize('impl,native', [('auto', True), ('native', True), ('shift', False), ('xla', False)])
+def test_models_train_with_the_native_batch_norm_sums_where_their_depthwise_impl_is_native(impl, native):
+    """Every BatchNorm of a train step (forward statistics, backward sums) follows the model's
+    depthwise implementation; eval mode uses none of them."""
+    from ghostnetv2_jax import create_model
+    model = create_model('ghostnetv2_100', cfgs=(((3, 16, 16, 0, 1),), ((3, 48, 24, 0, 2),)), num_classes=10,
+                         depthwise_impl=impl)
+    x = jnp.zeros((2, 64, 64, 3), jnp.float32)
+    variables = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype),
+                             jax.eval_shape(model.init, jax.random.PRNGKey(0), x))
+    n_bn = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(variables['batch_stats'])
+               if getattr(path[-1], 'key', None) == 'mean')
+
+    def loss(params):
+        logits, _ = model.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'],
+                                rngs={'dropout': jax.random.PRNGKey(1)})
+        return jnp.sum(logits)
+    train_hlo = jax.jit(jax.grad(loss)).lower(variables['params']).as_text()
+    eval_hlo = jax.jit(model.apply).lower(variables, x).as_text()
+    assert train_hlo.count('@gnv2_batchnorm_moments(') == (n_bn if native else 0)
+    assert train_hlo.count('@gnv2_batchnorm_grad_sums(') == (n_bn if native else 0)
+    assert 'gnv2_batchnorm' not in eval_hlo

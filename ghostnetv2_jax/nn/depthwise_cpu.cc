@@ -959,10 +959,10 @@ void GradSums(const float* g, const float* x, const float* mean, int64_t c, int6
   }
 }
 
-// Runs sums(n, p0, p1, a, b) over every example's pixels into per-example double accumulators
-// a, b (C each), then writes finish(n, a, b, out + n * 2C). Whole examples per worker when
-// there are enough; otherwise each example's pixels are split and per-worker partials are added
-// in order.
+// For every example i: sums(i, p0, p1, a, b) adds its pixels [p0, p1) into double accumulators
+// a, b (C each, zeroed first), then finish(i, a, b) writes the example's results. Whole examples
+// per worker when there are enough (as GradKernelImpl); otherwise each example's pixels are
+// split and per-worker partials are added in order.
 template <typename Sums, typename Finish>
 void PerExample(ffi::ThreadPool& pool, int64_t n, int64_t pixels, int64_t c, Sums sums, Finish finish) {
   const int pool_workers = static_cast<int>(pool.num_threads()) + 1;
