@@ -11,7 +11,7 @@ $(VENV)/.runtime: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	-$(PY) -c 'import sys; from ghostnetv2_jax.nn.depthwise_native import main; sys.exit(main())'  # optional
+	-$(PY) -c 'import sys; from ghostnetv2_jax.kernels.build import main; sys.exit(main())'  # optional
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt

@@ -49,7 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Model: a registered name plus GhostNet field overrides (cfgs, width, attention, ...).
     config.model = 'ghostnetv2_100'
     # GhostNet fields to override (None: the registered model's value), e.g. for the paper's
-    # ablations: --config.model_overrides.attention=se, ...attention_kwargs="{'kernel_size': 7}".
+    # ablations: --config.model_overrides.attention=se, ...attention_kwargs="{'kernel': (7, 7)}".
+    # attention_kwargs keys by variant (the module fields of nn/attention.py): dfc: kernel (K_H, K_W),
+    # downsample, gate, gate_before_upsample, upsample; se: rd_ratio, gate; cbam: rd_ratio,
+    # spatial_kernel, gate; coord: reduction, min_width.
     config.model_overrides = ml_collections.ConfigDict({
         'cfgs': ml_collections.FieldReference(None, field_type=tuple),    # the bottleneck table
         'width': ml_collections.FieldReference(None, field_type=float),

@@ -84,7 +84,7 @@ class Contender:
     variant: str              # depthwise impl (jax), 'deploy' (jax, folded BN), or memory layout (torch)
     dtype: str
     xla_options: str = 'project'  # jax: this project's compiler options ('project') or XLA's ('default')
-    chunk: str = 'auto'           # jax inference: batch chunking (ghostnetv2_jax.inference), 'auto' or N
+    chunk: str = 'auto'           # jax inference: batch chunking (ghostnetv2_jax.runtime), 'auto' or N
 
     @property
     def label(self) -> str:
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--impls', type=_csv(str, JAX_IMPLS), default=['native', 'shift', 'xla'],
                    help="this project's depthwise implementations ('auto' = the backend's default)")
     p.add_argument('--deploy', action=argparse.BooleanOptionalAction, default=True,
-                   help='also time the BN-folded inference model (ghostnetv2_jax.deploy)')
+                   help='also time the BN-folded inference model (ghostnetv2_jax.fold_batchnorm)')
     p.add_argument('--layouts', type=_csv(str, TORCH_LAYOUTS), default=list(TORCH_LAYOUTS))
     p.add_argument('--torch', action=argparse.BooleanOptionalAction, default=True,
                    help='time timm (without it no ratios are computed)')
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JAX contenders compiled with this project's compiler options "
                         "(ghostnetv2_jax.xla_options) and/or with XLA's defaults")
     p.add_argument('--chunks', type=_csv(_chunk), default=['auto'],
-                   help="JAX inference over chunks of the batch (ghostnetv2_jax.inference): 'auto' "
+                   help="JAX inference over chunks of the batch (ghostnetv2_jax.runtime): 'auto' "
                         "(8 images on CPU, the whole batch elsewhere), 0 (the whole batch) or N images")
     p.add_argument('--xla-flags', default='', help='appended to XLA_FLAGS in the JAX workers')
     p.add_argument('--out', default='bench_out', help='directory for bench.json and bench.md')
@@ -242,7 +242,7 @@ class _JaxRunner:
         import jax
         import jax.numpy as jnp
         import numpy as np
-        from ghostnetv2_jax import inference, xla_options
+        from ghostnetv2_jax import runtime, xla_options
         from ghostnetv2_jax.models.registry import create_model
         xla_options.dispatch_cpu_synchronously()   # before the backend starts, as the trainer does
         self.jax = jax
@@ -257,16 +257,15 @@ class _JaxRunner:
         labels = jnp.asarray(rng.integers(0, 1000, spec['batch']), jnp.int32)
         variables = random_variables(model, images[:1])
         if spec['variant'] == 'deploy':
-            from ghostnetv2_jax import deploy
-            model, variables = deploy.fold_batchnorm(model, variables)
+            model, variables = runtime.fold_batchnorm(model, variables)
         options = (xla_options.compiler_options(train=spec['mode'] == 'train')
                    if spec['xla_options'] == 'project' else None)
         t0 = time.perf_counter()
         if spec['mode'] == 'infer':
             chunk = spec.get('chunk', 'auto')
             chunk = chunk if chunk == 'auto' else int(chunk)
-            fn = jax.jit(inference.predict_fn(model, chunk), compiler_options=options)
-            self.chunk = inference.resolve_chunk(chunk)
+            fn = jax.jit(runtime.predict_fn(model, chunk), compiler_options=options)
+            self.chunk = runtime.resolve_chunk(chunk, jax.default_backend())
             self.state, self.extra = (variables,), (images,)
         else:
             fn, state = make_jax_train_step(model, variables, compiler_options=options)

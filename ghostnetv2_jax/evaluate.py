@@ -147,7 +147,7 @@ def load(checkpoint: str, model_name: Optional[str] = None, ema: bool = False):
 def run(checkpoint: str, model_name: Optional[str] = None, ema: bool = False) -> Dict[str, Any]:
     """Evaluate; returns top1, top5 (%), loss, count and what was evaluated how."""
     import jax
-    from ghostnetv2_jax import inference, xla_options
+    from ghostnetv2_jax import runtime, xla_options
     from ghostnetv2_jax.data.pipeline import create_split
     from ghostnetv2_jax.train import sharding
     from ghostnetv2_jax.train.trainer import evaluate, make_eval_step
@@ -160,7 +160,7 @@ def run(checkpoint: str, model_name: Optional[str] = None, ema: bool = False) ->
     if split.num_classes != model.num_classes:
         raise ValueError(f'the checkpoint has {model.num_classes} classes, {data.dataset} has '
                          f'{split.num_classes}')
-    eval_step = xla_options.jit(make_eval_step(model, inference.chunk_for(mesh)), train=False,
+    eval_step = xla_options.jit(make_eval_step(model, runtime.chunk_for(mesh)), train=False,
                                 out_shardings=sharding.replicated(mesh))
     variables = jax.device_put(variables, sharding.replicated(mesh))
     results = evaluate(eval_step, variables, split.iterator, mesh)

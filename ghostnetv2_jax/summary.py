@@ -3,7 +3,8 @@
 MACs are counted the way PyTorch profilers (thop, fvcore, timm's tables) count them: for every
 convolution ``N*Ho*Wo*Cout * kh*kw*Cin/groups`` and for every matmul ``output size * contracted
 size``; pooling, BN, activations and resizes are free. They are read off the traced program (the
-jaxpr) of the model with XLA's depthwise convolution, so they follow whatever the model does.
+jaxpr) of the model with XLA's depthwise convolution, so they follow whatever the model does; a
+layer with per-platform forms counts its costliest.
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ def _count_macs(jaxpr) -> int:
             (lhs_contract, _), _ = eqn.params['dimension_numbers']
             lhs = eqn.invars[0].aval
             total += math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs.shape[i] for i in lhs_contract)
+        if name == 'cond':   # per-platform forms of one layer (nn.platform): count one of them
+            total += max(_count_macs(b.jaxpr) for b in eqn.params['branches'])
+            continue
         for sub in jax_core.jaxprs_in_params(eqn.params):
             total += _count_macs(sub)
     return total

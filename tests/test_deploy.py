@@ -1,5 +1,4 @@
-"""deploy.fold_batchnorm: the BN-folded inference model gives the eval model's logits."""
-import re
+"""runtime.fold_batchnorm: the BN-folded inference model gives the eval model's logits."""
 
 import chex
 import jax
@@ -7,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
-from ghostnetv2_jax import create_model, deploy
-from ghostnetv2_jax.bench import random_variables
+from conftest import randomized_variables, rel_err
+from ghostnetv2_jax import create_model
+from ghostnetv2_jax.runtime import deploy
 
 # fp32: folding reorders one multiply per conv output (conv(x, k) * m vs conv(x, k * m)), so the
 # logits move by a few float32 ulps of the accumulations; measured ~6e-7 relative.
@@ -23,16 +22,7 @@ TINY = (((3, 16, 16, 0, 1),), ((5, 48, 24, 0.25, 2),), ((3, 72, 24, 0, 1),))
 def _randomised(model, images, seed=0):
     """Variables with random BN statistics and affine parameters: zero means and unit variances
     would make folding trivially exact."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = getattr(path[-1], 'key', '')
-        shape = leaf.shape
-        value = {'var': lambda: rng.uniform(0.5, 2.0, shape), 'scale': lambda: rng.uniform(0.5, 1.5, shape),
-                 'mean': lambda: rng.normal(0, 0.2, shape), 'bias': lambda: rng.normal(0, 0.2, shape)}.get(
-            name, lambda: np.asarray(leaf))()
-        return jnp.asarray(value, leaf.dtype)
-    return jax.tree_util.tree_map_with_path(fill, random_variables(model, images, seed))
+    return randomized_variables(model, images, seed)
 
 
 def _logits(model, variables, images):
@@ -90,50 +80,3 @@ def test_deploy_model_is_inference_only_and_bad_input_is_refused():
         deploy.fold_batchnorm(dmodel, dvars)
     with pytest.raises(ValueError, match="'params' and 'batch_stats'"):
         deploy.fold_batchnorm(model, {'params': variables['params']})
-
-
-def test_stride2_block_with_a_kernel_the_fused_ops_lack_keeps_its_own_conv():
-    """A 7x7 stride-2 block (no fused kernel of that size): ghost1 still fuses, conv_dw runs after."""
-    from ghostnetv2_jax.models import ghostnet
-    cfgs = (((3, 16, 16, 0, 1),), ((7, 48, 24, 0, 2),))
-    model = create_model('ghostnetv2_100', cfgs=cfgs, depthwise_impl='native', attention_blocks=())
-    images = _images((2, 32, 32, 3))
-    variables = _randomised(model, images)
-    fused = _logits(model, variables, images)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ghostnet.GhostModule, '_fused_cheap_op', lambda self, train: False)
-        mp.setattr(ghostnet.GhostNet, '_fused_stem', lambda self, train, features_only: False)
-        unfused = _logits(model, variables, images)
-    assert rel_err(fused, unfused) <= 1e-6
-
-
-@pytest.mark.parametrize('folded,hw,gated', [(False, (64, 72), 1), (True, (64, 72), 1), (True, (60, 68), 0)])
-def test_fused_ghost_op_gives_the_unfused_logits(monkeypatch, folded, hw, gated):
-    """Inference on CPU fuses each ghost module's BN, activation, cheap conv and concatenation
-    (nn.depthwise_native.ghost_cheap), and DFC's gate where the map's size is a whole multiple of
-    the pooled one (at 60x68 the DFC block's 15x17 map is not), and the stem's conv, BN and ReLU
-    (stem_conv), and the primary 1x1 conv of modules with narrow inputs
-    (FUSED_PRIMARY_MAX_CHANNELS), with a stride-2 block's conv_dw and bn_dw after it: same logits
-    as the separate ops, eval and BN-folded."""
-    from ghostnetv2_jax.models import ghostnet
-    model = create_model('ghostnetv2_100', cfgs=TINY, depthwise_impl='native')
-    images = _images((2, *hw, 3))
-    variables = _randomised(model, images)
-    if folded:
-        model, variables = deploy.fold_batchnorm(model, variables)
-    hlo = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, images).as_text()
-    # every ghost module of TINY fused; those with inputs of <= 40 channels with their primary conv
-    calls = lambda name: len(re.findall(rf'custom_call @{name}\(', hlo))
-    # (and the stride-2 block's ghost1 with its conv_dw and bn_dw)
-    assert calls('gnv2_ghost_module') + calls('gnv2_ghost_module_gated') == 3
-    assert calls('gnv2_ghost_module_strided') == 1
-    assert calls('gnv2_depthwise_forward') == 3    # shortcut_dw and DFC's two 1-D convs; not conv_dw
-    assert calls('gnv2_ghost_cheap') + calls('gnv2_ghost_cheap_gated') == 2
-    assert calls('gnv2_ghost_module_gated') == gated   # the one DFC block's ghost1
-    fused = _logits(model, variables, images)
-    assert hlo.count('gnv2_stem_conv') == 1
-    monkeypatch.setattr(ghostnet.GhostModule, '_fused_cheap_op', lambda self, train: False)
-    monkeypatch.setattr(ghostnet.GhostNet, '_fused_stem', lambda self, train, features_only: False)
-    unfused = _logits(model, variables, images)
-    assert float(jnp.abs(unfused).max()) > 0.1
-    assert rel_err(fused, unfused) <= 1e-6

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from ghostnetv2_jax.nn import depthwise_native
-from ghostnetv2_jax.nn.depthwise import DepthwiseConv, depthwise_conv, resolve_impl
+from ghostnetv2_jax import kernels
+from ghostnetv2_jax.nn.depthwise import DepthwiseConv, check_impl, cpu_impl, depthwise_conv
 
 TOLERANCE = 1e-5
 BF16_TOLERANCE = 2e-2
@@ -115,11 +115,19 @@ def test_bf16_compute_within_documented_tolerance_of_fp32(impl):
         assert 0 < err <= BF16_TOLERANCE, f'{name}: {err:.2e}'   # > 0: bf16 really was used
 
 
-def test_auto_is_native_on_cpu_and_bad_impl_is_rejected():
-    assert depthwise_native.load(), depthwise_native.load_error()   # the dev set-up has a compiler
-    assert resolve_impl('auto') == ('native' if jax.default_backend() == 'cpu' else 'xla')
+def test_auto_is_native_where_lowered_for_cpu_and_xla_elsewhere_and_bad_impl_is_rejected():
+    assert kernels.load(), kernels.load_error()   # the dev set-up has a compiler
+    assert cpu_impl() == 'native'
+    x, k = _inputs((1, 8, 8, 4), (3, 3))
+    f = jax.jit(jax.grad(lambda x, k: jnp.sum(depthwise_conv(x, k, (1, 1), ((1, 1), (1, 1))) ** 2), argnums=(0, 1)))
+    assert 'gnv2_depthwise_grad_kernel' in f.lower(x, k).as_text()
+    for platform in ('cuda', 'tpu'):
+        text = jax.export.export(f, platforms=[platform])(x, k).mlir_module()
+        assert 'gnv2_' not in text and 'convolution' in text, platform
     with pytest.raises(ValueError, match='depthwise impl must be one of'):
-        resolve_impl('winograd')
+        check_impl('winograd')
+    with pytest.raises(ValueError, match='depthwise impl must be one of'):
+        depthwise_conv(x, k, impl='winograd')
 
 
 @pytest.mark.parametrize('impl', IMPLS)

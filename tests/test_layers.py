@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import make_divisible as timm_make_divisible
 
-from ghostnetv2_jax.nn import layers
+from ghostnetv2_jax.nn import batchnorm, layers
+from ghostnetv2_jax.nn.conv import conv2d
 
 
 def test_make_divisible_matches_timm_for_every_ghostnet_width():
@@ -25,7 +26,7 @@ def test_hard_sigmoid_is_torch_hardsigmoid():
 def test_stride2_conv_pads_symmetrically_like_torch(size):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, size, size, 3)).astype(np.float32)
-    conv = layers.conv2d(4, 3, stride=2)
+    conv = conv2d(4, 3, stride=2)
     v = conv.init(jax.random.PRNGKey(0), x)
     ours = conv.apply(v, x)
     w = torch.from_numpy(np.asarray(v['params']['kernel']).transpose(3, 2, 0, 1).copy())
@@ -49,7 +50,7 @@ def test_batchnorm_train_mode_matches_torch_output_and_unbiased_running_var():
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((3, 5, 7, 6)) * 2 + 1).astype(np.float32)
     bn_t, v = _bn_pair(6, rng)
-    y, new = layers.BatchNorm().apply(v, x, train=True, mutable=['batch_stats'])
+    y, new = batchnorm.BatchNorm().apply(v, x, train=True, mutable=['batch_stats'])
     bn_t.train()
     y_t = bn_t(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).detach().numpy().transpose(0, 2, 3, 1)
     np.testing.assert_allclose(y, y_t, atol=1e-5)
@@ -63,8 +64,8 @@ def test_batchnorm_eval_uses_running_stats_and_bf16_keeps_fp32_statistics():
     bn_t, v = _bn_pair(5, rng)
     bn_t.eval()
     y_t = bn_t(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).detach().numpy().transpose(0, 2, 3, 1)
-    np.testing.assert_allclose(layers.BatchNorm().apply(v, x), y_t, atol=1e-5)
-    y16, new = layers.BatchNorm(dtype=jnp.bfloat16).apply(v, x.astype(jnp.bfloat16), train=True,
+    np.testing.assert_allclose(batchnorm.BatchNorm().apply(v, x), y_t, atol=1e-5)
+    y16, new = batchnorm.BatchNorm(dtype=jnp.bfloat16).apply(v, x.astype(jnp.bfloat16), train=True,
                                                           mutable=['batch_stats'])
     assert y16.dtype == jnp.bfloat16
     assert new['batch_stats']['mean'].dtype == jnp.float32 and new['batch_stats']['var'].dtype == jnp.float32

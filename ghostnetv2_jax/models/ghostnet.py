@@ -6,19 +6,18 @@ statistics (``mutable=['batch_stats']``) and enables dropout (a ``'dropout'`` rn
 """
 from __future__ import annotations
 
-import functools
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ghostnetv2_jax.nn.attention import DFCAttention, make_attention
-from ghostnetv2_jax.nn.depthwise import DepthwiseConv, resolve_impl
-from ghostnetv2_jax.nn.depthwise_native import (GHOST_KERNEL_SIZES, StridedDepthwise, apply_strided, ghost_cheap,
-                                                ghost_module_fn, stem_conv_fn)
-from ghostnetv2_jax.nn.layers import BatchNorm, conv2d, make_divisible, torch_padding
+from ghostnetv2_jax.nn.attention import make_attention
+from ghostnetv2_jax.nn.batchnorm import BatchNorm
+from ghostnetv2_jax.nn.conv import conv2d
+from ghostnetv2_jax.nn.depthwise import DepthwiseConv
+from ghostnetv2_jax.nn.layers import make_divisible
 
 Dtype = Any
 
@@ -37,81 +36,47 @@ GHOSTNET_CFGS: Tuple[Tuple[Tuple[float, ...], ...], ...] = (
     ((5, 960, 160, 0, 1), (5, 960, 160, 0.25, 1), (5, 960, 160, 0, 1), (5, 960, 160, 0.25, 1)),
 )
 HEAD_WIDTH = 1280
-# The fused inference op also runs a ghost module's primary 1x1 conv when its input is this narrow
-# (every ghost1 from the stem to the 28x28 stage, and block 0's ghost2), where XLA's matmul is
-# bound by memory. Batch 32 on 2 cores, BN folded: 122 ms against 128 unfused; with 72 or 120
-# (wider, compute-bound matmuls too), 125-126 ms.
-FUSED_PRIMARY_MAX_CHANNELS = 40
 
 
 class GhostModule(nn.Module):
     """Primary 1x1 conv + cheap depthwise conv, concatenated, optionally enhanced by attention.
 
-    ``attention`` is applied as ``attn(module_input, ghost_output)`` (see nn/attention.py).
+    The primary conv makes ``ceil(features / ratio)`` intrinsic maps; the cheap operation, a
+    ``dw_size`` depthwise conv with ``ratio - 1`` outputs per map, makes the ghost maps; the
+    first ``features`` of both are kept. ``attention`` is applied as
+    ``attn(module_input, ghost_output)`` (see nn/attention.py).
     """
     features: int
     ratio: int = 2
     dw_size: int = 3
     use_act: bool = True
+    act: Callable[[jax.Array], jax.Array] = nn.relu
     attention: str = 'none'
     attention_kwargs: Optional[Dict[str, Any]] = None
     depthwise_impl: str = 'auto'
     dtype: Dtype = jnp.float32
     fold_bn: bool = False
 
-    def _fused_cheap_op(self, train: bool) -> bool:
-        """Inference on CPU with the native kernels: BN, activation, cheap conv and concatenation
-        run as one op (nn.depthwise_native.ghost_cheap), which reads and writes memory once; with
-        it DFC's gate where fusible, the primary conv for narrow inputs, and a stride-2 block's
-        depthwise conv (``strided``) after those."""
-        return (not train and self.ratio == 2 and self.dtype == jnp.float32
-                and (self.dw_size, self.dw_size) in GHOST_KERNEL_SIZES
-                and resolve_impl(self.depthwise_impl) == 'native')
-
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False,
-                 strided: Optional[StridedDepthwise] = None) -> jax.Array:
-        """The module's output; with ``strided`` (the fused inference path only: a stride-2
-        bottleneck's conv_dw and bn_dw), that conv's output, computed in the same op where the
-        primary conv is fused too and DFC's gate, if any, is."""
-        if strided is not None and not self._fused_cheap_op(train):
-            raise ValueError('strided is for the fused inference path (GhostModule._fused_cheap_op)')
-        act = nn.relu if self.use_act else (lambda v: v)
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        act = self.act if self.use_act else (lambda v: v)
+        bn = lambda name: BatchNorm(dtype=self.dtype, folded=self.fold_bn, name=name)
         init_chs = math.ceil(self.features / self.ratio)
-        primary_conv = functools.partial(conv2d, init_chs, 1, dtype=self.dtype, name='primary_conv')
-        bn = lambda name: BatchNorm(dtype=self.dtype, folded=self.fold_bn, impl=self.depthwise_impl,
-                                    name=name)
-        primary_bn = bn('primary_bn')
-        cheap_conv = DepthwiseConv(self.dw_size, multiplier=self.ratio - 1, impl=self.depthwise_impl,
-                                   dtype=self.dtype, name='cheap_conv')
-        cheap_bn = bn('cheap_bn')
-        options = (self.attention_kwargs or {}) if self.attention != 'none' else {}
-        attn = make_attention(self.attention, self.features, depthwise_impl=self.depthwise_impl,
-                              dtype=self.dtype, fold_bn=self.fold_bn, **options)
-        if self._fused_cheap_op(train):
-            # DFC's gate is applied by the fused op as it writes its output (one pass fewer).
-            fuse_gate = isinstance(attn, DFCAttention) and attn.gate_fusible(x.shape[1:3])
-            gate = attn(x, None, train, gate_only=True) if fuse_gate else None
-            like = jax.ShapeDtypeStruct((*x.shape[:-1], init_chs), self.dtype)   # x1's shape
-            ops = (*primary_bn(like, affine_only=True), cheap_conv(like, kernel_only=True),
-                   *cheap_bn(like, affine_only=True), self.features, self.use_act)
-            if x.shape[-1] <= FUSED_PRIMARY_MAX_CHANNELS:
-                last = fuse_gate or attn is None    # no attention left to apply after the op
-                out = primary_conv(conv_fn=ghost_module_fn(*ops, gate=gate, strided=strided if last else None))(x)
-                if last:
-                    return out
-            else:
-                out = ghost_cheap(primary_conv()(x), *ops, gate=gate)
-            if not fuse_gate and attn is not None:
-                out = attn(x, out, train)
-            return out if strided is None else apply_strided(out, strided)
-        else:
-            x1 = act(primary_bn(primary_conv()(x), train))
-            x2 = act(cheap_bn(cheap_conv(x1), train))
-            out = jnp.concatenate([x1, x2], axis=-1)
-            if out.shape[-1] != self.features:
-                out = out[..., :self.features]
+        x1 = conv2d(init_chs, 1, dtype=self.dtype, name='primary_conv')(x)
+        x1 = act(bn('primary_bn')(x1, train))
+        x2 = DepthwiseConv(self.dw_size, multiplier=self.ratio - 1, impl=self.depthwise_impl,
+                           dtype=self.dtype, name='cheap_conv')(x1)
+        x2 = act(bn('cheap_bn')(x2, train))
+        out = jnp.concatenate([x1, x2], axis=-1)[..., :self.features]
+        attn = make_attention(**self.attention_options())
         return out if attn is None else attn(x, out, train)
+
+    @nn.nowrap
+    def attention_options(self) -> Dict[str, Any]:
+        """``make_attention``'s arguments for the attention this module applies (as 'attn')."""
+        options = (self.attention_kwargs or {}) if self.attention != 'none' else {}
+        return dict(name=self.attention, features=self.features, depthwise_impl=self.depthwise_impl,
+                    dtype=self.dtype, fold_bn=self.fold_bn, **options)
 
 
 class GhostBottleneck(nn.Module):
@@ -135,32 +100,22 @@ class GhostBottleneck(nn.Module):
         common = dict(depthwise_impl=self.depthwise_impl, dtype=self.dtype, fold_bn=self.fold_bn)
         attn = lambda pos: (dict(attention=self.attention, attention_kwargs=self.attention_kwargs)
                             if self.attention_position == pos else {})
-        dw = lambda k, s, name: DepthwiseConv(k, stride=s, impl=self.depthwise_impl, dtype=self.dtype, name=name)
-        bn = lambda name: BatchNorm(dtype=self.dtype, folded=self.fold_bn, impl=self.depthwise_impl,
-                                    name=name)
-        in_features, k, s = x.shape[-1], self.kernel_size, self.stride
+        dw = lambda s, name: DepthwiseConv(self.kernel_size, stride=s, impl=self.depthwise_impl,
+                                           dtype=self.dtype, name=name)
+        bn = lambda name: BatchNorm(dtype=self.dtype, folded=self.fold_bn, name=name)
 
-        ghost1 = GhostModule(self.mid_features, use_act=True, name='ghost1', **attn('ghost1'), **common)
-        if s > 1 and (k, k) in GHOST_KERNEL_SIZES and ghost1._fused_cheap_op(train):
-            # conv_dw and bn_dw go to ghost1, which runs them in its fused op where it fuses its
-            # primary conv and any attention (the expanded map is then never stored), else after it
-            like = jax.ShapeDtypeStruct((self.mid_features,), self.dtype)
-            y = ghost1(x, train, strided=StridedDepthwise(
-                dw(k, s, 'conv_dw')(like, kernel_only=True), *bn('bn_dw')(like, affine_only=True),
-                (s, s), torch_padding(k)))
-        else:
-            y = ghost1(x, train)
-            if s > 1:
-                y = bn('bn_dw')(dw(k, s, 'conv_dw')(y), train)
+        y = GhostModule(self.mid_features, use_act=True, name='ghost1', **attn('ghost1'), **common)(x, train)
+        if self.stride > 1:
+            y = bn('bn_dw')(dw(self.stride, 'conv_dw')(y), train)
         if self.se_ratio > 0:
             y = make_attention('se', self.mid_features, rd_ratio=self.se_ratio, dtype=self.dtype,
                                module_name='se')(y, y, train)
         y = GhostModule(self.out_features, use_act=False, name='ghost2', **attn('ghost2'), **common)(y, train)
 
-        if in_features == self.out_features and s == 1:
+        if x.shape[-1] == self.out_features and self.stride == 1:
             shortcut = x
         else:
-            shortcut = bn('shortcut_dw_bn')(dw(k, s, 'shortcut_dw')(x), train)
+            shortcut = bn('shortcut_dw_bn')(dw(self.stride, 'shortcut_dw')(x), train)
             shortcut = conv2d(self.out_features, 1, dtype=self.dtype, name='shortcut_pw')(shortcut)
             shortcut = bn('shortcut_pw_bn')(shortcut, train)
         return y + shortcut
@@ -185,17 +140,11 @@ class GhostNet(nn.Module):
     attention_position: str = 'ghost1'
     depthwise_impl: str = 'auto'
     dtype: Dtype = jnp.float32
-    fold_bn: bool = False     # inference form with BatchNorm folded into the convs (deploy.py)
+    fold_bn: bool = False     # inference form with BatchNorm folded into the convs (runtime.fold_batchnorm)
 
     def _attention_for(self, index: int) -> str:
         chosen = range(2, 10 ** 6) if self.attention_blocks is None else self.attention_blocks
         return self.attention if index in chosen else 'none'
-
-    def _fused_stem(self, train: bool, features_only: bool) -> bool:
-        """Inference on CPU with the native kernels: the stem's conv, BN and ReLU run as one op
-        (nn.depthwise_native.stem_conv) instead of patches, a concatenation and a matmul."""
-        return (not train and not features_only and self.dtype == jnp.float32
-                and resolve_impl(self.depthwise_impl) == 'native')
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False, *, features_only: bool = False,
@@ -218,16 +167,9 @@ class GhostNet(nn.Module):
         features: List[jax.Array] = []
         x = images.astype(self.dtype)
         stem_width = make_divisible(16 * self.width)
-        bn1 = BatchNorm(dtype=self.dtype, folded=self.fold_bn, impl=self.depthwise_impl, name='bn1')
-        if self._fused_stem(train, features_only):
-            # conv, BN and ReLU as one native op; the Conv's variables are unchanged
-            scale, bias = bn1(jax.ShapeDtypeStruct((stem_width,), self.dtype), affine_only=True)
-            x = conv2d(stem_width, 3, stride=2, dtype=self.dtype, name='conv_stem',
-                       conv_fn=stem_conv_fn(scale, bias))(x)
-        else:
-            x = conv2d(stem_width, 3, stride=2, dtype=self.dtype, name='conv_stem')(x)
-            features.append(x)  # timm takes the stride-2 map straight from conv_stem, before BN
-            x = nn.relu(bn1(x, train))
+        x = conv2d(stem_width, 3, stride=2, dtype=self.dtype, name='conv_stem')(x)
+        features.append(x)  # timm takes the stride-2 map straight from conv_stem, before BN
+        x = nn.relu(BatchNorm(dtype=self.dtype, folded=self.fold_bn, name='bn1')(x, train))
 
         index = 0
         for stage, rows in enumerate(self.cfgs):
@@ -245,8 +187,7 @@ class GhostNet(nn.Module):
 
         last_width = make_divisible(self.cfgs[-1][-1][1] * self.width)
         x = conv2d(last_width, 1, dtype=self.dtype, name=f'blocks_{len(self.cfgs)}_0_conv')(x)
-        x = nn.relu(BatchNorm(dtype=self.dtype, folded=self.fold_bn, impl=self.depthwise_impl,
-                                 name=f'blocks_{len(self.cfgs)}_0_bn1')(x, train))
+        x = nn.relu(BatchNorm(dtype=self.dtype, folded=self.fold_bn, name=f'blocks_{len(self.cfgs)}_0_bn1')(x, train))
         return x if part == 'features' else self._head(x, train)
 
     def _head(self, x: jax.Array, train: bool) -> jax.Array:

@@ -19,9 +19,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ghostnetv2_jax.nn.batchnorm import BatchNorm
+from ghostnetv2_jax.nn.conv import conv2d
 from ghostnetv2_jax.nn.depthwise import DepthwiseConv
-from ghostnetv2_jax.nn.layers import (BatchNorm, avg_pool_2x2, conv2d, hard_sigmoid,
-                                      make_divisible, resize)
+from ghostnetv2_jax.nn.layers import avg_pool_2x2, hard_sigmoid, make_divisible, resize
 
 Dtype = Any
 
@@ -55,26 +56,9 @@ class DFCAttention(nn.Module):
     dtype: Dtype = jnp.float32
     fold_bn: bool = False
 
-    def _pooled_size(self, size: Sequence[int]) -> Tuple[int, int]:
-        h, w = size
-        return (h, w) if self.downsample == 'none' else (h // 2, w // 2)
-
-    def gate_fusible(self, size: Sequence[int]) -> bool:
-        """Whether ``gate_only=True`` applies to a target of spatial ``size``: the gate is taken
-        before a nearest up-sampling by whole factors, which a consumer can apply while it writes
-        the target (nn.depthwise_native.ghost_cheap)."""
-        ph, pw = self._pooled_size(size)
-        return (self.gate_before_upsample and self.upsample == 'nearest' and ph > 0 and pw > 0
-                and size[0] % ph == 0 and size[1] % pw == 0)
-
     @nn.compact
-    def __call__(self, source: jax.Array, target: Optional[jax.Array], train: bool = False, *,
-                 gate_only: bool = False) -> jax.Array:
-        """``target`` times the gate computed from ``source``; with ``gate_only`` (and no target)
-        the gate itself at the pooled resolution, for a consumer that up-samples it by nearest
-        neighbour and multiplies while writing the target (see ``gate_fusible``)."""
-        if gate_only and not self.gate_fusible(source.shape[1:3]):
-            raise ValueError('DFC gate_only needs the gate before a nearest up-sampling by whole factors')
+    def attention_map(self, source: jax.Array, train: bool = False) -> jax.Array:
+        """The branch before its gate: (N, H', W', C) at the down-sampled resolution."""
         kh, kw = self.kernel
         x = source
         if self.downsample == 'avg':
@@ -86,16 +70,17 @@ class DFCAttention(nn.Module):
         if 0 in x.shape[1:3]:
             raise ValueError(f'DFC attention got a {source.shape[1]}x{source.shape[2]} map, too small to '
                              'down-sample 2x; GhostNetV2 needs inputs of at least 64x64 pixels')
-        bn = lambda name: BatchNorm(dtype=self.dtype, folded=self.fold_bn, impl=self.depthwise_impl,
-                                    name=name)
+        bn = lambda name: BatchNorm(dtype=self.dtype, folded=self.fold_bn, name=name)
         x = conv2d(self.features, 1, dtype=self.dtype, name='conv')(x)
         x = bn('bn')(x, train)
         x = DepthwiseConv((1, kw), impl=self.depthwise_impl, dtype=self.dtype, name='fc_w')(x)
         x = bn('bn_w')(x, train)
         x = DepthwiseConv((kh, 1), impl=self.depthwise_impl, dtype=self.dtype, name='fc_h')(x)
-        x = bn('bn_h')(x, train)
-        if gate_only:
-            return _gate(self.gate)(x)
+        return bn('bn_h')(x, train)
+
+    def __call__(self, source: jax.Array, target: jax.Array, train: bool = False) -> jax.Array:
+        """``target`` times the gate computed from ``source``."""
+        x = self.attention_map(source, train)
         gate, size = _gate(self.gate), target.shape[1:3]
         if self.gate_before_upsample:
             g = resize(gate(x), size, self.upsample)
@@ -186,7 +171,7 @@ def make_attention(name: str, features: int, *, depthwise_impl: str = 'auto',
                    dtype: Dtype = jnp.float32, module_name: str = 'attn', fold_bn: bool = False,
                    **kwargs) -> Optional[nn.Module]:
     """Build the attention variant ``name`` for ``features`` channels (None for 'none').
-    ``fold_bn``: the inference form with BatchNorm folded into the convs (ghostnetv2_jax.deploy)."""
+    ``fold_bn``: the inference form with BatchNorm folded into the convs (runtime.fold_batchnorm)."""
     if name not in ATTENTIONS:
         raise ValueError(f"unknown attention {name!r}; expected one of {sorted(ATTENTIONS)}")
     cls = ATTENTIONS[name]

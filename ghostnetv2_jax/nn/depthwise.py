@@ -1,17 +1,16 @@
 """Depthwise convolution with a selectable implementation.
 
-``'xla'``   ``lax.conv_general_dilated(feature_group_count=C)``: XLA's grouped convolution.
-            Fast on GPU/TPU. On CPU it is lowered to a slow generic loop (jax-ml/jax#23713), and
-            its kernel gradient even more so.
-``'shift'`` a sum of kh*kw shifted slices, each multiplied by one kernel tap: elementwise work
-            that XLA fuses into one loop. Its backward is written by hand (``jax.custom_vjp``),
-            because autodiff of the slices is slow on CPU (measured, see docs/benchmarks.md):
-            the kernel gradient becomes one full reduction per tap over a materialised slice.
-``'native'`` XLA:CPU custom calls written in C++ (depthwise_cpu.cc, built on first use by
-            depthwise_native.py): forward, input gradient and kernel gradient each stream their
-            inputs once. CPU only; computes in float32.
-``'auto'``  on CPU 'native' if it builds and loads here, else 'shift'; 'xla' elsewhere (decided
-            at trace time from the default backend).
+``'xla'``    ``lax.conv_general_dilated(feature_group_count=C)``: XLA's grouped convolution.
+             Fast on GPU/TPU. On CPU it is lowered to a slow generic loop (jax-ml/jax#23713), and
+             its kernel gradient even more so.
+``'shift'``  a sum of kh*kw shifted slices, each multiplied by one kernel tap: elementwise work
+             that XLA fuses into one loop. Its backward is written by hand (``jax.custom_vjp``),
+             because autodiff of the slices is slow on CPU: the kernel gradient becomes one full
+             reduction per tap over a materialised slice.
+``'native'`` the C++ custom calls of ``ghostnetv2_jax.kernels.depthwise``: forward, input
+             gradient and kernel gradient each stream their inputs once. CPU only; float32.
+``'auto'``   per lowering platform (``nn.platform``): on CPU 'native' where the kernels build
+             and load, else 'shift'; 'xla' on every other platform.
 
 The kernel is stored as (kh, kw, 1, C*multiplier), the layout of a Flax grouped conv and the
 transpose of PyTorch's (C*multiplier, 1, kh, kw), so checkpoints do not depend on the choice.
@@ -30,8 +29,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ghostnetv2_jax.nn import depthwise_native
+from ghostnetv2_jax import kernels
+from ghostnetv2_jax.kernels.depthwise import depthwise as depthwise_native
 from ghostnetv2_jax.nn.layers import IntOrPair, pair, torch_padding
+from ghostnetv2_jax.nn.platform import differentiable_on_platform
 
 IMPLEMENTATIONS = ('auto', 'xla', 'shift', 'native')
 Padding = Tuple[Tuple[int, int], Tuple[int, int]]
@@ -41,14 +42,15 @@ Padding = Tuple[Tuple[int, int], Tuple[int, int]]
 KERNEL_GRAD_ROWS = 8
 
 
-def resolve_impl(impl: str) -> str:
+def check_impl(impl: str) -> str:
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"depthwise impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
-    if impl == 'auto':
-        if jax.default_backend() != 'cpu':
-            return 'xla'
-        return 'native' if depthwise_native.load() else 'shift'
     return impl
+
+
+def cpu_impl() -> str:
+    """What 'auto' runs where lowered for CPU: 'native' if the kernels build and load, else 'shift'."""
+    return 'native' if kernels.available() else 'shift'
 
 
 def depthwise_xla(x, kernel, strides, padding):
@@ -191,12 +193,22 @@ def depthwise_shift(x, kernel, strides: Sequence[int], padding: Sequence[Sequenc
     return _depthwise_shift(x, kernel, tuple(strides), tuple(tuple(p) for p in padding))
 
 
-_IMPLS = {'xla': depthwise_xla, 'shift': depthwise_shift, 'native': depthwise_native.depthwise_native}
+def _native(x, kernel, strides, padding):
+    if not kernels.available():
+        raise RuntimeError(f"depthwise impl 'native' is unavailable: {kernels.load_error()}")
+    return depthwise_native(x, kernel, strides, padding)
+
+
+_IMPLS = {'xla': depthwise_xla, 'shift': depthwise_shift, 'native': _native}
 
 
 def depthwise_conv(x, kernel, strides=(1, 1), padding=((0, 0), (0, 0)), impl: str = 'auto'):
     """Functional depthwise conv: NHWC ``x``, ``kernel`` (kh, kw, 1, C), explicit padding."""
-    return _IMPLS[resolve_impl(impl)](x, kernel, tuple(strides), tuple(tuple(p) for p in padding))
+    strides, padding = tuple(int(s) for s in strides), tuple(tuple(int(v) for v in p) for p in padding)
+    if check_impl(impl) != 'auto':
+        return _IMPLS[impl](x, kernel, strides, padding)
+    form = lambda name: functools.partial(_IMPLS[name], strides=strides, padding=padding)
+    return differentiable_on_platform(cpu=form(cpu_impl()), default=form('xla'))(x, kernel)
 
 
 class DepthwiseConv(nn.Module):
@@ -213,14 +225,10 @@ class DepthwiseConv(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, kernel_only: bool = False) -> jax.Array:
-        """Convolve ``x``; with ``kernel_only``, return the kernel for ``x``'s channels instead
-        (for ops that fuse the convolution, e.g. nn.depthwise_native.ghost_cheap)."""
+    def __call__(self, x: jax.Array) -> jax.Array:
         kh, kw = pair(self.kernel_size)
         c = x.shape[-1] * self.multiplier
         kernel = self.param('kernel', nn.initializers.lecun_normal(), (kh, kw, 1, c), jnp.float32)
-        if kernel_only:
-            return kernel
         if self.multiplier > 1:  # output channel o reads input channel o // multiplier
             x = jnp.repeat(x, self.multiplier, axis=-1)
         return depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), pair(self.stride),

@@ -23,7 +23,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ghostnetv2_jax import inference, xla_options
+from ghostnetv2_jax import runtime as inference, xla_options
 from ghostnetv2_jax.data.pipeline import create_split, num_classes_of
 from ghostnetv2_jax.models.registry import create_model
 from ghostnetv2_jax.train import checkpoint as ckpt_lib
@@ -140,7 +140,7 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable,
 
 def make_eval_step(model, chunk: inference.Chunk = None) -> Callable:
     """(variables, batch) -> sums over the real (mask 1) examples of the global batch. ``chunk``:
-    run the network over chunks of the batch (``ghostnetv2_jax.inference``; for one device)."""
+    run the network over chunks of the batch (``ghostnetv2_jax.runtime``; for one device)."""
     predict = inference.predict_fn(model, chunk)
 
     def eval_step(variables, batch):

@@ -22,7 +22,7 @@ import flax
 import jax.numpy as jnp
 import numpy as np
 
-from ghostnetv2_jax.nn.layers import BatchNorm
+from ghostnetv2_jax.nn.batchnorm import EPSILON
 
 # BatchNorm name -> the conv it follows, in the same parent module. 'bn1' is the stem's BN at the
 # top level and Coordinate Attention's in its module: whichever conv exists there is the one.
@@ -83,5 +83,5 @@ def fold_batchnorm(model, variables) -> Tuple[Any, Dict[str, Any]]:
     variables = flax.core.unfreeze(variables)
     if set(variables) != {'params', 'batch_stats'}:
         raise ValueError(f"expected variables with 'params' and 'batch_stats', got {sorted(variables)}")
-    params = _fold_scope(variables['params'], variables['batch_stats'], BatchNorm.epsilon, '')
+    params = _fold_scope(variables['params'], variables['batch_stats'], EPSILON, '')
     return model.clone(fold_bn=True), {'params': params}

@@ -1,6 +1,6 @@
-"""The 'native' depthwise kernels' build, cache, fallback and partitioning (their numerics are
-checked against XLA's grouped conv in test_depthwise.py, and in the whole network against timm
-in test_parity.py, where impl 'auto' is 'native' on CPU)."""
+"""The native CPU kernels (ghostnetv2_jax.kernels): build, cache, fallback, partitioning, vmap,
+and each op against its reference (the depthwise conv's numerics also in test_depthwise.py, and
+in the whole network against timm in test_parity.py, where impl 'auto' is 'native' on CPU)."""
 import json
 import os
 import subprocess
@@ -13,7 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from ghostnetv2_jax.nn import depthwise_native
+from ghostnetv2_jax import kernels
+from ghostnetv2_jax.kernels import batchnorm as kbn
+from ghostnetv2_jax.kernels import depthwise as kdw
+from ghostnetv2_jax.kernels import ghost_module as kgm
+from ghostnetv2_jax.kernels import stem as kstem
 from ghostnetv2_jax.nn.depthwise import depthwise_conv
 from ghostnetv2_jax.nn.layers import resize
 
@@ -32,9 +36,9 @@ def _run(code, **env):
 
 FALLBACK = '''
     import json
-    from ghostnetv2_jax.nn import depthwise_native
-    from ghostnetv2_jax.nn.depthwise import resolve_impl
-    print(json.dumps({'auto': resolve_impl('auto'), 'error': depthwise_native.load_error()}))
+    from ghostnetv2_jax import kernels
+    from ghostnetv2_jax.nn.depthwise import cpu_impl
+    print(json.dumps({'auto': cpu_impl(), 'error': kernels.load_error()}))
 '''
 
 
@@ -46,7 +50,7 @@ def test_disabled_by_environment_falls_back_to_shift():
 def test_failed_build_falls_back_to_shift_with_the_reason(tmp_path):
     out = _run(FALLBACK, CXX='false', GHOSTNETV2_CACHE_DIR=str(tmp_path))
     assert out['auto'] == 'shift'
-    assert 'building depthwise_cpu.cc failed' in out['error']
+    assert 'building the kernels in' in out['error'] and 'failed' in out['error']
     assert list(tmp_path.iterdir()) == []          # no half-built library left behind
     out = _run(FALLBACK, CXX='no-such-compiler', GHOSTNETV2_CACHE_DIR=str(tmp_path))
     assert out['auto'] == 'shift' and 'no C++ compiler found' in out['error']
@@ -68,9 +72,9 @@ def test_explicit_native_when_unavailable_is_a_clear_error():
 def test_library_is_built_once_and_reused(tmp_path):
     code = '''
         import json, os
-        from ghostnetv2_jax.nn import depthwise_native
-        assert depthwise_native.load(), depthwise_native.load_error()
-        p = depthwise_native.library_path()
+        from ghostnetv2_jax import kernels
+        assert kernels.load(), kernels.load_error()
+        p = kernels.library_path()
         print(json.dumps([str(p), os.stat(p).st_mtime_ns]))
     '''
     first = _run(code, GHOSTNETV2_CACHE_DIR=str(tmp_path))
@@ -79,9 +83,11 @@ def test_library_is_built_once_and_reused(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(first[0])]
 
 
-def test_batch_sharded_program_runs_per_device_without_gathering():
+@pytest.mark.parametrize('impl', ['native', 'auto'])
+def test_batch_sharded_program_runs_per_device_without_gathering(impl):
     """Under a batch-sharded jit each device convolves its own examples (no all-gather), and
-    the values and gradients equal the single-device ones."""
+    the values and gradients equal the single-device ones; 'auto' (the kernel inside a
+    per-platform choice) partitions the same way."""
     code = '''
         import json, jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -89,7 +95,7 @@ def test_batch_sharded_program_runs_per_device_without_gathering():
         rng = np.random.default_rng(0)
         x = jnp.asarray(rng.standard_normal((8, 10, 9, 6)), jnp.float32)
         k = jnp.asarray(rng.standard_normal((3, 3, 1, 6)), jnp.float32)
-        loss = lambda x, k: jnp.sum(jnp.sin(depthwise_conv(x, k, (2, 2), ((1, 1), (1, 1)), 'native')))
+        loss = lambda x, k: jnp.sum(jnp.sin(depthwise_conv(x, k, (2, 2), ((1, 1), (1, 1)), IMPL)))
         step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
         mesh = Mesh(np.array(jax.devices()), ('data',))
         xs = jax.device_put(x, NamedSharding(mesh, P('data')))
@@ -98,10 +104,11 @@ def test_batch_sharded_program_runs_per_device_without_gathering():
         err = lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
         print(json.dumps({'devices': jax.device_count(), 'all_gather': 'all-gather' in hlo,
                           'gx_spec': list(gx4.sharding.spec), 'loss': err(l4, l1),
-                          'gx': err(gx4, gx1), 'gk': err(gk4, gk1)}))
-    '''
+                          'gx': err(gx4, gx1), 'gk': err(gk4, gk1),
+                          'native': 'gnv2_depthwise_grad_kernel' in hlo}))
+    '''.replace('IMPL', repr(impl))
     out = _run(code, XLA_FLAGS='--xla_force_host_platform_device_count=4')
-    assert out['devices'] == 4 and not out['all_gather']
+    assert out['devices'] == 4 and not out['all_gather'] and out['native']
     assert out['gx_spec'] == ['data']
     assert max(out['loss'], out['gx'], out['gk']) <= 1e-5, out
 
@@ -116,7 +123,7 @@ def test_vmap_over_an_extra_batch_axis():
 
 def test_negative_padding_is_rejected():
     with pytest.raises(ValueError, match='non-negative padding'):
-        depthwise_native.depthwise_native(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2)), (1, 1),
+        kdw.depthwise(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2)), (1, 1),
                                           ((-1, 0), (0, 0)))
 
 
@@ -153,10 +160,10 @@ def _ghost_operands(shape, kernel, seed=0):
 
 
 @pytest.mark.parametrize('shape,kernel,features,relu', GHOST_CASES)
-def test_ghost_cheap_matches_the_unfused_ops(shape, kernel, features, relu):
+def test_ghost_module_after_primary_matches_the_unfused_ops(shape, kernel, features, relu):
     ops = _ghost_operands(shape, kernel)
-    got = jax.jit(lambda *o: depthwise_native.ghost_cheap(*o, features, relu))(*ops)
-    ref = jax.jit(lambda *o: depthwise_native.ghost_cheap_reference(*o, features, relu))(*ops)
+    got = jax.jit(lambda *o: kgm.ghost_module(*o, features, relu))(*ops)
+    ref = jax.jit(lambda *o: kgm.ghost_module_reference(*o, features, relu))(*ops)
     assert got.shape == (*shape[:3], features)
     assert rel_err(got, ref) <= 1e-6
     # and against XLA's grouped conv, independently of the native depthwise forward
@@ -167,24 +174,24 @@ def test_ghost_cheap_matches_the_unfused_ops(shape, kernel, features, relu):
     assert rel_err(got, jnp.concatenate([x1, x2], -1)[..., :features]) <= 1e-5
 
 
-def test_ghost_cheap_gradients_flow_through_the_unfused_ops():
+def test_ghost_module_after_primary_gradients_flow_through_the_unfused_ops():
     ops = _ghost_operands((2, 6, 7, 12), (3, 3))
     loss = lambda f: lambda *o: jnp.sum(jnp.sin(f(*o, 20, True)))
-    got = jax.grad(loss(depthwise_native.ghost_cheap), argnums=tuple(range(6)))(*ops)
-    ref = jax.grad(loss(depthwise_native.ghost_cheap_reference), argnums=tuple(range(6)))(*ops)
+    got = jax.grad(loss(kgm.ghost_module), argnums=tuple(range(6)))(*ops)
+    ref = jax.grad(loss(kgm.ghost_module_reference), argnums=tuple(range(6)))(*ops)
     for g, r in zip(got, ref):
         assert rel_err(g, r) <= 1e-5
 
 
-def test_ghost_cheap_vmaps_and_rejects_what_it_does_not_fuse():
+def test_ghost_module_after_primary_vmaps_and_rejects_what_it_does_not_fuse():
     ops = _ghost_operands((2, 6, 7, 12), (3, 3))
     stacked = jnp.stack([ops[0], ops[0] * 2])
     f = lambda fn: jax.vmap(lambda p: fn(p, *ops[1:], 24, True))(stacked)
-    assert rel_err(f(depthwise_native.ghost_cheap), f(depthwise_native.ghost_cheap_reference)) <= 1e-6
+    assert rel_err(f(kgm.ghost_module), f(kgm.ghost_module_reference)) <= 1e-6
     with pytest.raises(ValueError, match='features must be in'):
-        depthwise_native.ghost_cheap(*ops, 25, True)
+        kgm.ghost_module(*ops, 25, True)
     with pytest.raises(ValueError, match='is not one of'):
-        depthwise_native.ghost_cheap(ops[0], *ops[1:3], jnp.ones((7, 7, 1, 12)), *ops[4:], 24, True)
+        kgm.ghost_module(ops[0], *ops[1:3], jnp.ones((7, 7, 1, 12)), *ops[4:], 24, True)
 
 
 GATED_CASES = [  # (p shape NHWC, kernel, features, gate's spatial size)
@@ -195,34 +202,34 @@ GATED_CASES = [  # (p shape NHWC, kernel, features, gate's spatial size)
 
 
 @pytest.mark.parametrize('shape,kernel,features,gate_hw', GATED_CASES)
-def test_gated_ghost_cheap_multiplies_by_the_nearest_upsampled_gate(shape, kernel, features, gate_hw):
+def test_gated_ghost_module_after_primary_multiplies_by_the_nearest_upsampled_gate(shape, kernel, features, gate_hw):
     ops = _ghost_operands(shape, kernel)
     gate = jax.nn.sigmoid(jnp.asarray(np.random.default_rng(3).standard_normal((shape[0], *gate_hw, features)),
                                       jnp.float32))
-    got = jax.jit(lambda *o: depthwise_native.ghost_cheap(*o[:-1], features, True, gate=o[-1]))(*ops, gate)
-    plain = depthwise_native.ghost_cheap(*ops, features, True)
+    got = jax.jit(lambda *o: kgm.ghost_module(*o[:-1], features, True, gate=o[-1]))(*ops, gate)
+    plain = kgm.ghost_module(*ops, features, True)
     # the DFC module's up-sampling (PyTorch's nearest interpolation) on the ungated op's output
     want = plain * resize(gate, shape[1:3], 'nearest')
     assert rel_err(got, want) <= 1e-6
-    ref = depthwise_native.ghost_cheap_reference(*ops, features, True, gate)
+    ref = kgm.ghost_module_reference(*ops, features, True, gate)
     assert rel_err(got, ref) <= 1e-6
 
 
-def test_gated_ghost_cheap_gradients_include_the_gate():
+def test_gated_ghost_module_after_primary_gradients_include_the_gate():
     ops = _ghost_operands((2, 6, 8, 12), (3, 3))
     gate = jax.nn.sigmoid(jnp.asarray(np.random.default_rng(4).standard_normal((2, 3, 4, 20)), jnp.float32))
     loss = lambda f: lambda *o: jnp.sum(jnp.sin(f(*o[:-1], 20, True, o[-1])))
-    got = jax.grad(loss(depthwise_native.ghost_cheap), argnums=tuple(range(7)))(*ops, gate)
-    ref = jax.grad(loss(depthwise_native.ghost_cheap_reference), argnums=tuple(range(7)))(*ops, gate)
+    got = jax.grad(loss(kgm.ghost_module), argnums=tuple(range(7)))(*ops, gate)
+    ref = jax.grad(loss(kgm.ghost_module_reference), argnums=tuple(range(7)))(*ops, gate)
     for g, r in zip(got, ref):
         assert rel_err(g, r) <= 1e-5
 
 
-def test_gated_ghost_cheap_rejects_a_gate_of_the_wrong_shape():
+def test_gated_ghost_module_after_primary_rejects_a_gate_of_the_wrong_shape():
     ops = _ghost_operands((2, 6, 8, 12), (3, 3))
     for bad in ((2, 4, 4, 20), (2, 3, 4, 24), (1, 3, 4, 20)):
         with pytest.raises(ValueError, match='gate'):
-            depthwise_native.ghost_cheap(*ops, 20, True, gate=jnp.ones(bad))
+            kgm.ghost_module(*ops, 20, True, gate=jnp.ones(bad))
 
 
 # ----------------------------------------------------------------------------- ghost module form
@@ -248,16 +255,16 @@ def _module_operands(x_shape, c, kernel, features, gate_hw, seed=0):
 @pytest.mark.parametrize('x_shape,c,kernel,features,relu,gate_hw', MODULE_CASES)
 def test_ghost_module_form_runs_the_primary_conv_too(x_shape, c, kernel, features, relu, gate_hw):
     x, primary, rest, gate = _module_operands(x_shape, c, kernel, features, gate_hw)
-    got = jax.jit(lambda x, w, *o: depthwise_native.ghost_cheap(x, *o, features, relu, gate=gate, primary=w))(
+    got = jax.jit(lambda x, w, *o: kgm.ghost_module(x, *o, features, relu, gate=gate, primary=w))(
         x, primary, *rest)
     assert got.shape == (*x_shape[:3], features)
     # the primary conv by XLA, then the cheap-half op
     p = jax.lax.conv_general_dilated(x, primary, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
                                      precision=jax.lax.Precision.HIGHEST)
-    want = depthwise_native.ghost_cheap(p, *rest, features, relu, gate=gate)
+    want = kgm.ghost_module(p, *rest, features, relu, gate=gate)
     assert float(jnp.abs(want).max()) > 0.5
     assert rel_err(got, want) <= 1e-5
-    ref = depthwise_native.ghost_cheap_reference(x, *rest, features, relu, gate, primary)
+    ref = kgm.ghost_module_reference(x, *rest, features, relu, gate, primary)
     assert rel_err(got, ref) <= 1e-5
 
 
@@ -265,9 +272,9 @@ def test_ghost_module_form_gradients_reach_the_input_and_the_primary_kernel():
     x, primary, rest, gate = _module_operands((2, 6, 8, 12), 10, (3, 3), 20, (3, 4))
     loss = lambda f: lambda x, w, g, *o: jnp.sum(jnp.sin(f(x, *o, 20, True, g, w)))
     argnums = tuple(range(8))
-    got = jax.grad(loss(lambda *a: depthwise_native.ghost_cheap(*a[:8], gate=a[8], primary=a[9])),
+    got = jax.grad(loss(lambda *a: kgm.ghost_module(*a[:8], gate=a[8], primary=a[9])),
                    argnums)(x, primary, gate, *rest)
-    ref = jax.grad(loss(depthwise_native.ghost_cheap_reference), argnums)(x, primary, gate, *rest)
+    ref = jax.grad(loss(kgm.ghost_module_reference), argnums)(x, primary, gate, *rest)
     for g, r in zip(got, ref):
         assert float(jnp.abs(r).max()) > 0
         assert rel_err(g, r) <= 1e-5
@@ -277,7 +284,7 @@ def test_ghost_module_form_rejects_a_primary_kernel_of_the_wrong_shape():
     x, primary, rest, _ = _module_operands((1, 6, 8, 12), 10, (3, 3), 20, None)
     for bad in (jnp.ones((1, 1, 13, 10)), jnp.ones((3, 3, 12, 10)), jnp.ones((12, 10)), jnp.ones((1, 1, 12, 11))):
         with pytest.raises(ValueError, match='primary kernel|is not one of'):
-            depthwise_native.ghost_cheap(x, *rest, 20, True, primary=bad)
+            kgm.ghost_module(x, *rest, 20, True, primary=bad)
 
 
 STRIDED_CASES = [  # (x shape, C, features, gate's spatial size, depthwise kernel, stride)
@@ -296,10 +303,10 @@ def test_strided_form_stores_only_the_depthwise_conv_after_the_module(x_shape, c
     rng = np.random.default_rng(5)
     k3, s3, b3 = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((dk, dk, 1, features), (features,),
                                                                              (features,)))
-    strided = depthwise_native.StridedDepthwise(k3, s3, b3, (stride, stride), ((dk // 2,) * 2,) * 2)
-    got = jax.jit(lambda x: depthwise_native.ghost_cheap(x, *rest, features, True, gate=gate, primary=primary,
+    strided = kgm.StridedDepthwise(k3, s3, b3, (stride, stride), ((dk // 2,) * 2,) * 2)
+    got = jax.jit(lambda x: kgm.ghost_module(x, *rest, features, True, gate=gate, primary=primary,
                                                          strided=strided))(x)
-    module = depthwise_native.ghost_cheap(x, *rest, features, True, gate=gate, primary=primary)
+    module = kgm.ghost_module(x, *rest, features, True, gate=gate, primary=primary)
     want = depthwise_conv(module, k3, (stride, stride), strided.padding, 'xla') * s3 + b3
     assert got.shape == want.shape
     assert rel_err(got, want) <= 1e-5
@@ -308,11 +315,11 @@ def test_strided_form_stores_only_the_depthwise_conv_after_the_module(x_shape, c
     # every differentiable operand, the gate and the strided conv's included
     loss = lambda f: lambda x, w, g, k3, s3, b3: jnp.sum(
         weights * f(x, *rest, features, True, g, w, strided._replace(kernel=k3, scale=s3, bias=b3)))
-    fused = lambda *a: depthwise_native.ghost_cheap(*a[:8], gate=a[8], primary=a[9], strided=a[10])
+    fused = lambda *a: kgm.ghost_module(*a[:8], gate=a[8], primary=a[9], strided=a[10])
     args = (x, primary, gate, k3, s3, b3)
     argnums = (0, 1, 3, 4, 5) if gate is None else tuple(range(6))
     for g, r in zip(jax.grad(loss(fused), argnums)(*args),
-                    jax.grad(loss(depthwise_native.ghost_cheap_reference), argnums)(*args)):
+                    jax.grad(loss(kgm.ghost_module_reference), argnums)(*args)):
         assert float(jnp.abs(r).max()) > 0
         assert rel_err(g, r) <= 1e-5
 
@@ -323,14 +330,14 @@ def test_module_and_strided_forms_shard_over_the_batch_and_vmap():
     code = '''
         import json, jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from ghostnetv2_jax.nn import depthwise_native as dn
+        from ghostnetv2_jax.kernels import ghost_module as dn
         rng = np.random.default_rng(0)
         f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
         x, w, s1, b1, k, s2, b2 = f(8, 12, 10, 16), f(1, 1, 16, 12), f(12), f(12), f(3, 3, 1, 12), f(12), f(12)
         gate = jax.nn.sigmoid(f(8, 6, 5, 24))
         strided = dn.StridedDepthwise(f(3, 3, 1, 24), f(24), f(24), (2, 2), ((1, 1), (1, 1)))
-        run = jax.jit(lambda x, g: (dn.ghost_cheap(x, s1, b1, k, s2, b2, 24, True, gate=g, primary=w),
-                                    dn.ghost_cheap(x, s1, b1, k, s2, b2, 24, True, gate=g, primary=w,
+        run = jax.jit(lambda x, g: (dn.ghost_module(x, s1, b1, k, s2, b2, 24, True, gate=g, primary=w),
+                                    dn.ghost_module(x, s1, b1, k, s2, b2, 24, True, gate=g, primary=w,
                                                    strided=strided)))
         mesh = Mesh(np.array(jax.devices()), ('data',))
         put = lambda a: jax.device_put(a, NamedSharding(mesh, P('data')))
@@ -351,7 +358,7 @@ def test_module_and_strided_forms_shard_over_the_batch_and_vmap():
 
 def test_strided_form_rejects_what_it_does_not_fuse():
     x, primary, rest, _ = _module_operands((1, 8, 8, 12), 10, (3, 3), 20, None)
-    good = depthwise_native.StridedDepthwise(jnp.ones((3, 3, 1, 20)), jnp.ones(20), jnp.ones(20), (2, 2),
+    good = kgm.StridedDepthwise(jnp.ones((3, 3, 1, 20)), jnp.ones(20), jnp.ones(20), (2, 2),
                                              ((1, 1), (1, 1)))
     p = jax.lax.conv_general_dilated(x, primary, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     bad = {'module form': dict(p=p, primary=None, strided=good),
@@ -361,7 +368,7 @@ def test_strided_form_rejects_what_it_does_not_fuse():
            'smaller than the kernel': dict(strided=good._replace(padding=((3, 3), (1, 1))))}
     for message, kwargs in bad.items():
         with pytest.raises(ValueError, match=message):
-            depthwise_native.ghost_cheap(kwargs.pop('p', x), *rest, 20, True,
+            kgm.ghost_module(kwargs.pop('p', x), *rest, 20, True,
                                          primary=kwargs.pop('primary', primary), **kwargs)
 
 
@@ -387,8 +394,8 @@ def _stem_operands(x_shape, k_shape, seed=0):
 def test_stem_conv_matches_xla_conv_with_affine_and_relu(x_shape, k_shape, stride, padding, relu):
     ops = _stem_operands(x_shape, k_shape)
     strides = (stride, stride)
-    got = jax.jit(lambda *o: depthwise_native.stem_conv(*o, strides, padding, relu))(*ops)
-    want = depthwise_native.stem_conv_reference(*ops, strides, padding, relu)
+    got = jax.jit(lambda *o: kstem.stem_conv(*o, strides, padding, relu))(*ops)
+    want = kstem.stem_conv_reference(*ops, strides, padding, relu)
     assert got.shape == want.shape
     assert float(jnp.abs(want).max()) > 0.1
     assert rel_err(got, want) <= 1e-6
@@ -398,14 +405,14 @@ def test_stem_conv_gradients_and_bad_operands():
     ops = _stem_operands((2, 9, 10, 3), (3, 3, 3, 16))
     args = ((2, 2), ((1, 1), (1, 1)), True)
     loss = lambda f: lambda *o: jnp.sum(jnp.sin(f(*o, *args)))
-    got = jax.grad(loss(depthwise_native.stem_conv), argnums=(0, 1, 2, 3))(*ops)
-    ref = jax.grad(loss(depthwise_native.stem_conv_reference), argnums=(0, 1, 2, 3))(*ops)
+    got = jax.grad(loss(kstem.stem_conv), argnums=(0, 1, 2, 3))(*ops)
+    ref = jax.grad(loss(kstem.stem_conv_reference), argnums=(0, 1, 2, 3))(*ops)
     for g, r in zip(got, ref):
         assert rel_err(g, r) <= 1e-5
     with pytest.raises(ValueError, match='do not fit'):
-        depthwise_native.stem_conv(ops[0], jnp.ones((3, 3, 4, 16)), *ops[2:], *args)
+        kstem.stem_conv(ops[0], jnp.ones((3, 3, 4, 16)), *ops[2:], *args)
     with pytest.raises(ValueError, match='non-negative padding'):
-        depthwise_native.stem_conv(*ops, (2, 2), ((-1, 1), (1, 1)))
+        kstem.stem_conv(*ops, (2, 2), ((-1, 1), (1, 1)))
 
 
 # ----------------------------------------------------------------------------- BatchNorm sums
@@ -415,7 +422,7 @@ def test_batch_norm_moments_are_the_float64_mean_and_biased_variance(shape):
     channel mean 15 times its spread must not cost the variance its digits (shifted sums)."""
     rng = np.random.default_rng(0)
     x = (rng.standard_normal(shape) * rng.uniform(0.5, 2, shape[-1]) + 30).astype(np.float32)
-    mean, var = jax.jit(depthwise_native.batch_norm_moments)(x)
+    mean, var = jax.jit(kbn.batch_norm_moments)(x)
     x64 = x.astype(np.float64)
     np.testing.assert_allclose(mean, x64.mean((0, 1, 2)), rtol=1e-6)
     np.testing.assert_allclose(var, x64.var((0, 1, 2)), rtol=2e-5, atol=1e-6)
@@ -427,26 +434,35 @@ def test_batch_norm_grad_sums_are_sum_g_and_sum_g_times_centred_x(shape):
     x = (rng.standard_normal(shape) + 30).astype(np.float32)
     g = rng.standard_normal(shape).astype(np.float32)
     mean = x.astype(np.float64).mean((0, 1, 2)).astype(np.float32)
-    sg, sgc = jax.jit(depthwise_native.batch_norm_grad_sums)(g, x, mean)
+    sg, sgc = jax.jit(kbn.batch_norm_grad_sums)(g, x, mean)
     g64 = g.astype(np.float64)
     np.testing.assert_allclose(sg, g64.sum((0, 1, 2)), rtol=1e-5, atol=1e-4)
     centred = x - mean.astype(np.float64)
     np.testing.assert_allclose(sgc, (g64 * centred).sum((0, 1, 2)), rtol=1e-5, atol=1e-4)
 
 
-def test_batch_norm_train_with_native_sums_equals_the_xla_reductions():
-    """Output, statistics and every gradient (input, scale, bias) of the training-mode op."""
-    from ghostnetv2_jax.nn.layers import batch_norm_train
+def test_batch_norm_train_with_native_sums_equals_autodiff_of_the_xla_reductions():
+    """Output, statistics and every gradient (input, scale, bias) of the training-mode op, which
+    on CPU runs the native sums, against autodiff of BatchNorm written with XLA's reductions."""
+    from ghostnetv2_jax.nn.batchnorm import batch_norm_train
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((4, 12, 10, 8)) * 3 + 5, jnp.float32)
     scale = jnp.asarray(rng.uniform(0.5, 1.5, 8), jnp.float32)
     bias = jnp.asarray(rng.standard_normal(8), jnp.float32)
 
-    def run(native):
-        loss = lambda x, s, b: jnp.sum(jnp.sin(batch_norm_train(x, s, b, 1e-5, native)[0]))
-        return jax.jit(lambda x, s, b: (batch_norm_train(x, s, b, 1e-5, native),
-                                        jax.grad(loss, argnums=(0, 1, 2))(x, s, b)))(x, scale, bias)
-    (out_n, grads_n), (out_x, grads_x) = run(True), run(False)
+    def plain(x, s, b, eps):
+        mean = jnp.mean(x, (0, 1, 2))
+        var = jnp.mean(jnp.square(x - mean), (0, 1, 2))
+        return (x - mean) * jax.lax.rsqrt(var + eps) * s + b, mean, var
+
+    def run(bn):
+        loss = lambda x, s, b: jnp.sum(jnp.sin(bn(x, s, b, 1e-5)[0]))
+        fn = jax.jit(lambda x, s, b: (bn(x, s, b, 1e-5), jax.grad(loss, argnums=(0, 1, 2))(x, s, b)))
+        return fn, fn(x, scale, bias)
+    fn, (out_n, grads_n) = run(batch_norm_train)
+    _, (out_x, grads_x) = run(plain)
+    hlo = fn.lower(x, scale, bias).as_text()
+    assert 'gnv2_batchnorm_moments' in hlo and 'gnv2_batchnorm_grad_sums' in hlo
     for a, b in zip((*out_n, *grads_n), (*out_x, *grads_x)):
         assert rel_err(a, b) <= 1e-5
 
@@ -457,11 +473,11 @@ def test_batch_norm_sums_shard_over_the_batch_and_vmap():
     code = '''
         import json, jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from ghostnetv2_jax.nn.layers import batch_norm_train
+        from ghostnetv2_jax.nn.batchnorm import batch_norm_train
         rng = np.random.default_rng(0)
         x = jnp.asarray(rng.standard_normal((8, 6, 5, 4)) + 2, jnp.float32)
         s, b = jnp.full((4,), 1.5, jnp.float32), jnp.full((4,), 0.1, jnp.float32)
-        loss = lambda x: jnp.sum(jnp.sin(batch_norm_train(x, s, b, 1e-5, True)[0]))
+        loss = lambda x: jnp.sum(jnp.sin(batch_norm_train(x, s, b, 1e-5)[0]))
         step = jax.jit(jax.value_and_grad(loss))
         mesh = Mesh(np.array(jax.devices()), ('data',))
         xs = jax.device_put(x, NamedSharding(mesh, P('data')))
@@ -476,25 +492,26 @@ def test_batch_norm_sums_shard_over_the_batch_and_vmap():
     assert max(out['loss'], out['grad']) <= 1e-5, out
     rng = np.random.default_rng(3)
     xs = jnp.asarray(rng.standard_normal((3, 2, 6, 5, 4)), jnp.float32)
-    per_map = jax.vmap(depthwise_native.batch_norm_moments)(xs)
-    one_by_one = [depthwise_native.batch_norm_moments(x) for x in xs]
+    per_map = jax.vmap(kbn.batch_norm_moments)(xs)
+    one_by_one = [kbn.batch_norm_moments(x) for x in xs]
     for i, (m, v) in enumerate(one_by_one):
         assert rel_err(per_map[0][i], m) <= 1e-6 and rel_err(per_map[1][i], v) <= 1e-6
 
 
 def test_batch_norm_sums_reject_bad_operands():
     with pytest.raises(Exception, match='g and x must have one shape'):
-        jax.jit(depthwise_native.batch_norm_grad_sums)(jnp.zeros((2, 3, 3, 4)), jnp.zeros((2, 3, 4, 4)),
+        jax.jit(kbn.batch_norm_grad_sums)(jnp.zeros((2, 3, 3, 4)), jnp.zeros((2, 3, 4, 4)),
                                                        jnp.zeros((4,)))
     with pytest.raises(Exception, match=r'mean must be \(C\)'):
-        jax.jit(depthwise_native.batch_norm_grad_sums)(jnp.zeros((2, 3, 3, 4)), jnp.zeros((2, 3, 3, 4)),
+        jax.jit(kbn.batch_norm_grad_sums)(jnp.zeros((2, 3, 3, 4)), jnp.zeros((2, 3, 3, 4)),
                                                        jnp.zeros((5,)))
 
 
-@pytest.mark.parametrize('impl,native', [('auto', True), ('native', True), ('shift', False), ('xla', False)])
-def test_models_train_with_the_native_batch_norm_sums_where_their_depthwise_impl_is_native(impl, native):
-    """Every BatchNorm of a train step (forward statistics, backward sums) follows the model's
-    depthwise implementation; eval mode uses none of them."""
+@pytest.mark.parametrize('impl', ['auto', 'shift', 'xla'])
+def test_models_train_with_the_native_batch_norm_sums_where_lowered_for_cpu(impl):
+    """Every BatchNorm of a train step (forward statistics, backward sums) uses the native
+    reductions where the step is lowered for CPU, whatever the depthwise impl; lowered for TPU,
+    none; eval mode uses none of them."""
     from ghostnetv2_jax import create_model
     model = create_model('ghostnetv2_100', cfgs=(((3, 16, 16, 0, 1),), ((3, 48, 24, 0, 2),)), num_classes=10,
                          depthwise_impl=impl)
@@ -509,7 +526,9 @@ def test_models_train_with_the_native_batch_norm_sums_where_their_depthwise_impl
                                 rngs={'dropout': jax.random.PRNGKey(1)})
         return jnp.sum(logits)
     train_hlo = jax.jit(jax.grad(loss)).lower(variables['params']).as_text()
+    tpu_hlo = jax.export.export(jax.jit(jax.grad(loss)), platforms=['tpu'])(variables['params']).mlir_module()
     eval_hlo = jax.jit(model.apply).lower(variables, x).as_text()
-    assert train_hlo.count('@gnv2_batchnorm_moments(') == (n_bn if native else 0)
-    assert train_hlo.count('@gnv2_batchnorm_grad_sums(') == (n_bn if native else 0)
+    assert train_hlo.count('@gnv2_batchnorm_moments(') == n_bn
+    assert train_hlo.count('@gnv2_batchnorm_grad_sums(') == n_bn
+    assert 'gnv2_' not in tpu_hlo
     assert 'gnv2_batchnorm' not in eval_hlo

@@ -1,0 +1,153 @@
+// Shared by the XLA:CPU FFI kernels in this directory: the NHWC conv geometry, a parallel-for
+// over XLA's intra-op thread pool, GCC vector-lane loads and stores, and small per-channel
+// helpers. Everything here is internal to the shared library (hidden visibility); only the
+// Gnv2* handler symbols defined in the .cc files are exported.
+//
+// Every csrc/*.cc is compiled into one shared library by ghostnetv2_jax/kernels/build.py.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <type_traits>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+#pragma GCC visibility push(hidden)
+
+namespace gnv2 {
+
+struct Geometry {
+  int64_t n, h, w, c;     // input
+  int64_t kh, kw;         // kernel
+  int64_t sh, sw;         // strides
+  int64_t pt, pl;         // top / left padding
+  int64_t ho, wo;         // output
+};
+
+// Output columns [lo, hi) for which every tap of a KW-wide kernel reads inside the input row.
+inline void InteriorColumns(const Geometry& g, int64_t kw, int64_t* lo, int64_t* hi) {
+  *lo = std::min(g.wo, (g.pl + g.sw - 1) / g.sw);
+  const int64_t last = g.w - kw + g.pl;  // largest ow * sw allowed
+  *hi = last < 0 ? *lo : std::max(*lo, std::min(g.wo, last / g.sw + 1));
+}
+
+// Runs body(begin, end, worker) over [0, total) in chunks of `grain`, on the calling thread plus
+// the XLA intra-op pool. Chunks are claimed from a shared counter, so a pool task that starts
+// late (every thread busy elsewhere) finds nothing left and returns at once; the caller waits
+// only for chunks already claimed, which are running, so this cannot deadlock. `worker` is in
+// [0, workers) and no two concurrent calls share one, for per-worker accumulators.
+struct ParallelState {
+  std::atomic<int64_t> next{0}, done{0};
+  std::atomic<int> ids{1};
+  int64_t total = 0, grain = 1;
+  std::function<void(int64_t, int64_t, int)> body;
+  std::mutex mu;
+  std::condition_variable cv;
+
+  void Work(int worker) {
+    for (;;) {
+      int64_t begin = next.fetch_add(grain);
+      if (begin >= total) return;
+      int64_t end = std::min(total, begin + grain);
+      body(begin, end, worker);
+      if (done.fetch_add(end - begin) + (end - begin) == total) {
+        std::lock_guard<std::mutex> lock(mu);
+        cv.notify_all();
+      }
+    }
+  }
+};
+
+inline int Workers(ffi::ThreadPool& pool, int64_t total, int64_t grain) {
+  int64_t chunks = (total + grain - 1) / grain;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads() + 1, chunks)));
+}
+
+inline void ParallelFor(ffi::ThreadPool& pool, int workers, int64_t total, int64_t grain,
+                        std::function<void(int64_t, int64_t, int)> body) {
+  if (workers <= 1) {
+    body(0, total, 0);
+    return;
+  }
+  auto state = std::make_shared<ParallelState>();
+  state->total = total;
+  state->grain = grain;
+  state->body = std::move(body);
+  for (int t = 1; t < workers; ++t) {
+    pool.Schedule([state] { state->Work(state->ids.fetch_add(1)); });
+  }
+  state->Work(0);
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == total; });
+}
+
+// Rows per chunk: about 64 KiB of output each, so chunks are few but still balance two cores.
+inline int64_t Grain(int64_t row_floats) {
+  return std::max<int64_t>(1, (16 * 1024) / std::max<int64_t>(1, row_floats));
+}
+
+// A GCC vector of L floats (8 or 4 here).
+template <int L>
+struct Lanes {
+  typedef float V __attribute__((vector_size(L * sizeof(float))));
+};
+
+// Unaligned by construction (memcpy compiles to one unaligned vector move): rows start at any
+// multiple of C floats.
+template <typename V>
+inline V Load(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V>
+inline void Store(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+
+template <int KH, typename V>
+inline V RowSum(const V (&acc)[KH]) {
+  V sum = acc[0];
+  for (int i = 1; i < KH; ++i) sum += acc[i];
+  return sum;
+}
+
+// Calls block(lanes, c0) for 8-channel blocks, then one 4-channel block if 4 or more are left;
+// returns the first channel not covered. `lanes` is std::integral_constant<int, 8 or 4>.
+// Blocks are eight channels, then four: GhostNet's widths are multiples of 4 (36, 12, 20, 60, ...),
+// and a scalar remainder would cost those layers as much as their vector part.
+template <typename F>
+inline int64_t ForEachBlock(int64_t c, F&& block) {
+  int64_t c0 = 0;
+  for (; c0 + 8 <= c; c0 += 8) block(std::integral_constant<int, 8>{}, c0);
+  if (c0 + 4 <= c) {
+    block(std::integral_constant<int, 4>{}, c0);
+    c0 += 4;
+  }
+  return c0;
+}
+// The vector type for a ForEachBlock block's `lanes`.
+#define GNV2_VEC(lanes) typename Lanes<decltype(lanes)::value>::V
+
+// The kernel sizes GhostNet uses, which have row functions with the size known at compile time:
+// X(kh, kw) for each.
+#define GNV2_SIZES(X) X(3, 3) X(5, 5) X(1, 5) X(5, 1)
+
+// The activation after a BatchNorm: ReLU or none.
+inline float Act(float v, bool relu) { return relu ? std::max(v, 0.0f) : v; }
+
+// Whether b holds one value per channel of c.
+inline bool PerChannel(const ffi::Buffer<ffi::F32>& b, int64_t c) {
+  return b.element_count() == static_cast<size_t>(c);
+}
+
+}  // namespace gnv2
+
+#pragma GCC visibility pop

@@ -1,0 +1,50 @@
+"""``predict_fn``: the one entry point for fast inference, on every platform."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+
+from ghostnetv2_jax.models.ghostnet import GhostNet
+from ghostnetv2_jax.runtime import cpu_fusion
+from ghostnetv2_jax.runtime.chunking import Chunk, chunked, resolve_chunk
+
+
+def _forward(model, apply_kwargs, chunk, fuse: bool) -> Callable[[Any, jax.Array], Any]:
+    """The forward for one platform: fused or not, over chunks or the whole batch."""
+    def apply(variables, x, **kwargs):
+        if not fuse:
+            return model.apply(variables, x, train=False, **kwargs)
+        with cpu_fusion.fused():
+            return model.apply(variables, x, train=False, **kwargs)
+
+    def forward(variables, images):
+        if chunk is None or apply_kwargs or not isinstance(model, GhostNet):
+            return chunked(lambda x: apply(variables, x, **apply_kwargs), chunk)(images)
+        # The head (pool, conv_head, classifier) runs once over the whole batch: in the loop,
+        # each chunk would read the head's weights again for a matmul of a few rows.
+        maps = chunked(lambda x: apply(variables, x, part='features'), chunk)(images)
+        return apply(variables, maps, part='head')
+    return forward
+
+
+def predict_fn(model, chunk: Chunk = 'auto', fuse: bool = True,
+               **apply_kwargs) -> Callable[[Any, jax.Array], Any]:
+    """``(variables, images) -> model.apply(variables, images, train=False, **apply_kwargs)``,
+    computed the fastest way this project knows on the platform the program is lowered for. Jit
+    it; for the eval and the BN-folded (``fold_batchnorm``) models and ``features_only=True``.
+
+    Where lowered for CPU: over chunks of ``CPU_CHUNK`` images (``chunk='auto'``; an int or
+    None/0 sets it), with the fused native ops where the model's modules match them
+    (``cpu_fusion``; ``fuse=False`` runs the modules as written). Elsewhere: the whole batch
+    (unless ``chunk`` is an int), the model as written. The choice is per lowering platform, so
+    one traced program is right on each platform it is exported for."""
+    fuse = bool(fuse) and cpu_fusion.is_fusible(model)
+    cpu = _forward(model, apply_kwargs, resolve_chunk(chunk, 'cpu'), fuse)
+    default = _forward(model, apply_kwargs, resolve_chunk(chunk, 'default'), False)
+    if not fuse and resolve_chunk(chunk, 'cpu') == resolve_chunk(chunk, 'default'):
+        return default
+
+    def predict(variables, images):
+        return jax.lax.platform_dependent(variables, images, cpu=cpu, default=default)
+    return predict

@@ -1,0 +1,256 @@
+"""runtime: predict_fn computes the model's logits on every variant (fused native ops, chunks of
+the batch, BN folded), and lowers without CPU custom calls for other platforms."""
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from conftest import randomized_variables, rel_err
+from ghostnetv2_jax import create_model, list_models, runtime
+from ghostnetv2_jax.runtime import chunking
+from ghostnetv2_jax.train.trainer import make_eval_step
+
+# A V2 architecture small enough to compile quickly, with a stride-2 block, DFC attention and SE.
+TINY = (((3, 16, 16, 0, 1),), ((5, 48, 24, 0.25, 2),), ((3, 72, 24, 0, 1),))
+# Chunks change the M dimension of every 1x1-conv matmul, so XLA may block the float32
+# accumulations differently: a few ulps, measured ~5e-7 relative on the full model.
+TOLERANCE = 1e-5
+
+
+# Parity of the fused runtime: the unchanged tolerance of the project's parity tests.
+PARITY = 1e-4
+O0 = {'xla_backend_optimization_level': 0}   # LLVM -O0: the same numbers, a fraction of the compile
+
+
+def _setup(batch=11, size=48):
+    model = create_model('ghostnetv2_100', cfgs=TINY, num_classes=10, attention_blocks=(1, 2))
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3)), jnp.float32)
+    return model, randomized_variables(model, images[:1]), images
+
+
+def _images(batch, hw, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((batch, *hw, 3)), jnp.float32)
+
+
+def _check_runtime(model, hw, batch=3):
+    """predict_fn of the eval and of the BN-folded model against the plain-XLA model's logits,
+    and the fused ops were used."""
+    images = _images(batch, hw)
+    variables = randomized_variables(model, images[:1])
+    xla_model = model.clone(depthwise_impl='xla')
+    ref = jax.jit(lambda v, x: xla_model.apply(v, x), compiler_options=O0)(variables, images)
+    assert float(jnp.abs(ref).max()) > 0.1
+    predict = jax.jit(runtime.predict_fn(model), compiler_options=O0)
+    assert 'gnv2_ghost_module' in predict.lower(variables, images).as_text()
+    assert rel_err(predict(variables, images), ref) <= PARITY
+    dmodel, dvars = runtime.fold_batchnorm(model, variables)
+    folded = jax.jit(runtime.predict_fn(dmodel), compiler_options=O0)(dvars, images)
+    assert rel_err(folded, ref) <= PARITY
+
+
+SIZES = [(64, 96), (97, 71)]   # even, and odd non-square (DFC's gate is then not a whole up-sampling)
+
+
+@pytest.mark.parametrize('name', list_models())
+@pytest.mark.parametrize('hw', SIZES)
+def test_predict_fn_equals_the_plain_xla_model_on_every_registered_model(name, hw):
+    _check_runtime(create_model(name, num_classes=10), hw)
+
+
+# A short table with every kind of block (stride-2 blocks with 3x3 and 5x5 kernels, SE, identity
+# and projection shortcuts), so that each ablation variant compiles quickly.
+SHORT = (((3, 16, 16, 0, 1),), ((3, 48, 24, 0, 2),), ((5, 72, 40, 0.25, 2),), ((3, 120, 40, 0, 1),),
+         ((5, 240, 80, 0.25, 2),))
+VARIANTS = {
+    'se': dict(attention='se'),
+    'cbam': dict(attention='cbam'),
+    'coord': dict(attention='coord'),
+    'dfc_7x7': dict(attention_kwargs=dict(kernel=(7, 7))),
+    'dfc_max_pool': dict(attention_kwargs=dict(downsample='max')),
+    'dfc_hard_sigmoid': dict(attention_kwargs=dict(gate='hard_sigmoid')),
+    'dfc_gate_after_bilinear': dict(attention_kwargs=dict(gate_before_upsample=False, upsample='bilinear')),
+    'dfc_no_downsample': dict(attention_kwargs=dict(downsample='none')),
+    'attention_on_ghost2': dict(attention_position='ghost2'),
+    'width_075': dict(width=0.75),
+    'v1': dict(attention='none'),
+}
+
+
+@pytest.mark.parametrize('variant', sorted(VARIANTS))
+@pytest.mark.parametrize('hw', SIZES)
+def test_predict_fn_equals_the_plain_xla_model_on_the_ablation_variants(variant, hw):
+    model = create_model('ghostnetv2_100', cfgs=SHORT, num_classes=10, attention_blocks=(1, 2, 3, 4),
+                         **VARIANTS[variant])
+    _check_runtime(model, hw)
+
+
+def test_modules_the_ops_do_not_implement_run_as_written():
+    """Another activation, ratio or dtype: no fused op replaces the module, the logits are the
+    model's; fuse=False runs every module as written."""
+    import flax.linen as nn
+    from ghostnetv2_jax.models import ghostnet
+    images = _images(2, (64, 64))
+    model = create_model('ghostnetv2_100', cfgs=SHORT, num_classes=10)
+    variables = randomized_variables(model, images[:1])
+    hlo = lambda m, **kw: jax.jit(runtime.predict_fn(m, **kw)).lower(variables, images).as_text()
+    assert 'gnv2_ghost_module' in hlo(model) and 'gnv2_stem_conv' in hlo(model)
+    assert 'gnv2_ghost_module' not in hlo(model, fuse=False) and 'gnv2_stem_conv' not in hlo(model, fuse=False)
+    assert 'gnv2_ghost_module' not in hlo(model.clone(depthwise_impl='xla'))
+
+    class GeluGhostModule(ghostnet.GhostModule):   # a researcher's edit, as a subclass
+        act: object = nn.gelu
+    original = ghostnet.GhostModule
+    try:
+        ghostnet.GhostModule = GeluGhostModule
+        text = hlo(model)
+        ref = jax.jit(lambda v, x: model.apply(v, x))(variables, images)
+        got = jax.jit(runtime.predict_fn(model))(variables, images)
+    finally:
+        ghostnet.GhostModule = original
+    assert 'gnv2_ghost_module' not in text
+    assert rel_err(got, ref) <= PARITY
+
+
+@pytest.mark.parametrize('folded,hw,gated', [(False, (64, 72), 1), (True, (64, 72), 1), (True, (60, 68), 0)])
+def test_fused_ops_replace_the_modules_they_implement(folded, hw, gated):
+    """On CPU each ghost module's BN, activation, cheap conv and concatenation run as one op, with
+    DFC's gate where the map's size is a whole multiple of the pooled one (at 60x68 the DFC
+    block's 15x17 map is not), the primary 1x1 conv of modules with narrow inputs, and a stride-2
+    block's conv_dw and bn_dw; the stem conv too. Same logits as the modules run as written."""
+    model = create_model('ghostnetv2_100', cfgs=TINY)
+    images = _images(2, hw)
+    variables = randomized_variables(model, images[:1])
+    if folded:
+        model, variables = runtime.fold_batchnorm(model, variables)
+    predict = jax.jit(runtime.predict_fn(model, chunk=None))
+    hlo = predict.lower(variables, images).as_text()
+    calls = lambda name: len(re.findall(rf'custom_call @{name}\(', hlo))
+    assert calls('gnv2_ghost_module') + calls('gnv2_ghost_module_gated') == 3
+    assert calls('gnv2_ghost_module_strided') == 1
+    assert calls('gnv2_depthwise_forward') == 3    # shortcut_dw and DFC's two 1-D convs; not conv_dw
+    assert calls('gnv2_ghost_module_after_primary') + calls('gnv2_ghost_module_after_primary_gated') == 2
+    assert calls('gnv2_ghost_module_gated') == gated   # the one DFC block's ghost1
+    assert calls('gnv2_stem_conv') == 1
+    unfused = jax.jit(runtime.predict_fn(model, chunk=None, fuse=False))(variables, images)
+    assert float(jnp.abs(unfused).max()) > 0.1
+    assert rel_err(predict(variables, images), unfused) <= 1e-6
+
+
+def test_stride2_block_with_a_kernel_the_fused_ops_lack_keeps_its_own_conv():
+    """A 7x7 stride-2 block (no fused kernel of that size): ghost1 still fuses, conv_dw runs after."""
+    cfgs = (((3, 16, 16, 0, 1),), ((7, 48, 24, 0, 2),))
+    model = create_model('ghostnetv2_100', cfgs=cfgs, attention_blocks=())
+    images = _images(2, (32, 32))
+    variables = randomized_variables(model, images[:1])
+    predict = jax.jit(runtime.predict_fn(model, chunk=None))
+    assert 'gnv2_ghost_module_strided' not in predict.lower(variables, images).as_text()
+    unfused = jax.jit(runtime.predict_fn(model, chunk=None, fuse=False))(variables, images)
+    assert rel_err(predict(variables, images), unfused) <= 1e-6
+
+
+@pytest.mark.parametrize('platform', ['cuda', 'tpu'])
+def test_predict_fn_exports_for_other_platforms_without_cpu_custom_calls(platform):
+    model = create_model('ghostnetv2_100', num_classes=10)
+    images = _images(2, (64, 64))
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+    text = jax.export.export(jax.jit(runtime.predict_fn(model)), platforms=[platform])(variables, images).mlir_module()
+    assert 'gnv2_' not in text
+    assert 'stablehlo.convolution' in text
+
+
+@pytest.mark.parametrize('chunk', [4, 5, 11, 16, 0, None])
+def test_chunked_logits_match_the_whole_batch_with_and_without_a_remainder(chunk):
+    model, variables, images = _setup()
+    ref = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+    got = jax.jit(runtime.predict_fn(model, chunk))(variables, images)
+    chex.assert_shape(got, ref.shape)
+    assert float(jnp.abs(ref).max()) > 0.1
+    assert rel_err(got, ref) <= TOLERANCE
+
+
+def test_chunked_folded_model_and_feature_maps_match():
+    model, variables, images = _setup()
+    dmodel, dvars = runtime.fold_batchnorm(model, variables)
+    ref = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+    assert rel_err(jax.jit(runtime.predict_fn(dmodel, 4))(dvars, images), ref) <= TOLERANCE
+    feats = jax.jit(runtime.predict_fn(model, 4, features_only=True))(variables, images)
+    ref_feats = model.apply(variables, images, train=False, features_only=True)
+    chex.assert_trees_all_equal_shapes(feats, ref_feats)
+    for got, want in zip(feats, ref_feats):
+        assert rel_err(got, want) <= TOLERANCE
+
+
+def test_features_and_head_parts_compose_to_the_logits_and_bad_parts_are_refused():
+    model, variables, images = _setup(batch=3, size=64)
+    logits = model.apply(variables, images, train=False)
+    maps = model.apply(variables, images, train=False, part='features')
+    chex.assert_shape(maps, (3, 16, 16, 72))   # TINY's last map before pooling (stride 4, 72 wide)
+    assert rel_err(model.apply(variables, maps, train=False, part='head'), logits) <= TOLERANCE
+    with pytest.raises(ValueError, match='part must be'):
+        model.apply(variables, images, part='neck')
+    with pytest.raises(ValueError, match='features_only'):
+        model.apply(variables, images, features_only=True, part='features')
+
+
+def test_the_head_runs_once_outside_the_chunk_loop():
+    """Its 1280-wide conv and classifier read their weights once, not once per chunk."""
+    model, variables, images = _setup(batch=16)
+    jaxpr = jax.make_jaxpr(runtime.predict_fn(model, 4, fuse=False))(variables, images).jaxpr
+    loop = next(e for e in jaxpr.eqns if e.primitive.name == 'scan')
+    # conv_head's output, (images, 1, 1, 1280) or flattened; its kernel is a loop input either way
+    head_out = lambda rows, text: re.search(rf'f32\[{rows},(1,1,)?1280\]', text) is not None
+    assert not head_out(4, str(loop.params['jaxpr']))
+    assert head_out(16, str(jaxpr))
+    # features_only outputs are not split
+    feats = jax.make_jaxpr(runtime.predict_fn(model, 4, fuse=False, features_only=True))(variables, images).jaxpr
+    assert not head_out(16, str(feats))
+
+
+def test_only_a_batch_of_at_least_one_loop_step_is_looped():
+    fn = lambda x: x * 2.0
+    step = 8 * chunking.CPU_STREAMS
+    small = jax.make_jaxpr(runtime.chunked(fn, 8))(jnp.zeros((step - 1, 3)))
+    large = jax.make_jaxpr(runtime.chunked(fn, 8))(jnp.zeros((step + 4, 3)))
+    assert 'scan' not in str(small) and 'scan' in str(large)   # lax.map is a scan
+    x = jnp.arange(step + 4.0)
+    np.testing.assert_array_equal(runtime.chunked(fn, 8)(x), x * 2)
+
+
+@pytest.mark.parametrize('streams', [1, 3])
+def test_any_number_of_streams_gives_the_same_outputs(streams):
+    fn = lambda x: {'double': x * 2.0, 'sum': jnp.sum(x, axis=1)}
+    x = jnp.arange(3 * 29.0).reshape(29, 3)
+    got = jax.jit(runtime.chunked(fn, 4, streams))(x)
+    chex.assert_trees_all_equal(got, fn(x))
+    with pytest.raises(ValueError, match='streams must be'):
+        runtime.chunked(fn, 4, 0)
+
+
+def test_auto_chunks_on_cpu_only_and_bad_chunks_are_refused():
+    assert runtime.resolve_chunk('auto', 'cpu') == runtime.CPU_CHUNK
+    assert runtime.resolve_chunk('auto', 'gpu') is None and runtime.resolve_chunk('auto', 'tpu') is None
+    assert runtime.resolve_chunk(0, 'cpu') is None and runtime.resolve_chunk(None, 'tpu') is None
+    assert runtime.resolve_chunk(3, 'cpu') == 3 and runtime.resolve_chunk(3, 'tpu') == 3
+    for bad in (-1, 2.5, 'eight', True):
+        with pytest.raises(ValueError, match='chunk must be'):
+            runtime.resolve_chunk(bad, 'cpu')
+
+
+def test_chunking_is_for_one_device_only():
+    one = Mesh(np.array(jax.devices()[:1]), ('data',))
+    assert runtime.chunk_for(one) == 'auto'
+    several = Mesh(np.array(jax.devices()[:1] * 2), ('data',))   # only its size is read
+    assert runtime.chunk_for(several) is None
+
+
+def test_eval_step_sums_are_the_same_chunked():
+    model, variables, images = _setup()
+    batch = {'images': images, 'labels': jnp.arange(11) % 10, 'mask': jnp.ones(11).at[-2:].set(0)}
+    ref = jax.jit(make_eval_step(model))(variables, batch)
+    got = jax.jit(make_eval_step(model, 4))(variables, batch)
+    assert float(got['count']) == 9.0
+    chex.assert_trees_all_close(got, ref, rtol=TOLERANCE)
