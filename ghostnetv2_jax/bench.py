@@ -14,22 +14,29 @@ Method (see docs/benchmarks.md for results):
   the spread over rounds is reported too. A load from other processes hurts every contender
   alike, and the load average is recorded at the start and the end.
 - Inference: jitted ``model.apply`` (JAX) vs ``model.eval()`` under ``torch.inference_mode``.
-  Train step: forward + softmax cross-entropy + backward + SGD with momentum 0.9, BatchNorm in
-  training mode updating its running statistics; JAX as one jitted step with the parameters,
-  statistics and optimizer state donated (the update on the flattened gradient, see
-  ``make_jax_train_step``); torch as ``model.train()``, ``loss.backward()``, ``optimizer.step()``
-  (its default multi-tensor ``foreach`` SGD).
+- Train step: the training recipe's full step, both sides set up from one config
+  (``--train-config``, default ``configs/imagenet_ghostnetv2_100.py``, at the group's batch):
+  forward with dropout, label-smoothed cross-entropy, backward, L2 weight decay off biases and
+  BatchNorm, RMSpropTF with momentum, and the EMA update of the weights and BN statistics.
+  JAX: the trainer's own step, ``train.steps.make_train_step`` with the optimizer and schedule
+  of ``train.optim`` and a ``train.state.create_state`` state, jitted by ``steps.jit_train_step``
+  as the trainer jits it (state donated); it also returns the trainer's metrics (loss, top-1,
+  gradient and parameter norms, lr). torch: timm's equivalent, ``model.train()``,
+  ``LabelSmoothingCrossEntropy``, ``loss.backward()``, ``create_optimizer_v2(model,
+  'rmsproptf', ...)`` (``filter_bias_and_bn``: the same parameters decayed) ``.step()``, then
+  ``ModelEmaV3.update(model)``.
+- Both frameworks start from their library's own initialisation (JAX: ``init_variables``,
+  compiled once without LLVM optimisations, as the trainer does).
 - JAX contenders are compiled with this project's compiler options (``ghostnetv2_jax.xla_options``,
-  what the trainer and evaluator use: on CPU, XLA's loop emitters for the train step and XLA's
-  defaults for inference); ``--xla-options project,default`` also times them with XLA's defaults
+  what the trainer and evaluator use: on CPU, LLVM -O1 for the train step and XLA's defaults for
+  inference); ``--xla-options project,default`` also times them with XLA's defaults
   throughout, labelled ``+xla-default``.
 - Between contenders the harness idles ``--settle`` seconds (default 3), so the worker threads
-  the previous contender left spinning (OpenMP's, Eigen's) are asleep. Measured here (batch 32
-  inference, one run each): with 0.5 s JAX ran at 139 img/s and timm at 148; with 3 s, 175 and
-  155; with no torch contender at all JAX ran at 177.
+  the previous contender left spinning (OpenMP's, Eigen's) are asleep: with half a second, the
+  next contender shares the cores with them for its first iterations.
 - torch uses ``torch.set_num_threads(--threads)`` (default: the cores this process may use); XLA
   uses its default pool, one thread per core. bf16 contenders: JAX computes in bfloat16 with
-  float32 parameters; torch runs under ``torch.autocast(dtype=bfloat16)``.
+  float32 parameters; torch runs the forward pass and loss under ``torch.autocast(dtype=bfloat16)``.
 - Compile time (JAX): trace + lower + XLA compile of the jitted function. torch has no compile
   step; its first call is reported instead.
 - Memory: each worker's peak resident set (``getrusage`` maxrss) minus its resident set just
@@ -50,7 +57,7 @@ Method (see docs/benchmarks.md for results):
   re-faulted whole sets of them in the warm-up and first rounds. Every timed iteration's minor
   page faults are recorded; the report gives the most of any one iteration.
 - ``--malloc retain`` (default) configures glibc malloc in every worker, torch's included, to
-  keep freed memory mapped (``GLIBC_TUNABLES``: one arena, no mmap'd chunks, no trimming; see
+  keep freed memory mapped (``GLIBC_TUNABLES``: no mmap'd chunks, no trimming; see
   RETAIN_TUNABLES). Without it, each step re-faults every large buffer it allocates (~2 us per
   4 KiB page in a VM), which costs both frameworks 10-25% at batch 32 and JAX's batch-128 train
   step ~40%; ``--malloc system`` measures the default.
@@ -75,6 +82,10 @@ DTYPES = ('float32', 'bfloat16')
 JAX_IMPLS = ('auto', 'native', 'shift', 'xla')
 XLA_OPTIONS = ('project', 'default')
 TORCH_LAYOUTS = ('nchw', 'channels_last')
+# The train mode times the recipe's step (configs/, in the repository); --train-config another.
+DEFAULT_TRAIN_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    'configs', 'imagenet_ghostnetv2_100.py')
+IMAGENET_TRAIN_EXAMPLES = 1281167   # the schedule's steps per epoch at the benchmark's batch
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -149,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JAX inference over chunks of the batch (ghostnetv2_jax.runtime): 'auto' "
                         "(8 images on CPU, the whole batch elsewhere), 0 (the whole batch) or N images")
     p.add_argument('--xla-flags', default='', help='appended to XLA_FLAGS in the JAX workers')
+    p.add_argument('--train-config', default=DEFAULT_TRAIN_CONFIG,
+                   help='training config (configs/*.py) whose optimizer, schedule, label smoothing, EMA and '
+                        'dropout the train mode uses (default: the ImageNet recipe of GhostNetV2 1.0x)')
     p.add_argument('--out', default='bench_out', help='directory for bench.json and bench.md')
     return p
 
@@ -187,16 +201,20 @@ def _validate(args) -> None:
         raise ValueError(f'--settle must be >= 0, got {args.settle}')
     if args.threads is not None and args.threads < 1:
         raise ValueError(f'--threads must be >= 1, got {args.threads}')
+    if 'train' in args.modes and not os.path.isfile(args.train_config):
+        raise ValueError(f'--train-config: no such file: {args.train_config} (the train mode reads the '
+                         "repository's configs/)")
 
 
 # ----------------------------------------------------------------------------- workers (child side)
-# glibc malloc tunables for --malloc retain: one arena, no mmap'd chunks, and never trim the heap
-# top. They are read at process start, so they go into each worker's environment; mallopt cannot
-# set a trim threshold past 2 GiB, and a train step's temporaries are 1.7 GB at batch 32 and
-# 6.8 GB at batch 128 (measured with mallopt: all 6.8 GB re-faulted every step, 5.2 s a step
-# against 3.2 s with these tunables).
-RETAIN_TUNABLES = ('glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
-                   'glibc.malloc.trim_threshold=1099511627776')
+# glibc malloc tunables for --malloc retain: no mmap'd chunks, and never trim the heap top. They
+# are read at process start, so they go into each worker's environment; mallopt cannot set a trim
+# threshold past 2 GiB, and a train step's temporaries are 1.7 GB at batch 32 and 6.8 GB at batch
+# 128 (measured with mallopt: all 6.8 GB re-faulted every step, 5.2 s a step against 3.2 s with
+# these tunables). The arenas stay glibc's default: capped at one, XLA's compiler threads and
+# the step's kernels contend on its lock (batch-32 train step: compile 30 s against 19 s, the
+# step 1.2 s against 1.0 s).
+RETAIN_TUNABLES = 'glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776'
 
 
 def malloc_env(env: Dict[str, str], policy: str) -> Dict[str, str]:
@@ -235,15 +253,33 @@ class Skip(Exception):
     """A contender that does not apply here (e.g. a CPU-only implementation on GPU)."""
 
 
+def train_config(spec: Dict[str, Any]):
+    """The training config both train contenders follow: ``spec['train_config']`` (default the
+    ImageNet recipe) with the group's model, batch and compute dtype and, for JAX, its
+    depthwise implementation."""
+    import importlib.util
+    path = spec.get('train_config') or DEFAULT_TRAIN_CONFIG
+    module_spec = importlib.util.spec_from_file_location('bench_train_config', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config()
+    config.model, config.batch_size, config.dtype = spec['model'], spec['batch'], spec['dtype']
+    config.grad_accum_steps = 1
+    if spec['framework'] == 'jax' and spec['variant'] != 'deploy':
+        config.model_overrides.depthwise_impl = spec['variant']
+    return config
+
+
 class _JaxRunner:
-    """One jitted inference or train step of this project's model."""
+    """One jitted inference step of this project's model, or the trainer's own train step."""
 
     def __init__(self, spec: Dict[str, Any]):
         import jax
         import jax.numpy as jnp
         import numpy as np
-        from ghostnetv2_jax import runtime, xla_options
+        from ghostnetv2_jax import xla_options
         from ghostnetv2_jax.models.registry import create_model
+        from ghostnetv2_jax.train.state import init_variables
         xla_options.dispatch_cpu_synchronously()   # before the backend starts, as the trainer does
         self.jax = jax
         self.chunk = None
@@ -251,35 +287,51 @@ class _JaxRunner:
         impl = 'auto' if spec['variant'] == 'deploy' else spec['variant']
         if impl == 'native' and jax.default_backend() != 'cpu':
             raise Skip(f"the native depthwise kernels are CPU-only (backend: {jax.default_backend()})")
-        model = create_model(spec['model'], depthwise_impl=impl, dtype=dtype)
         rng = np.random.default_rng(0)
         images = jnp.asarray(rng.standard_normal((spec['batch'], spec['size'], spec['size'], 3), np.float32))
         labels = jnp.asarray(rng.integers(0, 1000, spec['batch']), jnp.int32)
-        variables = random_variables(model, images[:1])
-        if spec['variant'] == 'deploy':
-            model, variables = runtime.fold_batchnorm(model, variables)
-        options = (xla_options.compiler_options(train=spec['mode'] == 'train')
-                   if spec['xla_options'] == 'project' else None)
-        t0 = time.perf_counter()
-        if spec['mode'] == 'infer':
+        project = spec['xla_options'] == 'project'
+        if spec['mode'] == 'train':
+            from ghostnetv2_jax.train import optim, steps
+            from ghostnetv2_jax.train.state import create_state
+            config = train_config(spec)
+            model = create_model(config.model, num_classes=1000, drop_rate=config.drop_rate, dtype=dtype,
+                                 depthwise_impl=impl)
+            schedule = optim.create_learning_rate_schedule(config, IMAGENET_TRAIN_EXAMPLES // spec['batch'],
+                                                           config.num_epochs)
+            tx = optim.create_optimizer(config, schedule)
+            init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+            # The trainer's initial state (_initial_state), created the way it creates it.
+            self.state = xla_options.run_once(lambda r: create_state(
+                init_variables(model, r, spec['size']), tx, state_rng, config.ema_decay > 0), init_rng)
+            self.batch = {'images': images, 'labels': labels}
+            t0 = time.perf_counter()
+            fn = steps.jit_train_step(steps.make_train_step(model, tx, schedule, config), project_options=project)
+            self.compiled = fn.lower(self.state, self.batch).compile()
+        else:
+            from ghostnetv2_jax import runtime
+            model = create_model(spec['model'], depthwise_impl=impl, dtype=dtype)
+            variables = xla_options.run_once(lambda r: init_variables(model, r, spec['size']), jax.random.PRNGKey(0))
+            if spec['variant'] == 'deploy':
+                model, variables = runtime.fold_batchnorm(model, variables)
             chunk = spec.get('chunk', 'auto')
             chunk = chunk if chunk == 'auto' else int(chunk)
-            fn = jax.jit(runtime.predict_fn(model, chunk), compiler_options=options)
             self.chunk = runtime.resolve_chunk(chunk, jax.default_backend())
-            self.state, self.extra = (variables,), (images,)
-        else:
-            fn, state = make_jax_train_step(model, variables, compiler_options=options)
-            self.state, self.extra = state, (images, labels)
-        self.compiled = fn.lower(*self.state, *self.extra).compile()
+            self.variables, self.images = variables, images
+            t0 = time.perf_counter()
+            fn = jax.jit(runtime.predict_fn(model, chunk),
+                         compiler_options=xla_options.compiler_options(train=False) if project else None)
+            self.compiled = fn.lower(variables, images).compile()
         self.compile_s = time.perf_counter() - t0
-        self.donates = spec['mode'] == 'train'
+        self.train = spec['mode'] == 'train'
         self.device = jax.devices()[0]
 
     def step(self) -> None:
-        out = self.compiled(*self.state, *self.extra)
-        if self.donates:
-            self.state = out[:-1]
-        self.jax.block_until_ready(out)
+        if self.train:
+            self.state, metrics = self.compiled(self.state, self.batch)   # the state is donated
+            self.jax.block_until_ready((self.state, metrics))
+        else:
+            self.jax.block_until_ready(self.compiled(self.variables, self.images))
 
     def memory(self) -> Dict[str, float]:
         info: Dict[str, float] = {}
@@ -299,61 +351,8 @@ class _JaxRunner:
                 'async_dispatch': bool(self.jax.config.read('jax_cpu_enable_async_dispatch'))}
 
 
-def random_variables(model, images, seed: int = 0):
-    """Variables of ``model`` filled on the host: LeCun-normal kernels, unit BatchNorm. Speed does
-    not depend on the values, and ``jax.jit(model.init)`` spends ~30 s compiling the initialisers'
-    random-number kernels on CPU."""
-    import jax
-    import numpy as np
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = getattr(path[-1], 'key', str(path[-1]))
-        if name == 'kernel':
-            fan_in = int(np.prod(leaf.shape[:-1])) or 1
-            value = rng.standard_normal(leaf.shape) / np.sqrt(fan_in)
-        elif name in ('scale', 'var'):
-            value = np.ones(leaf.shape)
-        else:   # biases, running means
-            value = np.zeros(leaf.shape)
-        return jax.numpy.asarray(value, leaf.dtype)
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(seed), images)
-    return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def make_jax_train_step(model, variables, learning_rate: float = 0.1, momentum: float = 0.9,
-                        compiler_options: Optional[Dict[str, Any]] = None):
-    """(jitted step, initial state): forward + softmax CE + backward + SGD-momentum update with
-    BatchNorm statistics updated; the state (params, batch_stats, opt_state, rng) is donated.
-    ``step(*state, images, labels) -> (*new_state, loss)``.
-
-    The optimizer runs on the flattened gradient (``optax.flatten``): one fused update instead of
-    one small kernel per parameter leaf (~400 fewer XLA:CPU kernels to compile and launch; the
-    multi-tensor idea of torch's ``foreach`` SGD)."""
-    import jax
-    import optax
-    tx = optax.flatten(optax.sgd(learning_rate, momentum=momentum))
-
-    def step(params, batch_stats, opt_state, rng, images, labels):
-        rng, dropout_rng = jax.random.split(rng)
-
-        def loss_fn(p):
-            logits, new = model.apply({'params': p, 'batch_stats': batch_stats}, images, train=True,
-                                      mutable=['batch_stats'], rngs={'dropout': dropout_rng})
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, new['batch_stats']
-
-        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_stats, opt_state, rng, loss
-
-    state = (variables['params'], variables['batch_stats'], tx.init(variables['params']),
-             jax.random.PRNGKey(1))
-    return jax.jit(step, donate_argnums=(0, 1, 2, 3), compiler_options=compiler_options), state
-
-
 class _TorchRunner:
-    """timm's model in one memory layout; eval under inference_mode, or a full train step."""
+    """timm's model in one memory layout; eval under inference_mode, or timm's train step."""
 
     def __init__(self, spec: Dict[str, Any]):
         import timm
@@ -362,32 +361,58 @@ class _TorchRunner:
         torch.set_num_threads(spec['threads'])
         self.device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
         torch.manual_seed(0)
-        model = timm.create_model(spec['model'], pretrained=False).to(self.device)
+        self.train = spec['mode'] == 'train'
+        config = train_config(spec) if self.train else None
+        drop = {'drop_rate': config.drop_rate} if self.train else {}
+        model = timm.create_model(spec['model'], pretrained=False, **drop).to(self.device)
         images = torch.randn(spec['batch'], 3, spec['size'], spec['size'], device=self.device)
         self.labels = torch.randint(0, 1000, (spec['batch'],), device=self.device)
         if spec['variant'] == 'channels_last':
             model = model.to(memory_format=torch.channels_last)
             images = images.contiguous(memory_format=torch.channels_last)
-        self.model, self.images, self.train = model, images, spec['mode'] == 'train'
+        self.model, self.images = model, images
         self.amp = spec['dtype'] == 'bfloat16'
         if self.train:
-            model.train()
-            self.opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            self._setup_train(config)
         else:
             model.eval()
         self.compile_s = None
 
+    def _setup_train(self, config) -> None:
+        """What timm's train.py runs for the recipe's flags: RMSpropTF (``--opt rmsproptf``, no
+        weight decay on biases, BatchNorm and other 1-D parameters: ``filter_bias_and_bn``),
+        label smoothing, and ModelEmaV3 updated after every optimizer step."""
+        import timm.loss
+        import timm.optim
+        import timm.utils
+        if config.optimizer != 'rmsprop_tf':
+            raise ValueError(f'the timm train contender follows the rmsprop_tf recipe, not {config.optimizer!r}')
+        self.model.train()
+        # timm's lr at the first step: its scheduler's warmup_lr_init (the JAX step reads its schedule).
+        scaled = (config.learning_rate * config.batch_size / config.lr_base_batch if config.lr_base_batch > 0
+                  else config.learning_rate)   # optim.scaled_learning_rate
+        lr = config.warmup_lr if config.warmup_epochs > 0 else scaled
+        self.opt = timm.optim.create_optimizer_v2(self.model, 'rmsproptf', lr=lr, weight_decay=config.weight_decay,
+                                                  momentum=config.momentum, eps=config.opt_eps,
+                                                  alpha=config.rmsprop_decay)
+        smoothing = config.label_smoothing
+        self.loss_fn = (timm.loss.LabelSmoothingCrossEntropy(smoothing) if smoothing
+                        else self.torch.nn.CrossEntropyLoss())
+        self.ema = timm.utils.ModelEmaV3(self.model, decay=config.ema_decay) if config.ema_decay > 0 else None
+
     def step(self) -> None:
         torch = self.torch
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            if self.train:
-                self.opt.zero_grad(set_to_none=True)
-                loss = torch.nn.functional.cross_entropy(self.model(self.images), self.labels)
-                loss.backward()
-                self.opt.step()
-            else:
-                with torch.inference_mode():
-                    self.model(self.images)
+        if self.train:
+            self.opt.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                loss = self.loss_fn(self.model(self.images), self.labels)
+            loss.backward()
+            self.opt.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+        else:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp), torch.inference_mode():
+                self.model(self.images)
         if self.device.type == 'cuda':
             torch.cuda.synchronize()
 
@@ -567,7 +592,8 @@ def run_group(group: Group, args, log) -> List[Dict[str, Any]]:
             spec = dict(framework=c.framework, variant=c.variant, dtype=c.dtype, xla_options=c.xla_options,
                         chunk=c.chunk,
                         model=group.model, batch=group.batch, mode=group.mode, size=args.size,
-                        threads=args.threads, warmup=args.warmup, malloc=args.malloc)
+                        threads=args.threads, warmup=args.warmup, malloc=args.malloc,
+                        train_config=args.train_config)
             w = Worker(c.framework, args.xla_flags, args.malloc)
             info = w.ask(cmd='setup', spec=spec)
             if 'skipped' in info:

@@ -46,7 +46,7 @@ def _workdir_variables(workdir: str, step_flag: str, ema: bool) -> Tuple[Dict[st
     from ghostnetv2_jax.train import checkpoint as ckpt_lib
     from ghostnetv2_jax.train import optim
     from ghostnetv2_jax.train.state import create_state, init_variables
-    from ghostnetv2_jax.train.trainer import build_model
+    from ghostnetv2_jax.train.trainer import build_model, restore_state
     import ml_collections
 
     checkpoints = ckpt_lib.Checkpoints(workdir, read_only=True)
@@ -67,10 +67,11 @@ def _workdir_variables(workdir: str, step_flag: str, ema: bool) -> Tuple[Dict[st
         raise ValueError(f'{workdir} was trained without an EMA (ema_decay=0); drop --ema')
     model = build_model(config, meta['num_classes'])
     # The optimizer only gives the state its structure here; the schedule is never called.
-    tx = optim.create_optimizer(config, lambda count: 0.0)
-    abstract = jax.eval_shape(lambda r: create_state(init_variables(model, r, config.data.image_size), tx, r,
-                                                     config.ema_decay > 0), jax.random.PRNGKey(0))
-    state = checkpoints.restore(step, abstract)
+    abstract = lambda tx: jax.eval_shape(lambda r: create_state(init_variables(model, r, config.data.image_size), tx, r,
+                                                                config.ema_decay > 0), jax.random.PRNGKey(0))
+    # (a checkpoint from before the flattened optimizer is read in its per-leaf form)
+    state = restore_state(checkpoints, step, abstract(optim.create_optimizer(config, lambda count: 0.0)),
+                          lambda: abstract(optim.create_optimizer(config, lambda count: 0.0, flat=False)))
     checkpoints.close()
     logging.info('restored %s step %d', workdir, step)
     return jax.device_get(state.variables(ema)), meta['config']
@@ -128,7 +129,7 @@ def load(checkpoint: str, model_name: Optional[str] = None, ema: bool = False):
     import ml_collections
     from ghostnetv2_jax.models.registry import create_model
     from ghostnetv2_jax.train.state import local_copy
-    from ghostnetv2_jax.train.trainer import build_model
+    from ghostnetv2_jax.train.trainer import build_model, restore_state
 
     if _is_workdir(checkpoint):
         variables, saved = _workdir_variables(checkpoint, _STEP.value, ema)

@@ -1,15 +1,14 @@
 """The benchmark harness: a tiny end-to-end run (JSON, markdown, ratios), the plan, the ratio
-arithmetic, the JAX train step it times, and one-line errors for bad flags."""
+arithmetic, the train steps it times (the trainer's and timm's), and one-line errors for bad flags."""
 import json
 import os
 
-import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ghostnetv2_jax import bench, create_model
+from ghostnetv2_jax import bench
+from ghostnetv2_jax.train import steps
 
 
 def test_smoke_run_writes_json_and_markdown_with_ratios(tmp_path):
@@ -125,22 +124,58 @@ def test_cross_core_penalty_needs_two_cpus_and_restores_the_affinity():
         os.sched_setaffinity(0, cpus)
 
 
-def test_jax_train_step_updates_params_and_batch_stats_with_donation():
-    model = create_model('ghostnet_100', cfgs=(((3, 16, 16, 0, 1),), ((3, 48, 24, 0, 2),)), num_classes=10)
-    images = jnp.asarray(np.random.default_rng(0).standard_normal((4, 32, 32, 3)), jnp.float32)
-    labels = jnp.arange(4) % 10
-    variables = bench.random_variables(model, images)
-    step, state = bench.make_jax_train_step(model, variables)
-    params0 = jax.tree_util.tree_map(np.array, state[0])
-    stats0 = jax.tree_util.tree_map(np.array, state[1])
-    *new_state, loss = step(*state, images, labels)
-    assert np.isfinite(float(loss))
-    assert state[0]['conv_stem']['kernel'].is_deleted()            # donated, updated in place
-    chex.assert_trees_all_equal_shapes(new_state[0], params0)
-    assert not np.allclose(new_state[0]['conv_stem']['kernel'], params0['conv_stem']['kernel'])
-    assert not np.allclose(new_state[1]['bn1']['mean'], stats0['bn1']['mean'])
-    *_, loss2 = step(*new_state, images, labels)                   # SGD on one batch: loss drops
-    assert float(loss2) < float(loss)
+def _train_spec(framework, variant):
+    return dict(framework=framework, variant=variant, dtype='float32', xla_options='project', model='ghostnet_050',
+                batch=2, mode='train', size=32, threads=1, train_config=bench.DEFAULT_TRAIN_CONFIG)
+
+
+def test_jax_train_contender_is_the_trainers_step(monkeypatch):
+    """The JAX train contender runs train.steps.make_train_step, jitted by steps.jit_train_step
+    (as the trainer jits it), on a create_state state with the recipe's optimizer and EMA."""
+    from ghostnetv2_jax.train.state import TrainState
+    made, jitted = [], []
+    make, jit = steps.make_train_step, steps.jit_train_step
+    monkeypatch.setattr(steps, 'make_train_step', lambda *a: made.append(a) or make(*a))
+    monkeypatch.setattr(steps, 'jit_train_step', lambda *a, **k: jitted.append(k) or jit(*a, **k))
+    runner = bench._JaxRunner(_train_spec('jax', 'native'))
+    assert len(made) == 1 and jitted == [{'project_options': True}]
+    config = made[0][3]
+    assert (config.optimizer, config.batch_size, config.label_smoothing, config.ema_decay) == ('rmsprop_tf', 2, 0.1, 0.9999)
+    state = runner.state
+    assert isinstance(state, TrainState) and state.ema_params is not None
+    n = sum(p.size for p in jax.tree.leaves(state.params))
+    assert {leaf.shape for leaf in jax.tree.leaves(state.opt_state)} <= {(), (n,)}   # the flat optimizer
+    kernel0 = np.array(state.params['conv_stem']['kernel'])
+    ema_mean0 = np.array(state.ema_batch_stats['bn1']['mean'])
+    runner.step()
+    assert state.params['conv_stem']['kernel'].is_deleted()          # donated, updated in place
+    new = runner.state
+    assert int(new.step) == 1
+    assert not np.array_equal(new.params['conv_stem']['kernel'], kernel0)
+    assert not np.array_equal(new.ema_batch_stats['bn1']['mean'], ema_mean0)   # the EMA ran
+    runner.step()
+    assert int(runner.state.step) == 2 and runner.memory()['xla_total_mb'] > 0
+
+
+def test_torch_train_contender_is_timms_recipe_step():
+    """timm's equivalent: RMSpropTF without decay on biases/BN, label smoothing, ModelEmaV3."""
+    pytest.importorskip('torch')
+    import torch
+    from timm.loss import LabelSmoothingCrossEntropy
+    from timm.optim import RMSpropTF
+    from timm.utils import ModelEmaV3
+    runner = bench._TorchRunner(_train_spec('torch', 'channels_last'))
+    assert isinstance(runner.opt, RMSpropTF) and isinstance(runner.ema, ModelEmaV3)
+    assert isinstance(runner.loss_fn, LabelSmoothingCrossEntropy) and runner.loss_fn.smoothing == 0.1
+    assert sorted(g['weight_decay'] for g in runner.opt.param_groups) == [0.0, 1e-5]
+    group = runner.opt.param_groups[0]
+    assert (group['alpha'], group['eps'], group['momentum']) == (0.9, 1e-3, 0.9)
+    assert runner.ema.decay == 0.9999 and runner.model.training
+    before = runner.model.conv_stem.weight.detach().clone()
+    ema_before = runner.ema.module.bn1.running_mean.clone()
+    runner.step()
+    assert not torch.equal(runner.model.conv_stem.weight, before)
+    assert not torch.equal(runner.ema.module.bn1.running_mean, ema_before)   # the EMA ran
 
 
 @pytest.mark.parametrize('argv,message', [
@@ -150,6 +185,7 @@ def test_jax_train_step_updates_params_and_batch_stats_with_donation():
     (['--settle', '-1'], '--settle must be >= 0'),
     (['--xla-options', 'fast'], 'expected a comma-separated list'),
     (['--chunks', 'half'], "expected 'auto' or a non-negative integer"),
+    (['--modes', 'train', '--train-config', '/nonexistent/recipe.py'], '--train-config: no such file'),
 ])
 def test_bad_flags_exit_nonzero_with_one_line(argv, message, capsys, tmp_path):
     try:

@@ -155,3 +155,86 @@ def test_unknown_optimizer_or_schedule_is_a_clear_error(recipe):
     config.schedule = 'poly'
     with pytest.raises(ValueError, match="unknown schedule 'poly'"):
         optim.create_learning_rate_schedule(config, 10, 10)
+
+
+def _toy_params(rng):
+    """A conv kernel and bias, a BN scale and a dense kernel: decayed and undecayed leaves mixed."""
+    shapes = {'conv': {'kernel': (3, 3, 2, 4), 'bias': (4,)}, 'bn': {'scale': (4,)}, 'fc': {'kernel': (4, 3)}}
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s), jnp.float32), shapes,
+                        is_leaf=lambda s: isinstance(s, tuple))
+
+
+def _run(tx, params, grads, state=None):
+    state = tx.init(params) if state is None else state
+    update = jax.jit(tx.update)
+    for g in grads:
+        updates, state = update(g, state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+@pytest.mark.parametrize('optimizer', optim.OPTIMIZERS)
+@pytest.mark.parametrize('clip', [0.0, 0.5])
+def test_flat_optimizer_gives_the_per_leaf_updates(recipe, optimizer, clip):
+    """The update rule on the flattened parameter vector (the default) equals the same rule leaf
+    by leaf, weight-decay mask included; its state is one vector per buffer."""
+    rng = np.random.default_rng(1)
+    params = _toy_params(rng)
+    grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params) for _ in range(4)]
+    config = recipe.copy_and_resolve_references()
+    config.optimizer, config.grad_clip_norm, config.weight_decay = optimizer, clip, 0.05
+    flat_tx = optim.create_optimizer(config, optax.constant_schedule(0.01))
+    tree_tx = optim.create_optimizer(config, optax.constant_schedule(0.01), flat=False)
+    flat_params, flat_state = _run(flat_tx, params, grads)
+    tree_params, _ = _run(tree_tx, params, grads)
+    chex.assert_trees_all_close(flat_params, tree_params, rtol=1e-6, atol=1e-7)
+    n = sum(p.size for p in jax.tree.leaves(params))
+    assert {leaf.shape for leaf in jax.tree.leaves(flat_state)} <= {(), (n,)}
+
+
+def test_flat_layout_puts_the_decayed_leaves_first():
+    params = _toy_params(np.random.default_rng(0))
+    layout = optim.FlatLayout(params, optim.weight_decay_mask)
+    assert layout.num_masked == 3 * 3 * 2 * 4 + 4 * 3
+    flat = layout.ravel(params)
+    np.testing.assert_array_equal(flat[:72], params['conv']['kernel'].ravel())
+    np.testing.assert_array_equal(flat[72:84], params['fc']['kernel'].ravel())
+    chex.assert_trees_all_equal(layout.unravel(flat), params)
+    masked = layout.masked(flat)
+    np.testing.assert_array_equal(masked[:84], flat[:84])
+    assert not np.any(masked[84:])
+
+
+def test_per_leaf_optimizer_state_converts_to_the_flat_form(recipe):
+    """A state saved by the per-leaf optimizer (older checkpoints) continues, converted, as
+    the per-leaf optimizer would have."""
+    rng = np.random.default_rng(2)
+    params = _toy_params(rng)
+    grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params) for _ in range(4)]
+    config = recipe.copy_and_resolve_references()
+    config.weight_decay = 0.05
+    flat_tx = optim.create_optimizer(config, optax.constant_schedule(0.01))
+    tree_tx = optim.create_optimizer(config, optax.constant_schedule(0.01), flat=False)
+    mid_params, tree_state = _run(tree_tx, params, grads[:2])
+    converted = optim.flat_opt_state(tree_state, jax.eval_shape(flat_tx.init, params), mid_params)
+    chex.assert_trees_all_equal_structs(converted, flat_tx.init(params))
+    got, _ = _run(flat_tx, mid_params, grads[2:], converted)
+    want, _ = _run(tree_tx, mid_params, grads[2:], tree_state)
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_weight_decay_mask_matches_timm_filter_bias_and_bn():
+    """timm's create_optimizer_v2(filter_bias_and_bn=True) decays the same parameters (compared
+    by size, the layouts differ): every conv and linear weight, no bias or BatchNorm."""
+    pytest.importorskip('torch')
+    import timm
+    from timm.optim._param_groups import param_groups_weight_decay
+    from ghostnetv2_jax.models.registry import create_model
+    from ghostnetv2_jax.train.state import init_variables
+    model = create_model('ghostnetv2_100', num_classes=1000)
+    params = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), 224))['params']
+    leaves, mask = jax.tree.leaves(params), jax.tree.leaves(optim.weight_decay_mask(params))
+    ours = {d: sorted(p.size for p, m in zip(leaves, mask) if m == d) for d in (True, False)}
+    groups = param_groups_weight_decay(timm.create_model('ghostnetv2_100'), 1e-5)
+    theirs = {g['weight_decay'] > 0: sorted(p.numel() for p in g['params']) for g in groups}
+    assert ours == theirs

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -28,8 +27,8 @@ from ghostnetv2_jax.data.pipeline import create_split, num_classes_of
 from ghostnetv2_jax.models.registry import create_model
 from ghostnetv2_jax.train import checkpoint as ckpt_lib
 from ghostnetv2_jax.train import metrics as metrics_lib
-from ghostnetv2_jax.train import optim, sharding
-from ghostnetv2_jax.train.state import TrainState, create_state, ema_update, init_variables, load_pretrained
+from ghostnetv2_jax.train import optim, sharding, steps
+from ghostnetv2_jax.train.state import TrainState, create_state, init_variables, load_pretrained
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -88,70 +87,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 # ----------------------------------------------------------------------------- steps
-def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
-    """Per-example CE against label-smoothed one-hot targets (timm's LabelSmoothingCrossEntropy)."""
-    targets = jax.nn.one_hot(labels, logits.shape[-1])
-    if smoothing:
-        targets = optax.smooth_labels(targets, smoothing)
-    return optax.softmax_cross_entropy(logits, targets)
-
-
-def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable, config) -> Callable:
-    """(state, batch) -> (state, metrics). ``batch`` leaves are (B, ...) or, with gradient
-    accumulation, (k, B / k, ...)."""
-    k = config.grad_accum_steps
-
-    def micro_grads(params, batch_stats, images, labels, rng):
-        def loss_fn(p):
-            logits, new_vars = model.apply({'params': p, 'batch_stats': batch_stats}, images, train=True,
-                                           mutable=['batch_stats'], rngs={'dropout': rng})
-            loss = cross_entropy(logits, labels, config.label_smoothing).mean()
-            return loss, (logits, new_vars['batch_stats'])
-        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        top1 = jnp.mean(jnp.argmax(logits, -1) == labels)
-        return grads, new_stats, loss, top1
-
-    def train_step(state: TrainState, batch: Dict[str, jax.Array]):
-        rng = jax.random.fold_in(state.rng, state.step)
-        if k == 1:
-            grads, batch_stats, loss, top1 = micro_grads(state.params, state.batch_stats, batch['images'],
-                                                         batch['labels'], rng)
-        else:
-            def body(carry, xs):
-                acc, stats = carry
-                i, images, labels = xs
-                g, stats, loss, top1 = micro_grads(state.params, stats, images, labels, jax.random.fold_in(rng, i))
-                return (jax.tree.map(jnp.add, acc, g), stats), (loss, top1)
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (grads, batch_stats), (losses, top1s) = jax.lax.scan(
-                body, (zeros, state.batch_stats), (jnp.arange(k), batch['images'], batch['labels']))
-            grads = jax.tree.map(lambda g: g / k, grads)   # mean over the k equal micro-batches
-            loss, top1 = losses.mean(), top1s.mean()
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                                  batch_stats=batch_stats, opt_state=opt_state)
-        new_state = ema_update(new_state, config.ema_decay)
-        # param_norm doubles as the check that this update left the weights finite.
-        metrics = {'loss': loss, 'top1': top1, 'grad_norm': optax.tree.norm(grads),
-                   'param_norm': optax.tree.norm(new_state.params), 'lr': schedule(state.step)}
-        return new_state, metrics
-    return train_step
-
-
-def make_eval_step(model, chunk: inference.Chunk = None) -> Callable:
-    """(variables, batch) -> sums over the real (mask 1) examples of the global batch. ``chunk``:
-    run the network over chunks of the batch (``ghostnetv2_jax.runtime``; for one device)."""
-    predict = inference.predict_fn(model, chunk)
-
-    def eval_step(variables, batch):
-        logits = predict(variables, batch['images'])
-        labels, mask = batch['labels'], batch['mask']
-        k = min(5, logits.shape[-1])
-        top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
-        return {'loss': jnp.sum(cross_entropy(logits, labels, 0.0) * mask),
-                'top1': jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
-                'top5': jnp.sum(top5 * mask), 'count': jnp.sum(mask)}
-    return eval_step
+# The steps live in train/steps.py (importable without the input pipeline); re-exported here.
+cross_entropy, make_train_step, make_eval_step = steps.cross_entropy, steps.make_train_step, steps.make_eval_step
 
 
 def evaluate(eval_fn: Callable, variables: Any, batches: Iterator, mesh) -> Dict[str, float]:
@@ -173,12 +110,7 @@ def _splits_kwargs(config) -> Dict[str, Any]:
     return dict(seed=config.seed, host_index=jax.process_index(), host_count=jax.process_count())
 
 
-def _run_once(fn: Callable, *args, out_shardings=None):
-    """jit-compile and run a function used once. On CPU, LLVM's optimisations are skipped: they
-    make compiling the RNG-heavy initialisers ~4x slower and save nothing on a single run."""
-    lowered = jax.jit(fn, out_shardings=out_shardings).lower(*args)
-    options = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None
-    return lowered.compile(options)(*args)
+_run_once = xla_options.run_once
 
 
 def _initial_state(config, model, tx, image_size: int, state_sharding) -> TrainState:
@@ -194,6 +126,29 @@ def _initial_state(config, model, tx, image_size: int, state_sharding) -> TrainS
                          out_shardings=state_sharding)
     return _run_once(lambda r: create_state(init_variables(model, r, image_size), tx, state_rng, use_ema),
                      init_rng, out_shardings=state_sharding)
+
+
+def restore_state(checkpoints: ckpt_lib.Checkpoints, step: int, target: TrainState,
+                  per_leaf_target: Callable[[], TrainState]) -> TrainState:
+    """The state saved at ``step``, laid out as ``target``. A checkpoint written before the
+    optimizer ran on the flattened parameters holds its state as trees (one per buffer): it is
+    read as ``per_leaf_target()`` (the state of ``optim.create_optimizer(..., flat=False)``) and
+    its optimizer state converted (``optim.flat_opt_state``); the updates that follow are the same."""
+    try:
+        return checkpoints.restore(step, target)
+    except ValueError as error:
+        if 'opt_state' not in str(error):
+            raise
+        try:
+            old = checkpoints.restore(step, per_leaf_target())
+        except ValueError:
+            raise error from None
+    metrics_lib.log(f'checkpoint {step}: optimizer state converted from the per-leaf form')
+    opt_state = optim.flat_opt_state(old.opt_state, target.opt_state, old.params)
+    leaves, treedef = jax.tree.flatten(opt_state)
+    places = [getattr(t, 'sharding', None) for t in jax.tree.leaves(target.opt_state)]
+    opt_state = jax.tree.unflatten(treedef, [jax.device_put(x, p) for x, p in zip(leaves, places)])
+    return old.replace(opt_state=opt_state)
 
 
 def _next_batch(it: Iterator, k: int, mesh) -> Dict[str, jax.Array]:
@@ -280,18 +235,22 @@ def _train_and_evaluate(config, workdir: epath.Path, guard: ckpt_lib.PreemptionG
     image_size = config.data.image_size
 
     replicated = sharding.replicated(mesh)
-    abstract = jax.eval_shape(lambda: create_state(init_variables(model, jax.random.PRNGKey(0), image_size), tx,
-                                                   jax.random.PRNGKey(0), config.ema_decay > 0))
+
+    def target(tx):   # the state's shapes with tx's optimizer state, replicated
+        shapes = jax.eval_shape(lambda: create_state(init_variables(model, jax.random.PRNGKey(0), image_size), tx,
+                                                     jax.random.PRNGKey(0), use_ema))
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)
+    abstract = target(tx)
     state_sharding = jax.tree.map(lambda _: replicated, abstract)
     if meta:
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
-        state = checkpoints.restore(latest, target)
+        state = restore_state(checkpoints, latest, abstract,
+                              lambda: target(optim.create_optimizer(config, schedule, flat=False)))
         metrics_lib.log(f'resumed from {checkpoints.directory}/{latest} (step {start_step})')
     else:
         state = _initial_state(config, model, tx, image_size, state_sharding)
 
-    train_step = xla_options.jit(make_train_step(model, tx, schedule, config), train=True,
-                                 out_shardings=(state_sharding, replicated), donate_argnums=0)
+    train_step = steps.jit_train_step(make_train_step(model, tx, schedule, config),
+                                      out_shardings=(state_sharding, replicated))
     eval_step = xla_options.jit(make_eval_step(model, inference.chunk_for(mesh)), train=False,
                                 out_shardings=replicated)
     writer = metrics_lib.MetricWriter(workdir)
