@@ -19,7 +19,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def get_data_config() -> ml_collections.ConfigDict:
     """Every field of ``ghostnetv2_jax.data.pipeline.DataConfig`` (tests check they agree)."""
     data = ml_collections.ConfigDict()
-    data.dataset = 'imagenet2012'          # 'digits' (embedded), 'folder:/path', or a tfds name
+    data.dataset = 'imagenet2012'          # 'digits', 'cluttered_digits' (embedded),
+                                           # 'folder:/path', or a tfds name
     data.data_dir = ml_collections.FieldReference(None, field_type=str)  # tfds data_dir (gs:// ok)
     data.train_split = 'train'
     data.eval_split = 'validation'

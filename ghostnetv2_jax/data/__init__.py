@@ -1,4 +1,5 @@
-"""Input pipeline: sources (digits, image folder, tfds) -> timm-style augmentation -> batches.
+"""Input pipeline: sources (digits, cluttered digits, image folder, tfds) -> timm-style
+augmentation -> batches.
 
 TensorFlow is used for input only, so it is kept off the accelerators that JAX owns.
 """

@@ -28,7 +28,8 @@ from ghostnetv2_jax.models.registry import IMAGENET_MEAN, IMAGENET_STD
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Every knob of the input pipeline; defaults are the GhostNetV2 ImageNet recipe."""
-    dataset: str = 'imagenet2012'      # 'digits' | 'folder:/path' | 'image_folder' | tfds name
+    dataset: str = 'imagenet2012'      # 'digits' | 'cluttered_digits' | 'folder:/path' |
+                                       # 'image_folder' | tfds name
     data_dir: Optional[str] = None     # tfds data_dir, or the root for 'image_folder'
     train_split: str = 'train'
     eval_split: str = 'validation'

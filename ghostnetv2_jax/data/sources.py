@@ -1,4 +1,5 @@
-"""Where examples come from: the embedded digits set, an image folder, or a tfds dataset.
+"""Where examples come from: the embedded digits (plain or cluttered), an image folder, or a
+tfds dataset.
 
 A source knows its size and classes and hands the pipeline *light* records
 ``{'image': raw, 'label': int32}`` for one host's share of the split: ``records`` in a fixed
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -178,6 +179,92 @@ def digits(split: str) -> InMemorySource:
                           tuple(str(d) for d in range(10)))
 
 
+# ----------------------------------------------------------------------------- cluttered digits
+
+# The cluttered-MNIST construction of the spatial-transformer papers, on the embedded digits and
+# from a fixed seed. The plain digits saturate near 98% for every attention variant; here each
+# digit lies at a random spot among fragments cut from other digits, so a local patch of strokes
+# may belong to either and the class is decided by the whole digit.
+CLUTTERED_CANVAS = 40                  # >= 33 px: DFC still has last-stage maps to pool
+CLUTTERED_UPSCALE = 2                  # nearest-neighbour: 8x8 -> 16x16, exact grey levels
+CLUTTERED_DISTRACTORS = 6              # fragments of other digits per canvas
+CLUTTERED_FRAGMENT_SIZES = (6, 8)      # square fragment side in canvas pixels, inclusive
+CLUTTERED_FRAGMENT_MARGIN = 2          # fragments are cut this far inside the 16x16 digit,
+                                       # where the strokes are, so few are blank
+CLUTTERED_COPIES = {'train': 4, 'validation': 2}   # placements per source digit
+CLUTTERED_SEED = 0
+
+
+class ClutteredDigits(NamedTuple):
+    """One split of cluttered digits, with where each digit came from and where it lies.
+
+    ``images`` (N, CLUTTERED_CANVAS, CLUTTERED_CANVAS) uint8 grey; ``source`` the index of the
+    example's digit in scikit-learn's 1797 digits; ``corner`` (N, 2) the (row, column) of the
+    upscaled digit's top-left pixel on the canvas.
+    """
+    images: np.ndarray
+    labels: np.ndarray
+    source: np.ndarray
+    corner: np.ndarray
+
+
+def _upscale_digits(grey: np.ndarray) -> np.ndarray:
+    """(n, 8, 8) -> (n, 16, 16): every pixel repeated CLUTTERED_UPSCALE times on both axes."""
+    return grey.repeat(CLUTTERED_UPSCALE, axis=1).repeat(CLUTTERED_UPSCALE, axis=2)
+
+
+def _draw_offsets(rng: np.random.RandomState, low: int, high: np.ndarray) -> np.ndarray:
+    """Uniform integers in [low, high] (inclusive, per element of ``high``), for (row, col)."""
+    span = (high - low + 1)[..., None]
+    return low + np.floor(rng.random_sample(high.shape + (2,)) * span).astype(np.int64)
+
+
+def _paint(canvas: np.ndarray, patch: np.ndarray, corner) -> None:
+    """Ink adds as the brighter of the two, so nothing painted later erases a stroke."""
+    r, c = corner
+    view = canvas[r:r + patch.shape[0], c:c + patch.shape[1]]
+    np.maximum(view, patch, out=view)
+
+
+@functools.lru_cache(maxsize=len(DIGITS_SPLITS))
+def _cluttered_arrays(split: str) -> ClutteredDigits:
+    """Each digit of the digits ``split`` placed CLUTTERED_COPIES[split] times at a random spot
+    of a black canvas with CLUTTERED_DISTRACTORS fragments of other digits of the same split
+    (so no source digit crosses splits) and of any class (so fragments hint at no label);
+    deterministic from CLUTTERED_SEED."""
+    images, labels, splits = _digits_arrays()
+    index = splits[split]
+    digits = _upscale_digits(images[index, :, :, 0])
+    n, side = len(index), digits.shape[1]
+    own = np.tile(np.arange(n), CLUTTERED_COPIES[split])
+    m, k = len(own), CLUTTERED_DISTRACTORS
+    rng = np.random.RandomState([CLUTTERED_SEED, DIGITS_SPLITS.index(split)])
+    corner = _draw_offsets(rng, 0, np.full(m, CLUTTERED_CANVAS - side))
+    other = (own[:, None] + 1 + rng.randint(0, n - 1, (m, k))) % n      # never the digit itself
+    low, high = CLUTTERED_FRAGMENT_SIZES
+    size = low + rng.randint(0, high - low + 1, (m, k))
+    cut = _draw_offsets(rng, CLUTTERED_FRAGMENT_MARGIN, side - CLUTTERED_FRAGMENT_MARGIN - size)
+    spot = _draw_offsets(rng, 0, CLUTTERED_CANVAS - size)
+    canvases = np.zeros((m, CLUTTERED_CANVAS, CLUTTERED_CANVAS), np.uint8)
+    for e in range(m):
+        for f in range(k):
+            (r, c), s = cut[e, f], size[e, f]
+            _paint(canvases[e], digits[other[e, f], r:r + s, c:c + s], spot[e, f])
+        _paint(canvases[e], digits[own[e]], corner[e])
+    return ClutteredDigits(canvases, labels[index][own], index[own], corner)
+
+
+def cluttered_digits(split: str) -> InMemorySource:
+    """The embedded cluttered dataset: 40x40 canvases, 10 classes; 5,752 train examples
+    (4 placements of each of digits' 1,438) and 718 validation (2 of each of its 359)."""
+    if split not in DIGITS_SPLITS:
+        raise DataError(f"cluttered_digits has splits {list(DIGITS_SPLITS)}, not {split!r}")
+    built = _cluttered_arrays(split)
+    images = np.repeat(built.images[..., None], 3, axis=-1)
+    return InMemorySource('cluttered_digits', split, images, built.labels,
+                          tuple(str(d) for d in range(10)))
+
+
 # ----------------------------------------------------------------------------- image folder
 
 def _class_dirs(directory: str) -> Tuple[str, ...]:
@@ -240,8 +327,8 @@ def tfds_dataset(name: str, split: str, data_dir: Optional[str] = None, *,
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        raise DataError(f"unknown dataset {name!r}: not 'digits', 'folder:PATH' nor a tfds "
-                        f"dataset name") from None
+        raise DataError(f"unknown dataset {name!r}: not 'digits', 'cluttered_digits', "
+                        f"'folder:PATH' nor a tfds dataset name") from None
     if not builder.is_prepared():
         raise DataError(f'tfds dataset {name!r} is not prepared in {data_dir}: '
                         + _how_to_prepare(name, data_dir, builder))
@@ -269,6 +356,7 @@ def _tfds_opener(name, split, data_dir, image_key='image', label_key='label',
 # dataset kind -> opener(argument, split, data_dir, **options); each takes the options it needs
 SOURCE_KINDS: Dict[str, Callable] = {
     'digits': lambda arg, split, data_dir, **_: digits(split),
+    'cluttered_digits': lambda arg, split, data_dir, **_: cluttered_digits(split),
     'folder': lambda arg, split, data_dir, class_split=None, **_: image_folder(
         arg or data_dir, split, class_split),
     'tfds': _tfds_opener,
@@ -277,7 +365,8 @@ SOURCE_KINDS['image_folder'] = SOURCE_KINDS['folder']
 
 
 def parse_dataset(dataset: str) -> Tuple[str, str]:
-    """'digits' | 'folder:PATH' | 'image_folder' | 'tfds:NAME' | a tfds NAME[:VERSION]."""
+    """'digits' | 'cluttered_digits' | 'folder:PATH' | 'image_folder' | 'tfds:NAME' | a tfds
+    NAME[:VERSION]."""
     kind, _, arg = dataset.partition(':')
     if kind in SOURCE_KINDS:
         return kind, arg
