@@ -6,6 +6,7 @@
   parity    side-by-side numbers against timm, stage by stage; non-zero exit over tolerance
   train     train_and_evaluate from an ml_collections config (absl flags)
   evaluate  top-1 / top-5 of a trained or converted checkpoint
+  predict   top-5 classes (names, probabilities) of image files
   bench     side-by-side speed against timm
 
 Bad input exits non-zero with one line on stderr; nothing already written is replaced unless
@@ -20,7 +21,7 @@ from typing import List, Optional
 
 # Commands with flags of their own (absl / config flags): module with main(argv).
 _DELEGATED = {'train': 'ghostnetv2_jax.train.main', 'evaluate': 'ghostnetv2_jax.evaluate',
-              'bench': 'ghostnetv2_jax.bench'}
+              'predict': 'ghostnetv2_jax.predict', 'bench': 'ghostnetv2_jax.bench'}
 
 
 def _size(text: str):

@@ -82,8 +82,11 @@ def _file_variables(path: str, model_name: Optional[str], ema: bool) -> Tuple[Di
     from ghostnetv2_jax import convert
     if path.endswith('.safetensors'):
         from safetensors import safe_open
-        with safe_open(path, framework='numpy') as f:
-            ours = (f.metadata() or {}).get('format') == 'ghostnetv2_jax.variables/1'
+        try:
+            with safe_open(path, framework='numpy') as f:
+                ours = (f.metadata() or {}).get('format') == 'ghostnetv2_jax.variables/1'
+        except Exception as e:   # safetensors raises its own error type for a bad header
+            raise convert.ConversionError(f'cannot read {path} as safetensors: {e}') from None
         if ours:
             if ema:
                 raise ValueError(f'{path} holds one set of weights; drop --ema')
@@ -123,26 +126,36 @@ def _is_workdir(path: str) -> bool:
 _FILE_SUFFIXES = ('.safetensors', '.pth', '.pth.tar', '.pt', '.bin', '.tar')
 
 
-def load(checkpoint: str, model_name: Optional[str] = None, ema: bool = False):
-    """(model name, model, variables, data config) for a workdir or a weights file."""
+def load_model(checkpoint: str, model_name: Optional[str] = None, ema: bool = False, step: str = 'latest',
+               dtype: str = 'float32'):
+    """(model name, model, variables, the workdir's saved config or None) for a workdir or a
+    weights file. A weights file is read without TensorFlow (the training extras), so that
+    inference on converted weights needs the core install only."""
     import jax.numpy as jnp
     import ml_collections
     from ghostnetv2_jax.models.registry import create_model
     from ghostnetv2_jax.train.state import local_copy
-    from ghostnetv2_jax.train.trainer import build_model, restore_state
 
     if _is_workdir(checkpoint):
-        variables, saved = _workdir_variables(checkpoint, _STEP.value, ema)
+        from ghostnetv2_jax.train.trainer import build_model
+        variables, saved = _workdir_variables(checkpoint, step, ema)
         config = ml_collections.ConfigDict(saved)
-        config.dtype = _DTYPE.value
+        config.dtype = dtype
         model = build_model(config, variables['params']['classifier']['bias'].shape[0])
-        return config.model, model, variables, _data_config(saved['data'], config.model)
+        return config.model, model, variables, saved
     if '://' not in checkpoint and not os.path.isfile(checkpoint):
         raise FileNotFoundError(f'no such checkpoint: {checkpoint}')
     variables, model_name, overrides = _file_variables(local_copy(checkpoint), model_name, ema)
-    dtype = jnp.bfloat16 if _DTYPE.value == 'bfloat16' else jnp.float32
-    model = create_model(model_name, dtype=dtype, **_tuple(overrides))
-    return model_name, model, variables, _data_config(None, model_name)
+    model = create_model(model_name, dtype=jnp.bfloat16 if dtype == 'bfloat16' else jnp.float32,
+                         **_tuple(overrides))
+    return model_name, model, variables, None
+
+
+def load(checkpoint: str, model_name: Optional[str] = None, ema: bool = False):
+    """(model name, model, variables, data config) for a workdir or a weights file, as the
+    --step, --dtype and data flags say."""
+    model_name, model, variables, saved = load_model(checkpoint, model_name, ema, _STEP.value, _DTYPE.value)
+    return model_name, model, variables, _data_config(None if saved is None else saved['data'], model_name)
 
 
 def run(checkpoint: str, model_name: Optional[str] = None, ema: bool = False) -> Dict[str, Any]:

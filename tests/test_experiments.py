@@ -1,0 +1,170 @@
+"""experiments/: a demo-scale sweep at a tiny budget (CSV, report, per-run metrics), its resume,
+the ImageNet launch lines read back by the train CLI's own flag parser, bad input, and the costs
+table on a tiny model."""
+import csv
+import json
+import math
+import pathlib
+import shlex
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:   # experiments/ is a folder of the checkout, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from experiments import costs, report, sweep  # noqa: E402
+
+TINY = str(REPO / 'configs' / 'tiny.py')
+ATTENTION = str(REPO / 'experiments' / 'sweeps' / 'attention.py')
+ABLATIONS = str(REPO / 'experiments' / 'sweeps' / 'dfc_ablations.py')
+DEMO_ARGS = ['--sweep', ATTENTION, '--scale', 'demo', '--base', TINY, '--variants', 'dfc,none', '--seeds', '0',
+             '--config.num_train_steps=2', '--latency-batch', '2', '--latency-runs', '2']
+
+
+def read_csv(path):
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith('error:')]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.fixture(scope='module')
+def demo(tmp_path_factory):
+    """The attention sweep's dfc and none variants, one seed, 2 train steps of the tiny model."""
+    out = tmp_path_factory.mktemp('sweep') / 'attention'
+    assert sweep.main([*DEMO_ARGS, '--out', str(out)]) == 0
+    return out
+
+
+def test_demo_sweep_writes_a_row_per_run_and_the_report(demo):
+    rows = read_csv(demo / 'results.csv')
+    assert tuple(rows[0]) == sweep.COLUMNS
+    assert [(r['variant'], r['seed']) for r in rows] == [('dfc', '0'), ('none', '0')]
+    assert json.loads(rows[1]['overrides']) == {'model_overrides.attention': 'none'}
+    assert json.loads(rows[0]['settings']) == {'eval_every_epochs': 1, 'num_train_steps': 2}
+    assert {r['sweep'] for r in rows} == {'attention'} and {r['base'] for r in rows} == {'configs/tiny.py'}
+    for r in rows:
+        assert 0 <= float(r['top1']) <= 100 and 0 <= float(r['ema_top1']) <= 100
+        assert float(r['latency_ms']) > 0 and r['latency_batch'] == '2' and r['image_size'] == '16'
+        assert float(r['wall_s']) > 0 and r['version']
+        records = [json.loads(line) for line in (demo / r['metrics_file']).read_text().splitlines()]
+        assert records[-1]['step'] == 2 and records[-1]['eval/top1'] == pytest.approx(float(r['top1']), abs=1e-4)
+    dfc, none = rows
+    assert int(dfc['params']) > int(none['params']) and int(dfc['macs']) > int(none['macs'])   # DFC's branch
+    assert not (demo / 'runs').exists()   # finished workdirs are removed
+    md = (demo / 'results.md').read_text()
+    assert '| dfc |' in md and '| none |' in md and 'Not decidable (a single seed): none' in md
+    assert (demo / 'results.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_rerun_skips_finished_runs_and_report_only_rewrites(demo, monkeypatch, capsys):
+    def no_training(*args):
+        raise AssertionError('a finished run was trained again')
+    monkeypatch.setattr(sweep, 'train', no_training)
+    monkeypatch.setattr(sweep, 'measure_model', no_training)
+    (demo / 'results.md').unlink()
+    assert sweep.main([*DEMO_ARGS, '--out', str(demo)]) == 0
+    assert '2 of 2 runs already' in capsys.readouterr().out
+    assert len(read_csv(demo / 'results.csv')) == 2 and (demo / 'results.md').exists()
+    (demo / 'results.png').unlink()
+    assert sweep.main(['--out', str(demo), '--report-only']) == 0
+    assert (demo / 'results.png').exists()
+
+
+def test_report_calls_seed_noise_from_the_numbers(tmp_path):
+    """Means and sample stds per variant, and the noise line computed from them."""
+    rows = [dict(sweep='s', variant=v, seed=s, overrides='{}', settings='{}', base='b', params=10, macs=2_000_000,
+                 image_size=40, top1=t, ema_top1='', top5='', latency_ms=1.0 + s, latency_batch=8, wall_s=3,
+                 metrics_file='', version='v', finished='')
+            for v, tops in (('ref', (90, 92)), ('close', (90.5, 91.5)), ('far', (80, 81)))
+            for s, t in enumerate(tops)]
+    path = tmp_path / 'results.csv'
+    for row in rows:
+        sweep.append_row(path, row)
+    md, png = report.write_report(path, tmp_path)
+    text = md.read_text()
+    assert '| ref | `{}` | 2 | 91.00 ± 1.41 |' in text
+    assert 'Within seed noise: close (+0.00, noise 1.41).' in text
+    assert 'Beyond seed noise: far (-10.50, noise 1.41).' in text
+    assert png.exists()
+
+
+def _parse_with_cli(line: str):
+    """The config the train CLI builds from a launch line (its own parse_flags), as a dict."""
+    from ghostnetv2_jax.train import main
+    argv = shlex.split(line)
+    assert argv[:4] == ['python', '-m', 'ghostnetv2_jax', 'train']
+    try:
+        main.parse_flags(argv[3:])
+        return main.FLAGS.config.to_dict()
+    finally:   # absl defines a flag per --config.FIELD: forget them for the next line
+        main.FLAGS.unparse_flags()
+        for name in [n for n in main.FLAGS if n.startswith('config.')]:
+            delattr(main.FLAGS, name)
+
+
+def test_imagenet_scale_writes_launch_lines_the_cli_parses(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)   # the lines run from the repository root
+    out = tmp_path / 'launch'
+    assert sweep.main(['--sweep', ABLATIONS, '--scale', 'imagenet', '--out', str(out), '--seeds', '0,1',
+                       '--workdir-root', 'gs://bucket/abl/', '--config.data.data_dir=gs://bucket/tfds']) == 0
+    lines = [line for line in (out / 'launch.sh').read_text().splitlines() if line.startswith('python')]
+    entries = json.loads((out / 'launch.json').read_text())
+    spec = sweep.load_sweep(ABLATIONS)
+    assert len(lines) == len(entries) == 2 * len(spec.variants)
+    for line, entry in zip(lines, entries):
+        assert f'--workdir=gs://bucket/abl/{entry["variant"]}/seed{entry["seed"]}' in line
+        run = sweep.Run(entry['variant'], entry['seed'], spec.variants[entry['variant']])
+        assert sweep.normalize(entry['overrides']) == run.overrides
+        expected = sweep.build_config(spec.imagenet_base, {**spec.settings, 'data.data_dir': 'gs://bucket/tfds'}, run)
+        assert _parse_with_cli(line) == expected.to_dict(), line
+
+
+def test_bad_input_is_one_line_and_exit_1(tmp_path, capsys):
+    assert sweep.main(['--sweep', str(tmp_path / 'nope.py')]) == 1
+    assert 'no such sweep file' in error_line(capsys)
+    bad = tmp_path / 'bad.py'
+    bad.write_text("def get_sweep():\n    return dict(base='configs/tiny.py', seeds=(0,),\n"
+                   "                variants=(('x', {'model_overrides.attentio': 'se'}),))\n")
+    assert sweep.main(['--sweep', str(bad), '--out', str(tmp_path / 'o')]) == 1
+    assert error_line(capsys) == "error: variant 'x': unknown config field model_overrides.attentio"
+    bad.write_text(bad.read_text().replace("'model_overrides.attentio': 'se'",
+                                           "'model_overrides.attention_kwargs': {'kernal': (3, 3)}"))
+    assert sweep.main(['--sweep', str(bad), '--out', str(tmp_path / 'o')]) == 1   # before any training
+    assert "error: variant 'x':" in error_line(capsys) and not (tmp_path / 'o' / 'results.csv').exists()
+    assert sweep.main(['--sweep', ATTENTION, '--variants', 'dfc,sse', '--out', str(tmp_path / 'o')]) == 1
+    assert "unknown variant 'sse'" in error_line(capsys)
+    assert sweep.main(['--sweep', ATTENTION, '--scale', 'imagenet', '--config.no_such=1',
+                       '--out', str(tmp_path / 'o')]) == 1
+    assert error_line(capsys) == 'error: --config: unknown config field no_such'
+    assert not list((tmp_path / 'o').glob('launch*'))
+
+
+def test_verdicts():
+    assert costs.verdict(1.2, 'slower', 0.05) == 'yes' and costs.verdict(0.8, 'slower', 0.05) == 'no'
+    assert costs.verdict(0.9, 'faster', 0.05) == 'yes' and costs.verdict(1.03, 'faster', 0.05) == 'tie (within 5%)'
+    assert costs.verdict(1.04, 'similar', 0.05) == 'yes' and costs.verdict(1.3, 'similar', 0.05) == 'no'
+    assert costs.verdict(2.0, None, 0.05) == '-' and costs.verdict(math.nan, 'faster', 0.05) == '-'
+
+
+def test_costs_table_on_a_tiny_model(tmp_path):
+    tiny = sweep.load_python(TINY, 'get_config', 'config').model_overrides
+    overrides = json.dumps({'cfgs': tiny.cfgs, 'attention_blocks': tiny.attention_blocks})
+    assert costs.main(['--overrides', overrides, '--size', '16', '--rounds', '2', '--paths', 'unfused',
+                       '--out', str(tmp_path)]) == 0
+    rows = read_csv(tmp_path / 'costs.csv')
+    assert [r['variant'] for r in rows] == [v.name for v in costs.VARIANTS]
+    by_name = {r['variant']: r for r in rows}
+    assert all(float(r['ms_unfused']) > 0 and r['ms_fused'] == 'nan' for r in rows)
+    assert by_name['gate_after_upsample']['agrees_unfused'] in ('yes', 'no', 'tie (within 5%)')
+    assert by_name['se']['agrees_unfused'] == '-' and by_name['bicubic']['reference'] == 'bilinear'
+    assert int(by_name['none']['macs']) < int(by_name['released']['macs'])
+    assert json.loads(by_name['v1_matched']['overrides'])['width'] >= 1.0
+    md = (tmp_path / 'costs.md').read_text()
+    assert all(f'| {v.name} |' in md for v in costs.VARIANTS) and 'Table 10' in md
