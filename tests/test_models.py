@@ -150,5 +150,6 @@ def test_dropout_is_active_only_in_train_mode():
 
 
 def test_too_small_input_for_dfc_is_a_clear_error():
-    with pytest.raises(ValueError, match='at least 64x64'):
+    with pytest.raises(ValueError, match='at least 33x33'):
         _shapes(create_model('ghostnetv2_100'), size=32)
+    _shapes(create_model('ghostnetv2_100'), size=33)   # the smallest input whose last stage is 2x2

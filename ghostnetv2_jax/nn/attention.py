@@ -69,7 +69,7 @@ class DFCAttention(nn.Module):
             raise ValueError(f"DFC downsample must be avg, max or none, got {self.downsample!r}")
         if 0 in x.shape[1:3]:
             raise ValueError(f'DFC attention got a {source.shape[1]}x{source.shape[2]} map, too small to '
-                             'down-sample 2x; GhostNetV2 needs inputs of at least 64x64 pixels')
+                             'down-sample 2x; GhostNetV2 needs inputs of at least 33x33 pixels (a 2x2 last stage)')
         bn = lambda name: BatchNorm(dtype=self.dtype, folded=self.fold_bn, name=name)
         x = conv2d(self.features, 1, dtype=self.dtype, name='conv')(x)
         x = bn('bn')(x, train)
