@@ -50,28 +50,32 @@ def _workdir_variables(workdir: str, step_flag: str, ema: bool) -> Tuple[Dict[st
     import ml_collections
 
     checkpoints = ckpt_lib.Checkpoints(workdir, read_only=True)
-    steps = checkpoints.all_steps()
+    steps = sorted(checkpoints.all_steps(), reverse=True)
     if not steps:
         raise FileNotFoundError(f'{workdir} holds no checkpoints (expected {checkpoints.directory}/<step>)')
-    if step_flag == 'latest':
-        step = checkpoints.latest_step()
-    elif step_flag == 'best':
-        step = checkpoints.best_step()
-    else:
-        step = int(step_flag)
-        if step not in steps:
-            raise ValueError(f'{workdir} has no checkpoint at step {step}; it has {sorted(steps)}')
-    meta = checkpoints.restore_meta(step)
-    config = ml_collections.ConfigDict(meta['config'])
-    if ema and config.ema_decay <= 0:
+    if step_flag == 'best':
+        best = checkpoints.best_step()
+        steps = [best] + [s for s in steps if s != best] if best is not None else steps
+    elif step_flag != 'latest':
+        if int(step_flag) not in steps:
+            raise ValueError(f'{workdir} has no checkpoint at step {step_flag}; it has {sorted(steps)}')
+        steps = [int(step_flag)]
+
+    def restore(step: int, meta: Dict[str, Any]):
+        config = ml_collections.ConfigDict(meta['config'])
+        model = build_model(config, meta['num_classes'])
+        # The optimizer only gives the state its structure here; the schedule is never called.
+        abstract = lambda tx: jax.eval_shape(lambda r: create_state(init_variables(model, r, config.data.image_size),
+                                                                    tx, r, config.ema_decay > 0), jax.random.PRNGKey(0))
+        # (a checkpoint from before the flattened optimizer is read in its per-leaf form)
+        return restore_state(checkpoints, step, abstract(optim.create_optimizer(config, lambda count: 0.0)),
+                             lambda: abstract(optim.create_optimizer(config, lambda count: 0.0, flat=False)))
+
+    # latest / best: a damaged step falls back to the newest that restores (left in place: read only)
+    step, meta, state = ckpt_lib.restore_newest(checkpoints, restore, steps=steps, set_aside=False,
+                                                log=lambda line: print(f'warning: {line}', file=sys.stderr))
+    if ema and meta['config']['ema_decay'] <= 0:
         raise ValueError(f'{workdir} was trained without an EMA (ema_decay=0); drop --ema')
-    model = build_model(config, meta['num_classes'])
-    # The optimizer only gives the state its structure here; the schedule is never called.
-    abstract = lambda tx: jax.eval_shape(lambda r: create_state(init_variables(model, r, config.data.image_size), tx, r,
-                                                                config.ema_decay > 0), jax.random.PRNGKey(0))
-    # (a checkpoint from before the flattened optimizer is read in its per-leaf form)
-    state = restore_state(checkpoints, step, abstract(optim.create_optimizer(config, lambda count: 0.0)),
-                          lambda: abstract(optim.create_optimizer(config, lambda count: 0.0, flat=False)))
     checkpoints.close()
     logging.info('restored %s step %d', workdir, step)
     return jax.device_get(state.variables(ema)), meta['config']

@@ -1,5 +1,6 @@
 """Checkpoints: exact resume after SIGKILL, SIGTERM saves and exits 0, retention, workdir identity."""
 import pathlib
+import shutil
 import signal
 
 import jax
@@ -73,8 +74,8 @@ def _tiny_state(value: float):
 
 
 def test_keeps_the_latest_n_and_the_best_checkpoint(tmp_path):
-    from ghostnetv2_jax.train.checkpoint import Checkpoints
-    ckpts = Checkpoints(tmp_path, keep=2, best_metric='top1')
+    from ghostnetv2_jax.train import checkpoint as ckpt_lib
+    ckpts = ckpt_lib.Checkpoints(tmp_path, keep=2, best_metric='top1')
     for step, top1 in zip(range(1, 6), [10.0, 50.0, 20.0, None, 30.0]):
         ckpts.save(step, _tiny_state(step), {'step': step}, None if top1 is None else {'top1': top1})
     ckpts.wait()
@@ -82,7 +83,7 @@ def test_keeps_the_latest_n_and_the_best_checkpoint(tmp_path):
     assert ckpts.best_step() == 2
     restored = ckpts.restore(2, jax.eval_shape(lambda: _tiny_state(0.0)))
     np.testing.assert_array_equal(restored['w'], np.full(3, 2.0))
-    assert ckpts.restore_meta(4) == {'step': 4}
+    assert ckpts.restore_meta(4) == {'step': 4, 'fingerprint': ckpt_lib.fingerprint(_tiny_state(4))}
     ckpts.close()
 
 
@@ -97,3 +98,94 @@ def test_workdir_holding_another_model_is_a_clear_error(tmp_path):
                                                     r"'ghostnet_100', config gives 'ghostnetv2_100'"):
         trainer.train_and_evaluate(load_tiny(), str(tmp_path))
     assert committed_steps(tmp_path) == [5]                 # nothing touched
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+DAMAGE_STEPS = ('--config.num_train_steps=6', '--config.checkpoint_every_steps=2', '--config.keep_checkpoints=3')
+
+
+def garble(step_dir: pathlib.Path) -> None:
+    """Overwrite bytes in the middle of the largest array file of a step's state (a failing disk)."""
+    files = [p for p in (step_dir / 'state').rglob('*') if p.is_file()]
+    target = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(range(64, 128))
+    target.write_bytes(bytes(data))
+
+
+def drop_item(step_dir: pathlib.Path) -> None:
+    """Delete the step's 'state' item (an interrupted copy between buckets)."""
+    shutil.rmtree(step_dir / 'state')
+
+
+def snapshot(root: pathlib.Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob('*')) if p.is_file()}
+
+
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory, compile_cache):
+    """An uninterrupted 6-step run that saved steps 2, 4 and 6."""
+    tmp = tmp_path_factory.mktemp('straight')
+    assert_ok(run_training(tmp, tmp / 'run', *DAMAGE_STEPS, cache=compile_cache))
+    assert committed_steps(tmp / 'run') == [2, 4, 6]
+    return tmp / 'run'
+
+
+@pytest.mark.parametrize('damage', [garble, drop_item], ids=['garbled_arrays', 'missing_item'])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, compile_cache, straight_run, damage):
+    workdir = tmp_path / 'run'
+    shutil.copytree(straight_run, workdir)
+    damage(workdir / 'checkpoints' / '6')
+    damaged = snapshot(workdir / 'checkpoints' / '6')
+
+    result = run_training(tmp_path, workdir, *DAMAGE_STEPS, cache=compile_cache)
+    assert_ok(result)
+    directory = workdir / 'checkpoints'
+    assert f'checkpoint {directory}/6 cannot be restored' in result.stdout
+    assert f'checkpoint step 6 is damaged; moved to {workdir / "damaged_checkpoints" / "6"}; going on from step 4' \
+        in result.stdout
+    assert f'resumed from {directory}/4 (step 4)' in result.stdout
+    assert snapshot(workdir / 'damaged_checkpoints' / '6') == damaged   # moved aside, not deleted
+    # Steps 5 and 6 trained again from step 4: the state equals the uninterrupted run's, bit for bit.
+    assert committed_steps(workdir) == [2, 4, 6]
+    want, got = load_state(straight_run, 6), load_state(workdir, 6)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(got)):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+    # evaluate reads a workdir by the same rule (read only: it moves nothing).
+    shutil.copytree(workdir / 'damaged_checkpoints' / '6', directory / '8')
+    from ghostnetv2_jax import evaluate
+    variables, config = evaluate._workdir_variables(str(workdir), 'latest', ema=False)
+    np.testing.assert_array_equal(jax.tree.leaves(variables['params'])[0], jax.tree.leaves(got['params'])[0])
+    assert (directory / '8').exists()
+
+
+def test_all_checkpoints_damaged_is_one_line_and_nothing_is_moved(tmp_path, compile_cache, straight_run):
+    workdir = tmp_path / 'run'
+    shutil.copytree(straight_run, workdir)
+    for step in (2, 4, 6):
+        garble(workdir / 'checkpoints' / str(step))
+    before = snapshot(workdir)
+    result = run_training(tmp_path, workdir, *DAMAGE_STEPS, cache=compile_cache)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1
+    assert errors[0].startswith(f'error: no checkpoint in {workdir / "checkpoints"} restores (steps 6, 4, 2')
+    assert '--workdir' in errors[0] and 'init_from' in errors[0]
+    for step in (6, 4, 2):
+        assert f'checkpoint {workdir / "checkpoints"}/{step} cannot be restored' in result.stdout
+    after = snapshot(workdir)
+    assert {k: v for k, v in after.items() if k != 'config.json'} == \
+        {k: v for k, v in before.items() if k != 'config.json'}   # nothing moved or deleted
+
+
+def test_fingerprint_notices_one_changed_value():
+    from ghostnetv2_jax.train import checkpoint as ckpt_lib
+    state = {'w': jnp.arange(6, dtype=jnp.float32), 'h': jnp.ones((2,), jnp.bfloat16),
+             'step': jnp.asarray(3, jnp.int32), 'key': jax.random.key(0)}
+    meta = {'fingerprint': ckpt_lib.fingerprint(state)}
+    ckpt_lib.verify(state, meta, 7)
+    changed = dict(state, w=state['w'].at[4].set(np.nextafter(np.float32(4), np.float32(5))))
+    with pytest.raises(ckpt_lib.CheckpointDamagedError, match=r"step 7: 1 array\(s\) differ .* first \['w'\]"):
+        ckpt_lib.verify(changed, meta, 7)

@@ -7,7 +7,11 @@ Layout of a workdir (local or ``gs://``)::
                                 overrides, num_classes, step, data position, epoch, config)
 
 Orbax writes each step to a temporary directory and renames it when complete, so a run killed
-mid-save leaves the previous checkpoints intact. Kept: the latest ``keep`` steps plus the best one
+mid-save leaves the previous checkpoints intact. What a restore reads is checked: orbax's own
+checks (metadata, shapes, dtypes), then each array against the fingerprint saved in 'meta' (a
+sum of its bits per leaf), so garbled bytes are never trained on. ``restore_newest`` falls back
+from a damaged step to the newest one that restores and moves the damaged ones aside to
+``WORKDIR/damaged_checkpoints/``. Kept: the latest ``keep`` steps plus the best one
 by the eval metric. SIGTERM (a preemption notice) only sets a flag; the loop saves at the next
 step boundary and exits 0. On several hosts the flag comes from JAX's preemption sync point, which
 every host reaches at the same step.
@@ -17,9 +21,10 @@ from __future__ import annotations
 import json
 import signal
 import threading
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -27,6 +32,14 @@ from etils import epath
 
 class WorkdirMismatchError(ValueError):
     """The workdir holds a checkpoint of a different model than the config asks for."""
+
+
+class CheckpointDamagedError(ValueError):
+    """A checkpoint step that cannot be restored, or whose arrays differ from their fingerprint."""
+
+
+class NoIntactCheckpointError(ValueError):
+    """Every checkpoint of a workdir is damaged."""
 
 
 # What must agree between a checkpoint and the model a config builds.
@@ -65,6 +78,7 @@ class Checkpoints:
         """Write (asynchronously after the device->host copy) unless ``step`` is already saved."""
         if step in self.manager.all_steps():
             return
+        meta = {**meta, 'fingerprint': fingerprint(state)}   # checked by restore_newest
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)),
                           metrics=dict(metrics or {}), force=True)
@@ -79,11 +93,110 @@ class Checkpoints:
             state=ocp.args.StandardRestore(abstract_state)))
         return restored['state']
 
+    def set_aside(self, step: int) -> epath.Path:
+        """Move a damaged step out of the manager's directory (to ``WORKDIR/damaged_checkpoints/``,
+        never deleted), so that a new save of the same step does not meet it; returns where."""
+        source = self.directory / str(step)
+        dest_dir = self.directory.parent / 'damaged_checkpoints'
+        dest = dest_dir / str(step)
+        if jax.process_index() == 0:
+            dest_dir.mkdir(parents=True, exist_ok=True)
+            n = 1
+            while dest.exists():
+                n += 1
+                dest = dest_dir / f'{step}.{n}'
+            source.rename(dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f'set_aside_{step}')
+        self.manager.reload()
+        return dest
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+def fingerprint(tree: Any) -> List[int]:
+    """Per leaf of ``tree``, the sum of its elements' bits as uint32 (wrapping): cheap to compute
+    on the devices, and any change of a stored byte changes it (but for a 2^-32 chance)."""
+    return [int(x) for x in jax.device_get(_fingerprints(jax.tree.leaves(tree)))]
+
+
+@jax.jit
+def _fingerprints(leaves: Sequence[jax.Array]) -> List[jax.Array]:
+    def bits(x: jax.Array) -> jax.Array:
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        if x.dtype == jnp.bool_:
+            return x.astype(jnp.uint32)
+        width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+        return jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
+    return [jnp.sum(bits(x), dtype=jnp.uint32) for x in leaves]
+
+
+def verify(state: Any, meta: Dict[str, Any], step: int) -> None:
+    """Raise ``CheckpointDamagedError`` when a restored leaf's fingerprint differs from the saved
+    one (checkpoints written without fingerprints pass)."""
+    saved = meta.get('fingerprint')
+    if saved is None:
+        return
+    got = fingerprint(state)
+    if len(got) != len(saved):
+        raise CheckpointDamagedError(f'step {step}: {len(got)} arrays restored, {len(saved)} saved')
+    bad = [jax.tree_util.keystr(path) for (path, _), a, b in
+           zip(jax.tree_util.tree_flatten_with_path(state)[0], got, saved) if a != b]
+    if bad:
+        raise CheckpointDamagedError(f'step {step}: {len(bad)} array(s) differ from what was saved, '
+                                     f'first {bad[0]}')
+
+
+def _why(error: BaseException) -> str:
+    text = ' '.join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 200 else text[:197] + '...'
+
+
+def restore_newest(checkpoints: Checkpoints, restore: Callable[[int, Dict[str, Any]], Any], *,
+                   check: Optional[Callable[[Dict[str, Any]], None]] = None,
+                   steps: Optional[Sequence[int]] = None, set_aside: bool = True,
+                   log: Callable[[str], None] = logging.warning) -> Optional[Tuple[int, Dict[str, Any], Any]]:
+    """(step, meta, state) of the newest of ``steps`` (default: every saved step) that restores:
+    its meta reads, ``restore(step, meta)`` succeeds and the state matches its fingerprint. ``check(meta)``
+    may raise to stop at once (another model's workdir is not damage). Each damaged step is one
+    ``log`` line naming it and why; once an intact step is found, the damaged newer ones are moved
+    aside (``set_aside``), so the run goes on from there and saves those steps again. None when
+    there are no checkpoints; ``NoIntactCheckpointError`` when none restores (nothing is moved)."""
+    candidates = sorted(checkpoints.all_steps() if steps is None else steps, reverse=True)
+    damaged: List[int] = []
+    for step in candidates:
+        try:
+            meta = checkpoints.restore_meta(step)
+        except Exception as error:   # orbax and tensorstore raise many types for bad bytes
+            damaged.append(step)
+            log(f'checkpoint {checkpoints.directory}/{step} cannot be restored: metadata: {_why(error)}')
+            continue
+        if check is not None:
+            check(meta)
+        try:
+            state = restore(step, meta)
+            verify(state, meta, step)
+        except Exception as error:
+            damaged.append(step)
+            log(f'checkpoint {checkpoints.directory}/{step} cannot be restored: {_why(error)}')
+            continue
+        for bad in damaged:
+            where = checkpoints.set_aside(bad) if set_aside else None
+            log(f'checkpoint step {bad} is damaged; ' + (f'moved to {where}; ' if where else '')
+                + f'going on from step {step}')
+        return step, meta, state
+    if not candidates:
+        return None
+    raise NoIntactCheckpointError(
+        f'no checkpoint in {checkpoints.directory} restores (steps {", ".join(map(str, candidates))}: '
+        'see the lines above); nothing was moved or deleted. Train in a fresh --workdir, optionally '
+        'starting from weights with --config.init_from')
 
 
 def check_identity(meta: Dict[str, Any], expected: Dict[str, Any], where: str) -> None:

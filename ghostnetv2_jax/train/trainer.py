@@ -201,7 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
 
 def _train_and_evaluate(config, workdir: epath.Path, guard: ckpt_lib.PreemptionGuard) -> Dict[str, float]:
-    num_classes_of(config.data)   # a missing dataset fails here, before the workdir is touched
+    num_classes = num_classes_of(config.data)   # a missing dataset fails here, before the workdir is touched
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.create_mesh()
     k = config.grad_accum_steps
@@ -212,15 +212,26 @@ def _train_and_evaluate(config, workdir: epath.Path, guard: ckpt_lib.PreemptionG
         best = best[len('ema_'):]
 
     checkpoints = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints, best_metric=best)
-    latest = checkpoints.latest_step()
-    meta = checkpoints.restore_meta(latest) if latest is not None else None
+    model = build_model(config, num_classes)
+    image_size = config.data.image_size
+    replicated = sharding.replicated(mesh)
+
+    def target(tx):   # the state's shapes with tx's optimizer state, replicated
+        shapes = jax.eval_shape(lambda: create_state(init_variables(model, jax.random.PRNGKey(0), image_size), tx,
+                                                     jax.random.PRNGKey(0), use_ema))
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)
+    # The optimizer only gives the state its structure here; the schedule is never called.
+    structure = lambda flat=True: target(optim.create_optimizer(config, lambda count: 0.0, flat=flat))
+    abstract = structure()
+    resumed = ckpt_lib.restore_newest(
+        checkpoints, lambda step, meta: restore_state(checkpoints, step, abstract, lambda: structure(flat=False)),
+        check=lambda meta: ckpt_lib.check_identity(meta, identity(config, num_classes), str(workdir)),
+        log=metrics_lib.log)
+    latest, meta, state = resumed if resumed else (None, None, None)
     start_step = int(meta['step']) if meta else 0
 
     train = create_split(config.data, split=config.data.train_split, train=True, global_batch=micro_batch,
                          start_step=int(meta['data_step']) if meta else 0, **_splits_kwargs(config))
-    num_classes = train.num_classes
-    if meta:
-        ckpt_lib.check_identity(meta, identity(config, num_classes), str(workdir))
     ckpt_lib.write_config(workdir, config.to_json_best_effort(indent=2))
 
     steps_per_epoch = train.num_examples // config.batch_size
@@ -231,20 +242,8 @@ def _train_and_evaluate(config, workdir: epath.Path, guard: ckpt_lib.PreemptionG
     schedule_epochs = int(math.ceil(total_steps / steps_per_epoch))
     schedule = optim.create_learning_rate_schedule(config, steps_per_epoch, schedule_epochs)
     tx = optim.create_optimizer(config, schedule)
-    model = build_model(config, num_classes)
-    image_size = config.data.image_size
-
-    replicated = sharding.replicated(mesh)
-
-    def target(tx):   # the state's shapes with tx's optimizer state, replicated
-        shapes = jax.eval_shape(lambda: create_state(init_variables(model, jax.random.PRNGKey(0), image_size), tx,
-                                                     jax.random.PRNGKey(0), use_ema))
-        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)
-    abstract = target(tx)
     state_sharding = jax.tree.map(lambda _: replicated, abstract)
     if meta:
-        state = restore_state(checkpoints, latest, abstract,
-                              lambda: target(optim.create_optimizer(config, schedule, flat=False)))
         metrics_lib.log(f'resumed from {checkpoints.directory}/{latest} (step {start_step})')
     else:
         state = _initial_state(config, model, tx, image_size, state_sharding)
