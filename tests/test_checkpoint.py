@@ -189,3 +189,48 @@ def test_fingerprint_notices_one_changed_value():
     changed = dict(state, w=state['w'].at[4].set(np.nextafter(np.float32(4), np.float32(5))))
     with pytest.raises(ckpt_lib.CheckpointDamagedError, match=r"step 7: 1 array\(s\) differ .* first \['w'\]"):
         ckpt_lib.verify(changed, meta, 7)
+
+
+# ----------------------------------------------------------------------------- failing saves
+def test_a_save_that_cannot_be_made_names_the_step_and_keeps_the_earlier_ones(tmp_path):
+    from ghostnetv2_jax.train import checkpoint as ckpt_lib
+    ckpts = ckpt_lib.Checkpoints(tmp_path, keep=3, best_metric=None)
+    ckpts.save(1, _tiny_state(1.0), {'step': 1})
+    ckpts.wait()
+    (tmp_path / 'checkpoints' / '2').write_text('a file where the step directory should go')
+    with pytest.raises(ckpt_lib.CheckpointSaveError, match=r'cannot save step 2: .*checkpoints/2 exists'):
+        ckpts.save(2, _tiny_state(2.0), {'step': 2})
+    restored = ckpts.restore(1, jax.eval_shape(lambda: _tiny_state(0.0)))
+    np.testing.assert_array_equal(restored['w'], np.full(3, 1.0))
+
+
+def test_a_save_whose_step_is_not_on_disk_fails_at_wait(tmp_path, monkeypatch):
+    from ghostnetv2_jax.train import checkpoint as ckpt_lib
+    ckpts = ckpt_lib.Checkpoints(tmp_path, keep=3, best_metric=None)
+    ckpts.save(1, _tiny_state(1.0), {'step': 1})
+    ckpts.wait()
+    monkeypatch.setattr(ckpts.manager, 'save', lambda *args, **kwargs: True)   # says saved, writes nothing
+    ckpts.save(2, _tiny_state(2.0), {'step': 2})
+    with pytest.raises(ckpt_lib.CheckpointSaveError, match=r'checkpoint step 2 was not written: .* lacks state and meta'):
+        ckpts.wait()
+
+
+def test_training_whose_save_fails_exits_1_naming_the_step(tmp_path, compile_cache):
+    workdir = tmp_path / 'run'
+    mark = tmp_path / 'slow'
+    # Steps 1-2 run at full speed and save step 2; from the third batch on each batch waits 2 s,
+    # time to put a file where step 4's directory will go.
+    proc = start_training(tmp_path, workdir, *DAMAGE_STEPS, cache=compile_cache,
+                          SLOW_AFTER=2, SLOW_SECONDS=2, SLOW_MARK=mark)
+    try:
+        wait_for(lambda: mark.exists() and committed_steps(workdir) == [2], proc, what='the step-2 checkpoint')
+        (workdir / 'checkpoints' / '4').write_text('not a directory')
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith('error:')]
+    assert errors == [f'error: cannot save step 4: {workdir / "checkpoints" / "4"} exists and is not a checkpoint '
+                      'directory; the earlier checkpoints are intact']
+    assert 'final validation' not in out
+    assert int(load_state(workdir, 2)['step']) == 2

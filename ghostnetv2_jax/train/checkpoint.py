@@ -42,6 +42,10 @@ class NoIntactCheckpointError(ValueError):
     """Every checkpoint of a workdir is damaged."""
 
 
+class CheckpointSaveError(OSError):
+    """A checkpoint step could not be written; the steps saved before it are untouched."""
+
+
 # What must agree between a checkpoint and the model a config builds.
 IDENTITY_KEYS = ('model', 'model_overrides', 'num_classes')
 
@@ -64,6 +68,7 @@ class Checkpoints:
             best_fn=best_fn, best_mode='max', read_only=read_only, create=not read_only,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
         self.manager = ocp.CheckpointManager(self.directory, item_names=('state', 'meta'), options=options)
+        self._pending: List[int] = []   # saved steps not yet checked on disk (see wait)
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -75,13 +80,25 @@ class Checkpoints:
         return self.manager.all_steps()
 
     def save(self, step: int, state: Any, meta: Dict[str, Any], metrics: Optional[Dict[str, float]] = None) -> None:
-        """Write (asynchronously after the device->host copy) unless ``step`` is already saved."""
+        """Write (asynchronously after the device->host copy) unless ``step`` is already saved.
+        The previous save is finished and checked first (``wait``); a save that cannot be made
+        raises ``CheckpointSaveError`` naming the step."""
+        self.wait()
+        path = self.directory / str(step)
+        if path.exists() and not path.is_dir():   # orbax would list it as a step and skip the save
+            raise CheckpointSaveError(f'cannot save step {step}: {path} exists and is not a checkpoint '
+                                      'directory; the earlier checkpoints are intact')
         if step in self.manager.all_steps():
             return
         meta = {**meta, 'fingerprint': fingerprint(state)}   # checked by restore_newest
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)),
-                          metrics=dict(metrics or {}), force=True)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            meta=ocp.args.JsonSave(meta)),
+                              metrics=dict(metrics or {}), force=True)
+        except Exception as error:
+            raise CheckpointSaveError(f'saving step {step} in {self.directory} failed: {_why(error)}; '
+                                      'the earlier checkpoints are intact') from error
+        self._pending.append(step)
 
     def restore_meta(self, step: int) -> Dict[str, Any]:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
@@ -113,7 +130,19 @@ class Checkpoints:
         return dest
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Finish the saves under way and check that each step is on disk with both items:
+        ``CheckpointSaveError`` naming the step otherwise."""
+        pending, self._pending = self._pending, []
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:
+            raise CheckpointSaveError(f'saving step {", ".join(map(str, pending)) or "?"} in {self.directory} '
+                                      f'failed: {_why(error)}; the earlier checkpoints are intact') from error
+        for step in pending:
+            missing = [item for item in ('state', 'meta') if not (self.directory / str(step) / item).is_dir()]
+            if missing:
+                raise CheckpointSaveError(f'checkpoint step {step} was not written: {self.directory / str(step)} '
+                                          f'lacks {" and ".join(missing)}; the earlier checkpoints are intact')
 
     def close(self) -> None:
         self.manager.close()

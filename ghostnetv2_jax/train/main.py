@@ -40,8 +40,10 @@ def _main(argv: List[str]) -> int:
         trainer.train_and_evaluate(config, _WORKDIR.value)
     except Exception as e:  # one clear line for the expected failures; a traceback otherwise
         from ghostnetv2_jax.convert import ConversionError
+        from ghostnetv2_jax.train.checkpoint import CheckpointSaveError
         from ghostnetv2_jax.train.trainer import TrainingError
-        if isinstance(e, (ValueError, TypeError, FileNotFoundError, ConversionError, TrainingError)):
+        if isinstance(e, (ValueError, TypeError, FileNotFoundError, ConversionError, TrainingError,
+                          CheckpointSaveError)):
             logging.debug('training failed', exc_info=True)
             print(f'error: {e}', file=sys.stderr)
             return 1

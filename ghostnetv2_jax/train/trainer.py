@@ -304,6 +304,7 @@ def _train_and_evaluate(config, workdir: epath.Path, guard: ckpt_lib.PreemptionG
     iterator = train.iterator
     profiling_from = start_step + 5 if config.profile_steps > 0 else -1   # after compilation
     profiling = False
+    failure: Optional[BaseException] = None
     try:
         while step < total_steps:
             if step == profiling_from:
@@ -336,12 +337,20 @@ def _train_and_evaluate(config, workdir: epath.Path, guard: ckpt_lib.PreemptionG
                 save(step)
         if not results:   # resumed at the very end: evaluate what is there
             results = run_eval(step)
-        checkpoints.wait()
+        checkpoints.wait()   # success only once the final checkpoint is on disk
+    except BaseException as error:
+        failure = error
+        raise
     finally:
         if profiling:
             jax.profiler.stop_trace()
         writer.close()
-        checkpoints.wait()
+        try:
+            checkpoints.wait()
+        except ckpt_lib.CheckpointSaveError as save_error:
+            if failure is None:
+                raise
+            metrics_lib.log(f'also: {save_error}')   # the error that stopped training is the one raised
         checkpoints.close()
     metrics_lib.log(f'final validation top-1 {results["top1"]:.2f}%'
                     + (f' (EMA {results["ema_top1"]:.2f}%)' if use_ema else '')
