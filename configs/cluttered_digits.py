@@ -7,17 +7,13 @@ The task where attention variants can differ: the plain digits (configs/demo.py)
 fragments of other digits (``ghostnetv2_jax.data.sources.cluttered_digits``), so the class is
 decided by the whole digit, not by a local patch of strokes.
 
-Expected: about 50% validation top-1 after 12 epochs (1,068 steps), in about 4-6 minutes on a
-2-core CPU, compilation included; far from saturated. Measured, one seed each (2026-12-05):
-
-  attention            top-1 (EMA)        top-5    wall time
-  dfc (this config)    49.86% (51.11%)    91.09%   5m44s, another CPU-bound job on the cores
-  none (GhostNet V1)   28.55% (28.27%)    83.01%   3m27s (--config.model_overrides.attention=none)
-
-so on this seed the task separates DFC from no attention by about 20 points; one seed per
-variant is no error bar. The train loss was still falling at the end (1.03, with label smoothing
-0.1), so longer runs should go higher (not measured). With 4 epochs the same recipe reached only
-20.33%: the loss stays near chance for the first two epochs.
+Expected: 30-60% validation top-1 after 12 epochs (1,068 steps), in about 6-9 minutes on one
+core of a 2-core CPU, compilation included; far from saturated, and strongly seed-dependent. The
+attention sweep (experiments/results/attention, 2 seeds per variant) measured DFC at 45.1 +- 15.0%
+and no attention at 53.6 +- 8.5%: the loss stays near chance for the first epochs and the epoch at
+which it takes off varies with the seed, so seeds of one variant differ by 10-20 points. Comparing
+variants on this task needs more epochs and seeds than the demo scale gives (e.g.
+``--config.num_epochs=30`` and five seeds).
 
 The whole canvas is the input (a crop could cut the digit out; the placement already translates
 it) and nothing is flipped; otherwise the demo's recipe, for more steps.
