@@ -101,6 +101,59 @@ def test_schedule_matches_timm_step_scheduler_without_noise(recipe):
     np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5)
 
 
+def test_torch_normal_draws_torch_randn_bit_for_bit():
+    """``optim.TorchNormal(seed)`` returns what ``torch.randn(1, generator=g).item()`` returns
+    after ``g.manual_seed(seed)``, six calls in a row (so the cached ``r sin(theta)`` of every
+    other call too), for 2000 consecutive seeds and seeds past 32 bits."""
+    torch = pytest.importorskip('torch')
+    seeds = list(range(2000)) + [2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1, 2 ** 32, 2 ** 32 + 7, 2 ** 40 + 3, 2 ** 63 + 11]
+    mismatched = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        want = [torch.randn(1, generator=g).item() for _ in range(6)]
+        draw = optim.TorchNormal(seed)
+        if [draw() for _ in range(6)] != want:
+            mismatched.append(seed)
+    assert not mismatched, f'{len(mismatched)} seeds differ, first {mismatched[:5]}'
+
+
+@pytest.mark.parametrize('pct', [0.67, 0.05])
+def test_lr_noise_is_timm_schedulers_noise(pct):
+    """timm's ``Scheduler._calculate_noise``, resampling included: at pct 0.05 most epochs draw
+    many times (about 1 in 25 draws is kept)."""
+    torch = pytest.importorskip('torch')
+    from timm.scheduler.step_lr import StepLRScheduler
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = StepLRScheduler(opt, decay_t=1, noise_range_t=(0, 500), noise_pct=pct, noise_seed=42)
+    for t in range(500):
+        assert optim.lr_noise(42 + t, pct) == sched._calculate_noise(t), t
+
+
+def test_recipe_schedule_with_lr_noise_matches_timm_create_scheduler_v2(recipe):
+    """The whole 450-epoch recipe schedule, noise window included, equals the lr timm's
+    ``create_scheduler_v2`` sets for each epoch the way train.py steps it (``step(epoch)``)."""
+    torch = pytest.importorskip('torch')
+    from timm.scheduler import create_scheduler_v2
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.learning_rate)
+    timm_sched, num_epochs = create_scheduler_v2(
+        opt, sched='step', num_epochs=recipe.num_epochs, decay_epochs=recipe.decay_epochs,
+        decay_rate=recipe.decay_rate, warmup_lr=recipe.warmup_lr, warmup_epochs=recipe.warmup_epochs,
+        warmup_prefix=recipe.warmup_prefix, noise=list(recipe.lr_noise), noise_pct=recipe.lr_noise_pct,
+        noise_std=recipe.lr_noise_std, noise_seed=recipe.lr_noise_seed)
+    assert num_epochs == 450
+    want = []
+    for epoch in range(num_epochs):
+        timm_sched.step(epoch)
+        want.append(opt.param_groups[0]['lr'])
+    ours = jax.jit(jax.vmap(optim.create_learning_rate_schedule(recipe, STEPS_PER_EPOCH, recipe.num_epochs)))
+    epochs = np.arange(num_epochs)
+    for offset in (0, STEPS_PER_EPOCH - 1):   # first and last update of every epoch
+        got = np.asarray(ours(jnp.asarray(epochs * STEPS_PER_EPOCH + offset, jnp.int32)))
+        np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5)
+    noisy = np.flatnonzero(np.abs(np.asarray(want) / [recipe_lr(e) for e in epochs] - 1) > 1e-9)
+    assert (noisy.min(), noisy.max()) == (189, 404)
+
+
 def test_lr_scales_linearly_with_the_global_batch(recipe):
     config = recipe.copy_and_resolve_references()
     config.batch_size = 256
