@@ -2,7 +2,8 @@
 tfds dataset.
 
 A source knows its size and classes and hands the pipeline *light* records
-``{'image': raw, 'label': int32}`` for one host's share of the split: ``records`` in a fixed
+``{'image': raw, 'label': int32, 'name': string}`` for one host's share of the split (``name``
+says which example it is in messages: a file path, a tfds record id, or ``dataset/split[i]``): ``records`` in a fixed
 order (eval), ``epoch_records(order_key)`` in an order drawn from a key tensor, so the pipeline
 can build every epoch inside one tf.data graph. For the in-memory sources ``raw`` is a uint8
 image or a file path (read later by ``load``, so records skipped on resume are never read);
@@ -10,10 +11,12 @@ for tfds it is the encoded image bytes. Decoding and augmentation belong to the 
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import os
-from typing import Callable, Dict, NamedTuple, Optional, Tuple
+import re
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -44,6 +47,8 @@ class InMemorySource:
     images: np.ndarray
     labels: np.ndarray
     class_names: Tuple[str, ...]
+    # what listing found wrong with the dataset as a whole (image folders): (path, reason)
+    listing_problems: Tuple[Tuple[str, str], ...] = ()
 
     @property
     def num_examples(self) -> int:
@@ -60,11 +65,26 @@ class InMemorySource:
     def host_num_examples(self, host_index: int, host_count: int) -> int:
         return len(host_slice(self.num_examples, host_index, host_count))
 
+    def names(self, index: np.ndarray) -> np.ndarray:
+        """How messages name the examples at ``index``: their paths, or ``dataset/split[i]``."""
+        if self.holds_paths:
+            return self.images[index]
+        return np.array([f'{self.name}/{self.split}[{i}]' for i in index], dtype=object)
+
+    def problems(self, host_index: int, host_count: int) -> List[Tuple[str, str]]:
+        """(path, reason) for what is wrong before anything is decoded: the listing's problems
+        and, for files, this host's share checked by ``check_image_files``."""
+        if not self.holds_paths:
+            return sorted(self.listing_problems)
+        index = host_slice(self.num_examples, host_index, host_count)
+        return sorted(list(self.listing_problems) + check_image_files(self.images[index]))
+
     def records(self, host_index: int, host_count: int) -> tf.data.Dataset:
         """This host's share in dataset order."""
         index = host_slice(self.num_examples, host_index, host_count)
         return tf.data.Dataset.from_tensor_slices(
-            {'image': self.images[index], 'label': self.labels[index].astype(np.int32)})
+            {'image': self.images[index], 'label': self.labels[index].astype(np.int32),
+             'name': self.names(index)})
 
     def epoch_records(self, host_index: int, host_count: int,
                       order_key: tf.Tensor) -> tf.data.Dataset:
@@ -73,16 +93,18 @@ class InMemorySource:
         with tf.init_scope():           # an input of the dataset op, not a graph constant
             index = tf.constant(host_slice(self.num_examples, host_index, host_count))
         order = tf.random.experimental.stateless_shuffle(index, seed=order_key)
-        images, labels = self._tables
+        images, labels, names = self._tables
         return tf.data.Dataset.from_tensor_slices(order).map(
-            lambda i: {'image': tf.gather(images, i), 'label': tf.gather(labels, i)})
+            lambda i: {'image': tf.gather(images, i), 'label': tf.gather(labels, i),
+                       'name': tf.gather(names, i)})
 
     @functools.cached_property
-    def _tables(self) -> Tuple[tf.Tensor, tf.Tensor]:
+    def _tables(self) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         # eager tensors even when first used inside a trace: tf.data then passes them to the
         # dataset op as inputs instead of baking a (possibly large) constant into the graph
         with tf.init_scope():
-            return tf.constant(self.images), tf.constant(self.labels.astype(np.int32))
+            return (tf.constant(self.images), tf.constant(self.labels.astype(np.int32)),
+                    tf.constant(self.names(np.arange(self.num_examples))))
 
     def load(self, record: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
         if self.holds_paths:
@@ -124,14 +146,15 @@ class TfdsSource:
         import tensorflow_datasets as tfds
         shuffle = shuffle_seed is not None
         read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False,
-                                      skip_prefetch=True)
+                                      skip_prefetch=True, add_tfds_id=True)
         ds = self.builder.as_dataset(
             split=self._host_split(host_index, host_count), shuffle_files=shuffle,
             read_config=read_config, decoders={self.image_key: tfds.decode.SkipDecoding()})
         if shuffle:
             ds = ds.shuffle(self.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
         return ds.map(lambda ex: {'image': ex[self.image_key],
-                                  'label': tf.cast(ex[self.label_key], tf.int32)})
+                                  'label': tf.cast(ex[self.label_key], tf.int32),
+                                  'name': ex['tfds_id']})
 
     def records(self, host_index: int, host_count: int) -> tf.data.Dataset:
         """This host's share in file order."""
@@ -144,6 +167,10 @@ class TfdsSource:
         seed = tf.random.stateless_uniform([], order_key, minval=0, maxval=2**31 - 1,
                                            dtype=tf.int64)
         return self._read(host_index, host_count, shuffle_seed=seed)
+
+    def problems(self, host_index: int, host_count: int) -> List[Tuple[str, str]]:
+        """Nothing is checked before decoding: the records live in tfds' files."""
+        return []
 
     def load(self, record: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
         return record
@@ -267,6 +294,57 @@ def cluttered_digits(split: str) -> InMemorySource:
 
 # ----------------------------------------------------------------------------- image folder
 
+# What each format's files start with and, when complete, end with. A file whose end differs
+# (a truncated download, or a JPEG with bytes after its end marker) is decoded to decide.
+_SIGNATURES = (
+    ('JPEG', (b'\xff\xd8\xff',), b'\xff\xd9'),
+    ('PNG', (b'\x89PNG\r\n\x1a\n',), b'IEND\xaeB`\x82'),
+    ('GIF', (b'GIF87a', b'GIF89a'), b';'),
+    ('BMP', (b'BM',), None),
+)
+_CHECK_THREADS = 32
+
+
+def decode_error(path: str) -> Optional[str]:
+    """The input pipeline's decoder on the whole file: None if it decodes, else its message."""
+    try:
+        tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        return None
+    except (tf.errors.OpError, ValueError) as e:
+        text = (getattr(e, 'message', None) or str(e)).strip().splitlines()[0]
+        text = re.sub(r'\{\{[^}]*\}\}\s*|\s*\[Op:.*$', '', text)   # TF's op and device
+        return text.strip() or type(e).__name__
+
+
+def check_image_file(path: str) -> Optional[str]:
+    """Why ``path`` cannot be a training image (None: it looks whole). Reads its first and last
+    bytes; only a file that does not end as its format ends is decoded in full."""
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(16)
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(size - 12, 0))
+            tail = f.read()
+    except OSError as e:
+        return f'cannot be read ({e.strerror or e})'
+    if size == 0:
+        return 'empty file'
+    for kind, starts, end in _SIGNATURES:
+        if head.startswith(starts):
+            if end is None or tail.endswith(end):
+                return None
+            error = decode_error(path)
+            return None if error is None else f'damaged or truncated {kind} ({error})'
+    return f'not a JPEG, PNG, GIF or BMP image (starts with {head[:8]!r})'
+
+
+def check_image_files(paths) -> List[Tuple[str, str]]:
+    """(path, reason) for every file of ``paths`` that ``check_image_file`` rejects, in order."""
+    with concurrent.futures.ThreadPoolExecutor(_CHECK_THREADS) as pool:
+        verdicts = list(pool.map(check_image_file, paths, chunksize=64))
+    return [(str(p), why) for p, why in zip(paths, verdicts) if why is not None]
+
+
 def _class_dirs(directory: str) -> Tuple[str, ...]:
     return tuple(sorted(d for d in os.listdir(directory)
                         if os.path.isdir(os.path.join(directory, d)) and not d.startswith('.')))
@@ -276,7 +354,9 @@ def image_folder(root: str, split: str, class_split: Optional[str] = None) -> In
     """Images under ``root/split/<class>/...`` (any depth); labels = sorted class names.
 
     The class list comes from ``root/class_split`` when it exists (the train split), so a
-    validation folder missing a class still gets the train split's label numbering.
+    validation folder missing a class still gets the train split's label numbering. Files with
+    other extensions are not listed, and a class folder without images is not an error here:
+    both are the source's ``listing_problems`` (hidden files are ignored).
     """
     split_dir = os.path.join(root, split)
     if not os.path.isdir(split_dir):
@@ -284,23 +364,30 @@ def image_folder(root: str, split: str, class_split: Optional[str] = None) -> In
                         f'{os.path.join(root, "<split>", "<class>", "<image>")}')
     class_dir = os.path.join(root, class_split) if class_split else split_dir
     classes = _class_dirs(class_dir if os.path.isdir(class_dir) else split_dir)
-    unknown = sorted(set(_class_dirs(split_dir)) - set(classes))
+    present = _class_dirs(split_dir)
+    unknown = sorted(set(present) - set(classes))
     if unknown:
         raise DataError(f'{split_dir!r} has classes {unknown} that {class_dir!r} lacks')
-    paths, labels = [], []
+    paths, labels, problems = [], [], []
     for label, name in enumerate(classes):
         found = []
         for folder, dirs, files in os.walk(os.path.join(split_dir, name)):
-            dirs.sort()
-            found += [os.path.join(folder, f) for f in files
-                      if f.lower().endswith(IMAGE_EXTENSIONS)]
+            dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    found.append(os.path.join(folder, f))
+                elif not f.startswith('.'):
+                    problems.append((os.path.join(folder, f), 'not an image file by its extension '
+                                     f'({", ".join(IMAGE_EXTENSIONS)})'))
+        if not found and name in present:
+            problems.append((os.path.join(split_dir, name), 'class folder without images'))
         paths += sorted(found)
         labels += [label] * len(found)
     if not paths:
         raise DataError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) under {split_dir!r}')
     # object dtype: a unicode array would pad every path to the longest (4 bytes a character)
     return InMemorySource(f'folder:{root}', split, np.array(paths, dtype=object),
-                          np.array(labels, np.int32), classes)
+                          np.array(labels, np.int32), classes, tuple(sorted(problems)))
 
 
 # ----------------------------------------------------------------------------- tfds
