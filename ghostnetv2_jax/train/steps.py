@@ -33,6 +33,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax
     return optax.softmax_cross_entropy(logits, targets)
 
 
+def masked_mean(values: jax.Array, mask) -> jax.Array:
+    """The mean over the examples whose ``mask`` is 1 (all of them when ``mask`` is None): a
+    batch row the input pipeline could not fill (mask 0) weighs nothing."""
+    if mask is None:
+        return jnp.mean(values)
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
 def global_norm(tree) -> jax.Array:
     """The L2 norm of every leaf of ``tree`` together, as one reduction over the flattened tree."""
     flat = ravel_pytree(tree)[0]
@@ -41,38 +49,40 @@ def global_norm(tree) -> jax.Array:
 
 def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable, config) -> Callable:
     """(state, batch) -> (state, metrics). ``batch`` leaves are (B, ...) or, with gradient
-    accumulation, (k, B / k, ...). ``tx`` is any optax transformation over the parameter tree
+    accumulation, (k, B / k, ...); an optional ``mask`` (1: a real example) weighs the loss. ``tx`` is any optax transformation over the parameter tree
     (``optim.create_optimizer`` gives the recipe's, on the flattened parameters); its state is
     ``state.opt_state`` (``state.create_state``). Uses ``config.grad_accum_steps``,
     ``label_smoothing`` and ``ema_decay``."""
     k = config.grad_accum_steps
 
-    def micro_grads(params, batch_stats, images, labels, rng):
+    def micro_grads(params, batch_stats, images, labels, mask, rng):
         def loss_fn(p):
             logits, new_vars = model.apply({'params': p, 'batch_stats': batch_stats}, images, train=True,
                                            mutable=['batch_stats'], rngs={'dropout': rng})
-            loss = cross_entropy(logits, labels, config.label_smoothing).mean()
+            loss = masked_mean(cross_entropy(logits, labels, config.label_smoothing), mask)
             return loss, (logits, new_vars['batch_stats'])
         (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        top1 = jnp.mean(jnp.argmax(logits, -1) == labels)
+        top1 = masked_mean(jnp.argmax(logits, -1) == labels, mask)
         return grads, new_stats, loss, top1
 
     def train_step(state: TrainState, batch: Dict[str, jax.Array]):
         rng = jax.random.fold_in(state.rng, state.step)
+        mask = batch.get('mask')
         if k == 1:
             grads, batch_stats, loss, top1 = micro_grads(state.params, state.batch_stats, batch['images'],
-                                                         batch['labels'], rng)
+                                                         batch['labels'], mask, rng)
         else:
             # The sum of the micro-batches' gradients as one flat vector: one add per micro-batch.
             zeros, unravel = ravel_pytree(jax.tree.map(jnp.zeros_like, state.params))
 
             def body(carry, xs):
                 acc, stats = carry
-                i, images, labels = xs
-                g, stats, loss, top1 = micro_grads(state.params, stats, images, labels, jax.random.fold_in(rng, i))
+                i, images, labels, mask = xs
+                g, stats, loss, top1 = micro_grads(state.params, stats, images, labels, mask,
+                                                   jax.random.fold_in(rng, i))
                 return (acc + ravel_pytree(g)[0], stats), (loss, top1)
             (grads, batch_stats), (losses, top1s) = jax.lax.scan(
-                body, (zeros, state.batch_stats), (jnp.arange(k), batch['images'], batch['labels']))
+                body, (zeros, state.batch_stats), (jnp.arange(k), batch['images'], batch['labels'], mask))
             grads = unravel(grads / k)   # mean over the k equal micro-batches
             loss, top1 = losses.mean(), top1s.mean()
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -82,6 +92,8 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable,
         # param_norm doubles as the check that this update left the weights finite.
         metrics = {'loss': loss, 'top1': top1, 'grad_norm': global_norm(grads),
                    'param_norm': global_norm(new_state.params), 'lr': schedule(state.step)}
+        if mask is not None:
+            metrics['skipped'] = jnp.sum(1.0 - mask)   # examples the input pipeline left out
         return new_state, metrics
     return train_step
 

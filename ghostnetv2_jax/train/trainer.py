@@ -151,13 +151,16 @@ def restore_state(checkpoints: ckpt_lib.Checkpoints, step: int, target: TrainSta
     return old.replace(opt_state=opt_state)
 
 
+_BATCH_KEYS = ('images', 'labels', 'mask')   # mask 0: a row the input pipeline left out
+
+
 def _next_batch(it: Iterator, k: int, mesh) -> Dict[str, jax.Array]:
     """One optimizer update's input: a (B, ...) batch, or k micro-batches stacked (k, B/k, ...)."""
     if k == 1:
         batch = next(it)
-        return sharding.shard_batch({'images': batch['images'], 'labels': batch['labels']}, mesh)
+        return sharding.shard_batch({key: batch[key] for key in _BATCH_KEYS}, mesh)
     micro = [next(it) for _ in range(k)]
-    stacked = {key: np.stack([m[key] for m in micro]) for key in ('images', 'labels')}
+    stacked = {key: np.stack([m[key] for m in micro]) for key in _BATCH_KEYS}
     spec = NamedSharding(mesh, P(None, sharding.DATA_AXIS))
     return {key: jax.make_array_from_process_local_data(spec, v) for key, v in stacked.items()}
 
@@ -166,7 +169,7 @@ class _StepMetrics:
     """Per-step metrics stay on device until a report, then are checked and averaged on the host.
 
     Syncing only at reports keeps the accelerators busy; a non-finite loss or gradient is still
-    attributed to the exact step it appeared at.
+    attributed to the exact step it appeared at. ``skipped`` (examples left out) is summed.
     """
 
     def __init__(self):
@@ -186,7 +189,18 @@ class _StepMetrics:
                 raise TrainingError(f'non-finite {what} at step {step} (loss {float(m["loss"])}, grad norm '
                                     f'{float(m["grad_norm"])}, param norm {float(m["param_norm"])}); stopped '
                                     'without saving, the last good checkpoint is kept')
-        return metrics_lib.mean_of(host)
+        skipped = sum(float(m.pop('skipped', 0.0)) for m in host)
+        return {**metrics_lib.mean_of(host), 'skipped': skipped}
+
+
+def _log_every_process(message: str) -> None:
+    """What each process must say for itself (its share of the data, its own exit)."""
+    prefix = f'[process {jax.process_index()}] ' if jax.process_count() > 1 else ''
+    print(prefix + message, flush=True)
+
+
+def _data_log(line: str) -> None:
+    _log_every_process(f'data: {line}')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
@@ -231,7 +245,8 @@ def _train_and_evaluate(config, workdir: epath.Path, guard: ckpt_lib.PreemptionG
     start_step = int(meta['step']) if meta else 0
 
     train = create_split(config.data, split=config.data.train_split, train=True, global_batch=micro_batch,
-                         start_step=int(meta['data_step']) if meta else 0, **_splits_kwargs(config))
+                         start_step=int(meta['data_step']) if meta else 0, on_skip=_data_log,
+                         **_splits_kwargs(config))
     ckpt_lib.write_config(workdir, config.to_json_best_effort(indent=2))
 
     steps_per_epoch = train.num_examples // config.batch_size
@@ -259,12 +274,16 @@ def _train_and_evaluate(config, workdir: epath.Path, guard: ckpt_lib.PreemptionG
                     f'{steps_per_epoch} steps/epoch, {total_steps} steps, global batch {config.batch_size} '
                     f'({k} x {micro_batch}) on {jax.device_count()} devices; workdir {workdir}')
 
+    # examples the input pipeline left out in the current epoch (kept across a resume)
+    skipped = {'epoch': int(meta.get('skipped_in_epoch', 0)) if meta else 0}
+
     def meta_for(step: int) -> Dict[str, Any]:
         return {**identity(config, num_classes), 'step': step, 'data_step': step * k,
-                'epoch': step / steps_per_epoch, 'config': json.loads(config.to_json_best_effort())}
+                'epoch': step / steps_per_epoch, 'skipped_in_epoch': skipped['epoch'],
+                'config': json.loads(config.to_json_best_effort())}
 
     eval_split = create_split(config.data, split=config.data.eval_split, train=False,
-                              global_batch=config.eval_batch_size, **_splits_kwargs(config))
+                              global_batch=config.eval_batch_size, on_skip=_data_log, **_splits_kwargs(config))
 
     def run_eval(step: int) -> Dict[str, float]:
         results = {}
@@ -283,6 +302,7 @@ def _train_and_evaluate(config, workdir: epath.Path, guard: ckpt_lib.PreemptionG
         scalars = pending.flush()
         if scalars is None:
             return
+        skipped['epoch'] += int(scalars.pop('skipped'))
         rates = progress.report(step)
         scalars = {f'train/{name}': v for name, v in scalars.items()}
         if step == start_step + 1:   # the first step's time is mostly compilation
@@ -292,6 +312,14 @@ def _train_and_evaluate(config, workdir: epath.Path, guard: ckpt_lib.PreemptionG
         else:
             writer.write(step, {**scalars, 'train/img_per_s': rates['img_per_s']})
             metrics_lib.log(progress.line(step, step / steps_per_epoch, scalars, rates))
+
+    def end_epoch(step: int) -> None:
+        """The epoch's count of examples left out (unreadable images), then a new count."""
+        writer.write(step, {'train/skipped_images': skipped['epoch']})
+        if skipped['epoch']:
+            metrics_lib.log(f'epoch {step // steps_per_epoch}: {skipped["epoch"]} unreadable images '
+                            'skipped (data.bad_images=skip)')
+        skipped['epoch'] = 0
 
     def save(step: int, results: Optional[Dict[str, float]] = None) -> None:
         report(step)   # checks every pending step: a non-finite state is never saved
@@ -321,12 +349,15 @@ def _train_and_evaluate(config, workdir: epath.Path, guard: ckpt_lib.PreemptionG
                 metrics_lib.log(f'profile of steps {profiling_from + 1}-{step} in {workdir / "profile"}')
             if step % config.log_every_steps == 0 or step == start_step + 1:
                 report(step)
+            if step % steps_per_epoch == 0:
+                report(step)
+                end_epoch(step)
             if guard.requested(step, checkpoints):
                 report(step)
                 save(step)
                 checkpoints.wait()
-                metrics_lib.log(f'preempted: saved step {step} in {checkpoints.directory}; rerun the same '
-                                'command to resume')
+                _log_every_process(f'preempted: saved step {step} in {checkpoints.directory}; rerun the '
+                                   'same command to resume')
                 return {'preempted': True, 'step': step, **results}
             if step % eval_every == 0 or step == total_steps:
                 report(step)
