@@ -41,6 +41,8 @@ def get_data_config() -> ml_collections.ConfigDict:
     data.image_key = 'image'               # tfds feature names
     data.label_key = 'label'
     data.num_threads = 0                   # tf.data threads; 0: one per CPU core
+    data.bad_images = 'skip'               # unreadable images: 'skip' (masked out, each file
+                                           # logged once) or 'error' (stop, naming the file)
     return data
 
 
@@ -115,4 +117,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.best_metric = 'ema_top1'        # 'top1' | 'ema_top1' (falls back to top1 without EMA)
     config.profile_steps = 0               # > 0: trace that many steps after a few warm-up steps
     config.distributed = 'auto'            # jax.distributed.initialize(): 'auto' | 'yes' | 'no'
+    # Several processes without a cluster manager: all three, on every process (or the variables
+    # JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID). Unset under SLURM, Open MPI
+    # and on TPU pod slices, which say it themselves.
+    config.coordinator_address = ''        # host:port of process 0
+    config.num_processes = 0
+    config.process_id = -1
     return config

@@ -35,7 +35,9 @@ def _main(argv: List[str]) -> int:
     from ghostnetv2_jax.train import sharding
     xla_options.dispatch_cpu_synchronously()   # one train step's temporaries at a time on CPU
     try:
-        sharding.initialize_distributed(config.distributed)   # before anything touches a backend
+        # before anything touches a backend
+        sharding.initialize_distributed(config.distributed, config.coordinator_address,
+                                        config.num_processes, config.process_id)
         from ghostnetv2_jax.train import trainer
         trainer.train_and_evaluate(config, _WORKDIR.value)
     except Exception as e:  # one clear line for the expected failures; a traceback otherwise
