@@ -108,6 +108,19 @@ def get_config() -> ml_collections.ConfigDict:
     config.label_smoothing = 0.1
     config.ema_decay = 0.9999              # --model-ema-decay; 0 disables the EMA copy
 
+    # Knowledge distillation (GhostNetV3's recipe): loss = ce_weight * CE(student, labels) +
+    # kd_weight * KD(student, teacher), the teacher in eval mode on the same images.
+    config.distill = ml_collections.ConfigDict({
+        'teacher': '',                     # a registered model name; '' disables distillation
+        'teacher_checkpoint': '',          # its weights: .safetensors (convert) or a PyTorch file
+        # the teacher's architecture overrides (a dict of GhostNet fields), as model_overrides
+        'teacher_overrides': ml_collections.FieldReference(None, field_type=object),
+        'loss': 'soft_ce',                 # 'soft_ce': -sum p_t log p_s | 'kl': KL(p_t || p_s)
+        'temperature': 1.0,                # softens both distributions; the loss scales by T^2
+        'kd_weight': 1.0,                  # the authors' --kd-loss-weight
+        'ce_weight': 1.0,                  # the authors' --ori-loss-weight
+    })
+
     # Bookkeeping.
     config.seed = 42
     config.log_every_steps = 100

@@ -95,16 +95,19 @@ def _read_pretrained(path: str, model_name: str, overrides: dict) -> dict:
     return convert.torch_to_flax(sd, model_name, **{**overrides, 'num_classes': classes})
 
 
-def load_pretrained(path: str, model_name: str, overrides: dict, fresh: dict) -> dict:
+def load_pretrained(path: str, model_name: str, overrides: dict, fresh: dict,
+                    keep_fresh_head: bool = True, role: str = 'init_from') -> dict:
     """Variables from a converted (``convert.save_variables``) or PyTorch checkpoint, fitted to
     ``fresh`` (the new model's initial variables): every leaf must exist with the same shape,
-    except the classifier, which keeps its fresh initialisation when the class count differs.
+    except the classifier, which keeps its fresh initialisation when the class count differs
+    (``keep_fresh_head=False``: an error, as for a distillation teacher). ``role`` names the
+    setting the file came from in errors.
 
     ``overrides`` are the architecture overrides (cfgs, width, ...), used to read PyTorch files.
     """
     from ghostnetv2_jax.convert import ConversionError
     if not os.path.exists(path) and '://' not in path:
-        raise ConversionError(f'init_from: no such checkpoint file: {path}')
+        raise ConversionError(f'{role}: no such checkpoint file: {path}')
     loaded = _read_pretrained(local_copy(path), model_name, overrides)
     want, have = _flat(fresh), _flat({k: loaded.get(k, {}) for k in ('params', 'batch_stats')})
     is_head = lambda k: k.startswith('params/classifier/')
@@ -120,7 +123,10 @@ def load_pretrained(path: str, model_name: str, overrides: dict, fresh: dict) ->
         problems.append(f'unexpected {unexpected[:5]}{" ..." if len(unexpected) > 5 else ""}')
     if shapes:
         problems.append(f'shape mismatch {shapes[:3]}{" ..." if len(shapes) > 3 else ""}')
+    if head_differs and not keep_fresh_head:
+        head = next(k for k in want if is_head(k) and k in have and have[k].shape != want[k].shape)
+        problems.append(f'classifier {head} {tuple(have[head].shape)} vs {tuple(want[head].shape)}')
     if problems:
-        raise ConversionError(f'init_from {path} does not fit {model_name}: ' + '; '.join(problems))
+        raise ConversionError(f'{role} {path} does not fit {model_name}: ' + '; '.join(problems))
     merged = {k: (want[k] if head_differs and is_head(k) else jnp.asarray(have[k], want[k].dtype)) for k in want}
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(fresh), [merged[k] for k in _flat(fresh)])

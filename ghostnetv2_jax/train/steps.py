@@ -47,30 +47,70 @@ def global_norm(tree) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(flat)))
 
 
-def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable, config) -> Callable:
-    """(state, batch) -> (state, metrics). ``batch`` leaves are (B, ...) or, with gradient
-    accumulation, (k, B / k, ...); an optional ``mask`` (1: a real example) weighs the loss. ``tx`` is any optax transformation over the parameter tree
-    (``optim.create_optimizer`` gives the recipe's, on the flattened parameters); its state is
-    ``state.opt_state`` (``state.create_state``). Uses ``config.grad_accum_steps``,
-    ``label_smoothing`` and ``ema_decay``."""
-    k = config.grad_accum_steps
+DISTILLATION_LOSSES = ('soft_ce', 'kl')
 
-    def micro_grads(params, batch_stats, images, labels, mask, rng):
+
+def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float = 1.0,
+                      kind: str = 'soft_ce') -> jax.Array:
+    """Per-example knowledge-distillation loss, scaled by ``temperature**2`` (Hinton et al.).
+
+    'soft_ce': the cross-entropy of the student's against the teacher's softened distribution,
+    ``-sum p_t log p_s`` (at temperature 1, the authors' GhostNetV3 train.py). 'kl': the KL
+    divergence ``sum p_t (log p_t - log p_s)``, the same gradients with 0 at a perfect match.
+    """
+    if kind not in DISTILLATION_LOSSES:
+        raise ValueError(f'distillation loss must be one of {DISTILLATION_LOSSES}, got {kind!r}')
+    log_p_student = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+    log_p_teacher = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+    p_teacher = jnp.exp(log_p_teacher)
+    per_example = -jnp.sum(p_teacher * log_p_student, axis=-1)
+    if kind == 'kl':
+        per_example = per_example + jnp.sum(p_teacher * log_p_teacher, axis=-1)
+    return per_example * temperature ** 2
+
+
+def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable, config,
+                    teacher=None) -> Callable:
+    """(state, batch) -> (state, metrics). ``batch`` leaves are (B, ...) or, with gradient
+    accumulation, (k, B / k, ...); an optional ``mask`` (1: a real example) weighs the loss.
+    ``tx`` is any optax transformation over the parameter tree (``optim.create_optimizer`` gives
+    the recipe's, on the flattened parameters); its state is ``state.opt_state``
+    (``state.create_state``). Uses ``config.grad_accum_steps``, ``label_smoothing`` and
+    ``ema_decay``.
+
+    With a ``teacher`` model the step is (state, batch, teacher_variables) -> (state, metrics):
+    the teacher runs in eval mode on the same images and the loss is
+    ``ce_weight * CE + kd_weight * distillation_loss`` (``config.distill``), both reported.
+    """
+    k = config.grad_accum_steps
+    distill = config.distill if teacher is not None else None
+
+    def micro_grads(params, batch_stats, images, labels, mask, rng, teacher_variables):
+        if distill is not None:
+            teacher_logits = jax.lax.stop_gradient(teacher.apply(teacher_variables, images, train=False))
+
         def loss_fn(p):
             logits, new_vars = model.apply({'params': p, 'batch_stats': batch_stats}, images, train=True,
                                            mutable=['batch_stats'], rngs={'dropout': rng})
-            loss = masked_mean(cross_entropy(logits, labels, config.label_smoothing), mask)
-            return loss, (logits, new_vars['batch_stats'])
-        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            ce = masked_mean(cross_entropy(logits, labels, config.label_smoothing), mask)
+            terms = {}
+            if distill is None:
+                loss = ce
+            else:
+                kd = masked_mean(distillation_loss(logits, teacher_logits, distill.temperature, distill.loss), mask)
+                loss = distill.ce_weight * ce + distill.kd_weight * kd
+                terms = {'loss_ce': ce, 'loss_kd': kd}
+            return loss, (logits, new_vars['batch_stats'], terms)
+        (loss, (logits, new_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         top1 = masked_mean(jnp.argmax(logits, -1) == labels, mask)
-        return grads, new_stats, loss, top1
+        return grads, new_stats, {'loss': loss, 'top1': top1, **terms}
 
-    def train_step(state: TrainState, batch: Dict[str, jax.Array]):
+    def train_step(state: TrainState, batch: Dict[str, jax.Array], teacher_variables=None):
         rng = jax.random.fold_in(state.rng, state.step)
         mask = batch.get('mask')
         if k == 1:
-            grads, batch_stats, loss, top1 = micro_grads(state.params, state.batch_stats, batch['images'],
-                                                         batch['labels'], mask, rng)
+            grads, batch_stats, losses = micro_grads(state.params, state.batch_stats, batch['images'],
+                                                     batch['labels'], mask, rng, teacher_variables)
         else:
             # The sum of the micro-batches' gradients as one flat vector: one add per micro-batch.
             zeros, unravel = ravel_pytree(jax.tree.map(jnp.zeros_like, state.params))
@@ -78,19 +118,19 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable,
             def body(carry, xs):
                 acc, stats = carry
                 i, images, labels, mask = xs
-                g, stats, loss, top1 = micro_grads(state.params, stats, images, labels, mask,
-                                                   jax.random.fold_in(rng, i))
-                return (acc + ravel_pytree(g)[0], stats), (loss, top1)
-            (grads, batch_stats), (losses, top1s) = jax.lax.scan(
+                g, stats, losses = micro_grads(state.params, stats, images, labels, mask,
+                                               jax.random.fold_in(rng, i), teacher_variables)
+                return (acc + ravel_pytree(g)[0], stats), losses
+            (grads, batch_stats), losses = jax.lax.scan(
                 body, (zeros, state.batch_stats), (jnp.arange(k), batch['images'], batch['labels'], mask))
             grads = unravel(grads / k)   # mean over the k equal micro-batches
-            loss, top1 = losses.mean(), top1s.mean()
+            losses = jax.tree.map(jnp.mean, losses)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                                   batch_stats=batch_stats, opt_state=opt_state)
         new_state = ema_update(new_state, config.ema_decay)
         # param_norm doubles as the check that this update left the weights finite.
-        metrics = {'loss': loss, 'top1': top1, 'grad_norm': global_norm(grads),
+        metrics = {**losses, 'grad_norm': global_norm(grads),
                    'param_norm': global_norm(new_state.params), 'lr': schedule(state.step)}
         if mask is not None:
             metrics['skipped'] = jnp.sum(1.0 - mask)   # examples the input pipeline left out

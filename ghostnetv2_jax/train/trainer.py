@@ -84,6 +84,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f'ema_decay must be in [0, 1), got {config.ema_decay}')
     if config.num_epochs <= 0 and config.num_train_steps <= 0:
         raise ValueError('set num_epochs or num_train_steps to a positive value')
+    distill = config.distill
+    if distill.teacher:
+        if distill.loss not in steps.DISTILLATION_LOSSES:
+            raise ValueError(f'config.distill.loss must be one of {steps.DISTILLATION_LOSSES}, got {distill.loss!r}')
+        if distill.temperature <= 0:
+            raise ValueError(f'config.distill.temperature must be > 0, got {distill.temperature}')
+        if not distill.teacher_checkpoint:
+            raise ValueError(f'config.distill.teacher {distill.teacher!r} needs its weights: set '
+                             '--config.distill.teacher_checkpoint to a .safetensors (convert) or PyTorch file')
 
 
 # ----------------------------------------------------------------------------- steps
@@ -126,6 +135,22 @@ def _initial_state(config, model, tx, image_size: int, state_sharding) -> TrainS
                          out_shardings=state_sharding)
     return _run_once(lambda r: create_state(init_variables(model, r, image_size), tx, state_rng, use_ema),
                      init_rng, out_shardings=state_sharding)
+
+
+def load_teacher(config, num_classes: int, image_size: int, placement) -> tuple:
+    """(teacher model, its variables placed with ``placement``) for ``config.distill``, or
+    (None, None) without a teacher. The teacher must have the student's classes."""
+    distill = config.distill
+    if not distill.teacher:
+        return None, None
+    overrides = {k: v for k, v in _tuplify(dict(distill.teacher_overrides or {})).items() if v is not None}
+    teacher = create_model(distill.teacher, num_classes=num_classes, dtype=DTYPES[config.dtype], **overrides)
+    fresh = jax.device_get(_run_once(lambda r: init_variables(teacher, r, image_size), jax.random.PRNGKey(0)))
+    variables = load_pretrained(distill.teacher_checkpoint, distill.teacher, overrides, fresh,
+                                keep_fresh_head=False, role='distill.teacher_checkpoint')
+    metrics_lib.log(f'distilling from {distill.teacher} ({distill.teacher_checkpoint}): {distill.loss} at '
+                    f'temperature {distill.temperature}, weights CE {distill.ce_weight} / KD {distill.kd_weight}')
+    return teacher, jax.device_put(variables, placement)
 
 
 def restore_state(checkpoints: ckpt_lib.Checkpoints, step: int, target: TrainState,
@@ -263,8 +288,10 @@ def _train_and_evaluate(config, workdir: epath.Path, guard: ckpt_lib.PreemptionG
     else:
         state = _initial_state(config, model, tx, image_size, state_sharding)
 
-    train_step = steps.jit_train_step(make_train_step(model, tx, schedule, config),
-                                      out_shardings=(state_sharding, replicated))
+    teacher, teacher_variables = load_teacher(config, num_classes, image_size, replicated)
+    jitted_step = steps.jit_train_step(make_train_step(model, tx, schedule, config, teacher),
+                                       out_shardings=(state_sharding, replicated))
+    train_step = jitted_step if teacher is None else (lambda s, b: jitted_step(s, b, teacher_variables))
     eval_step = xla_options.jit(make_eval_step(model, inference.chunk_for(mesh)), train=False,
                                 out_shardings=replicated)
     writer = metrics_lib.MetricWriter(workdir)
