@@ -1,0 +1,180 @@
+"""The trainer's step is the authors' train.py step, update for update.
+
+20 updates of the trainer's own pieces (the ImageNet recipe config, ``optim.create_optimizer``,
+``optim.create_learning_rate_schedule``, ``steps.make_train_step``, ``state.create_state``, weights
+from the converter) against 20 updates of a PyTorch loop built from timm's pieces the way timm's
+train.py builds them (``create_optimizer_v2('rmsproptf')``, ``create_scheduler_v2`` stepped per
+epoch, ``LabelSmoothingCrossEntropy``, ``ModelEmaV2`` updated after the optimizer step), on a
+reduced GhostNetV2 with the same initial weights and batches. The reference runs in float64; the
+yardstick is timm's own float32 run's distance from it. Negative controls: each of four wrong
+loops, run in float32 the same way, lands well outside that yardstick.
+
+Reduced, to be quick and sensitive: the first four stages of the table (DFC and SE included),
+32x32 images, batch 8, 2 updates per epoch over a 10-epoch schedule (warm-up, step decays and the
+lr-noise window all fall inside the 20 updates), no dropout (its random masks differ between the
+frameworks), lr 0.002, weight decay 1e-2 and EMA decay 0.9 (so that their errors show in 20
+updates). At this lr both float32 runs stay within 3e-7 of the float64 one; much larger steps
+make the 20 updates chaotic (float32 rounding alone then moves the weights by 1e-3 to 1e-2).
+
+  .venv/bin/python -m pytest -s tests/test_recipe_fidelity.py   # prints every distance
+"""
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from ghostnetv2_jax import convert, parity
+from ghostnetv2_jax.models.ghostnet import GHOSTNET_CFGS
+from ghostnetv2_jax.train import optim, steps
+from ghostnetv2_jax.train.state import create_state
+from ghostnetv2_jax.train.trainer import build_model
+
+RECIPE = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'imagenet_ghostnetv2_100.py'
+CFGS = GHOSTNET_CFGS[:4]
+NAME, CLASSES, BATCH, SIZE = 'ghostnetv2_100', 10, 8, 32
+EPOCHS, STEPS_PER_EPOCH = 10, 2
+UPDATES = EPOCHS * STEPS_PER_EPOCH
+KINDS = ('params', 'batch_stats', 'ema')
+
+
+def recipe():
+    spec = importlib.util.spec_from_file_location('recipe', RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.model_overrides.cfgs = CFGS
+    config.drop_rate = 0.0
+    config.batch_size = BATCH
+    config.num_epochs = EPOCHS
+    config.lr_base_batch = 0
+    config.learning_rate = 0.002
+    config.weight_decay = 1e-2
+    config.ema_decay = 0.9
+    return config
+
+
+def timm_model():
+    from timm.models.ghostnet import GhostNet
+    torch.manual_seed(0)
+    model = GhostNet([[list(row) for row in stage] for stage in CFGS], num_classes=CLASSES,
+                     version='v2', drop_rate=0.0)
+    parity.randomize_(model, seed=3, logit_scale=3.0)
+    return model
+
+
+def batches():
+    rng = np.random.default_rng(0)
+    return [(rng.standard_normal((BATCH, SIZE, SIZE, 3)).astype(np.float32),
+             rng.integers(0, CLASSES, BATCH)) for _ in range(UPDATES)]
+
+
+def timm_run(initial, config, dtype, *, decay_all=False, smoothing=None, opt='rmsproptf', ema_first=False):
+    """timm's train.py loop: its optimizer, scheduler (stepped at every epoch's end), loss and
+    ModelEmaV2. Returns the final state_dicts (model, EMA) as numpy."""
+    from timm.loss import LabelSmoothingCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV2
+    model = timm_model()
+    model.load_state_dict(initial)
+    model = model.to(dtype).train()
+    optimizer = create_optimizer_v2(model, opt, lr=config.learning_rate, weight_decay=config.weight_decay,
+                                    momentum=config.momentum, eps=config.opt_eps,
+                                    filter_bias_and_bn=not decay_all, **({'alpha': 0.9} if opt == 'rmsprop' else {}))
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched='step', num_epochs=EPOCHS, decay_epochs=config.decay_epochs,
+        decay_rate=config.decay_rate, warmup_lr=config.warmup_lr, warmup_epochs=config.warmup_epochs,
+        noise=list(config.lr_noise), noise_pct=config.lr_noise_pct, noise_std=config.lr_noise_std,
+        noise_seed=config.lr_noise_seed)
+    ema = ModelEmaV2(model, decay=config.ema_decay)
+    smoothing = config.label_smoothing if smoothing is None else smoothing
+    loss_fn = LabelSmoothingCrossEntropy(smoothing) if smoothing else torch.nn.CrossEntropyLoss()
+    data = batches()
+    for epoch in range(EPOCHS):
+        for i in range(STEPS_PER_EPOCH):
+            x, y = data[epoch * STEPS_PER_EPOCH + i]
+            if ema_first:
+                ema.update(model)
+            loss = loss_fn(model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(dtype)), torch.from_numpy(y))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if not ema_first:
+                ema.update(model)
+        scheduler.step(epoch + 1)
+    as_numpy = lambda sd: {k: v.detach().double().numpy() for k, v in sd.items() if 'num_batches' not in k}
+    return as_numpy(model.state_dict()), as_numpy(ema.module.state_dict())
+
+
+def split(state_dict, param_names):
+    """(params, BN running statistics) of a state_dict, as two name -> array dicts."""
+    params = {k: v for k, v in state_dict.items() if k in param_names}
+    return params, {k: v for k, v in state_dict.items() if k not in param_names}
+
+
+def distance(ours, ref) -> float:
+    """||ours - ref|| / ||ref|| over every tensor of a kind together."""
+    keys = sorted(ref)
+    a = np.concatenate([np.ravel(ours[k]).astype(np.float64) for k in keys])
+    b = np.concatenate([np.ravel(ref[k]) for k in keys])
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def distances(run, reference, param_names):
+    (model, ema), (ref_model, ref_ema) = run, reference
+    params, stats = split(model, param_names)
+    ref_params, ref_stats = split(ref_model, param_names)
+    return {'params': distance(params, ref_params), 'batch_stats': distance(stats, ref_stats),
+            'ema': distance(ema, ref_ema)}
+
+
+@pytest.fixture(scope='module')
+def runs():
+    config = recipe()
+    reference_model = timm_model()
+    initial = {k: v.clone() for k, v in reference_model.state_dict().items()}
+    param_names = {k for k, _ in reference_model.named_parameters()}
+    overrides = {'cfgs': CFGS, 'num_classes': CLASSES}
+
+    # the trainer's pieces
+    schedule = optim.create_learning_rate_schedule(config, STEPS_PER_EPOCH, EPOCHS)
+    tx = optim.create_optimizer(config, schedule)
+    model = build_model(config, CLASSES)
+    variables = convert.torch_to_flax({k: v.numpy() for k, v in initial.items()}, NAME, **overrides)
+    state = create_state(variables, tx, jax.random.PRNGKey(0), use_ema=True)
+    train_step = steps.jit_train_step(steps.make_train_step(model, tx, schedule, config))
+    for x, y in batches():
+        state, _ = train_step(state, {'images': jnp.asarray(x), 'labels': jnp.asarray(y, jnp.int32)})
+    to_torch = lambda p, s: {k: v for k, v in convert.flax_to_torch({'params': p, 'batch_stats': s}, NAME,
+                                                                     **overrides).items() if 'num_batches' not in k}
+    ours = (to_torch(state.params, state.batch_stats), to_torch(state.ema_params, state.ema_batch_stats))
+
+    reference = timm_run(initial, config, torch.float64)
+    measured = {'trainer': distances(ours, reference, param_names),
+                'timm_float32': distances(timm_run(initial, config, torch.float32), reference, param_names)}
+    controls = {'decay on biases and BN': dict(decay_all=True), 'no label smoothing': dict(smoothing=0.0),
+                'torch RMSprop': dict(opt='rmsprop'), 'EMA before the step': dict(ema_first=True)}
+    for name, wrong in controls.items():
+        measured[name] = distances(timm_run(initial, config, torch.float32, **wrong), reference, param_names)
+    return measured
+
+
+
+
+def test_twenty_recipe_updates_equal_timms_within_its_own_float32_distance(runs):
+    print({run: {k: f'{v:.2e}' for k, v in d.items()} for run, d in runs.items()})
+    yardstick = runs['timm_float32']
+    for kind in KINDS:
+        assert yardstick[kind] < 1e-5                       # float32 rounding, nothing more
+        assert runs['trainer'][kind] <= 2 * yardstick[kind], (kind, runs['trainer'], yardstick)
+
+
+@pytest.mark.parametrize('control', ['decay on biases and BN', 'no label smoothing', 'torch RMSprop',
+                                     'EMA before the step'])
+def test_each_wrong_loop_fails_the_same_criterion(runs, control):
+    yardstick = runs['timm_float32']
+    assert any(runs[control][kind] > 2 * yardstick[kind] for kind in KINDS), (control, runs[control], yardstick)
