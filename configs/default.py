@@ -107,6 +107,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Regularisation.
     config.label_smoothing = 0.1
     config.ema_decay = 0.9999              # --model-ema-decay; 0 disables the EMA copy
+    config.ema_schedule = 'fixed'          # 'fixed': the authors' ModelEma (decay from update 1);
+                                           # 'timm' / 'timm_warmup': current timm's ModelEmaV3
+                                           # (decay 0 at update 1; --model-ema-warmup)
 
     # Knowledge distillation (GhostNetV3's recipe): loss = ce_weight * CE(student, labels) +
     # kd_weight * KD(student, teacher), the teacher in eval mode on the same images.

@@ -178,3 +178,34 @@ def test_twenty_recipe_updates_equal_timms_within_its_own_float32_distance(runs)
 def test_each_wrong_loop_fails_the_same_criterion(runs, control):
     yardstick = runs['timm_float32']
     assert any(runs[control][kind] > 2 * yardstick[kind] for kind in KINDS), (control, runs[control], yardstick)
+
+
+# ----------------------------------------------------------------------------- EMA semantics
+@pytest.mark.parametrize('schedule,use_warmup', [('timm', False), ('timm_warmup', True)])
+def test_ema_schedules_follow_timms_model_ema_v3(schedule, use_warmup):
+    from timm.utils import ModelEmaV3
+    from ghostnetv2_jax.train.state import ema_decay_at
+    ema = ModelEmaV3(torch.nn.Linear(2, 2), decay=0.9998, use_warmup=use_warmup)
+    for updates in list(range(1, 40)) + [1000, 10 ** 6]:   # train.py: update(model, step=num_updates)
+        assert float(ema_decay_at(updates, 0.9998, schedule)) == pytest.approx(ema.get_decay(updates), abs=1e-6)
+
+
+def test_fixed_ema_is_the_authors_model_ema_from_the_first_update():
+    from ghostnetv2_jax.train.state import ema_decay_at
+    assert [ema_decay_at(n, 0.9998, 'fixed') for n in (1, 2, 100)] == [0.9998] * 3
+    assert recipe().ema_schedule == 'fixed'
+    with pytest.raises(ValueError, match='ema_schedule must be one of'):
+        ema_decay_at(1, 0.9, 'v3')
+
+
+def test_the_trainer_step_applies_the_ema_schedule():
+    """With 'timm' the EMA after the first update is the updated weights themselves."""
+    from test_trainer import _toy_setup
+    rng = np.random.default_rng(0)
+    batch = {'images': jnp.asarray(rng.normal(size=(4, 4, 4, 3)), jnp.float32),
+             'labels': jnp.asarray(rng.integers(0, 3, size=4), jnp.int32)}
+    for schedule, copies in (('timm', True), ('fixed', False)):
+        state, step = _toy_setup(1, ema_decay=0.5, ema_schedule=schedule)
+        state, _ = step(state, batch)
+        same = jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), state.ema_params, state.params))
+        assert same == copies, schedule

@@ -228,12 +228,12 @@ class _Toy(nn.Module):
         return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
 
 
-def _toy_setup(grad_accum_steps: int, ema_decay: float = 0.5):
+def _toy_setup(grad_accum_steps: int, ema_decay: float = 0.5, ema_schedule: str = 'fixed'):
     import optax
     from ghostnetv2_jax.train import trainer
     from ghostnetv2_jax.train.state import create_state
     config = load_tiny()
-    config.grad_accum_steps, config.ema_decay = grad_accum_steps, ema_decay
+    config.grad_accum_steps, config.ema_decay, config.ema_schedule = grad_accum_steps, ema_decay, ema_schedule
     model = _Toy()
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 3)))
     tx = optax.sgd(0.1)

@@ -52,6 +52,27 @@ def create_state(variables: dict, tx: optax.GradientTransformation, rng: jax.Arr
                       rng=jnp.asarray(rng, jnp.uint32))
 
 
+EMA_SCHEDULES = ('fixed', 'timm', 'timm_warmup')
+
+
+def ema_decay_at(updates, decay: float, schedule: str = 'fixed'):
+    """The EMA decay of the update after which ``updates`` updates have been made (1: the first).
+
+    'fixed': ``decay`` from the first update on (timm's ModelEma / ModelEmaV2, the authors'
+    train.py). 'timm': timm's ModelEmaV3 as current train.py drives it (``update(model,
+    step=num_updates)``): decay 0 at the first update, so the EMA starts as a copy of the
+    weights, then ``decay``. 'timm_warmup': the same with ``--model-ema-warmup``, the decay rising
+    as ``1 - (1 + n) ** (-2/3)`` (n = updates - 1) up to ``decay``.
+    """
+    if schedule not in EMA_SCHEDULES:
+        raise ValueError(f'ema_schedule must be one of {EMA_SCHEDULES}, got {schedule!r}')
+    if schedule == 'fixed':
+        return decay
+    n = jnp.asarray(updates, jnp.float32) - 1.0
+    ramp = jnp.minimum(1.0 - (1.0 + n) ** (-2.0 / 3.0), decay) if schedule == 'timm_warmup' else decay
+    return jnp.where(n <= 0, 0.0, ramp)
+
+
 def ema_update(state: TrainState, decay: float) -> TrainState:
     """``ema = decay * ema + (1 - decay) * model`` for params and BN statistics alike (timm's
     ModelEma averages the whole state_dict), once per optimizer update."""

@@ -22,7 +22,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from ghostnetv2_jax import runtime as inference, xla_options
-from ghostnetv2_jax.train.state import TrainState, ema_update
+from ghostnetv2_jax.train.state import TrainState, ema_decay_at, ema_update
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float) -> jax.Array:
@@ -75,8 +75,8 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable,
     accumulation, (k, B / k, ...); an optional ``mask`` (1: a real example) weighs the loss.
     ``tx`` is any optax transformation over the parameter tree (``optim.create_optimizer`` gives
     the recipe's, on the flattened parameters); its state is ``state.opt_state``
-    (``state.create_state``). Uses ``config.grad_accum_steps``, ``label_smoothing`` and
-    ``ema_decay``.
+    (``state.create_state``). Uses ``config.grad_accum_steps``, ``label_smoothing``,
+    ``ema_decay`` and ``ema_schedule`` (``state.ema_decay_at``).
 
     With a ``teacher`` model the step is (state, batch, teacher_variables) -> (state, metrics):
     the teacher runs in eval mode on the same images and the loss is
@@ -128,7 +128,8 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable,
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                                   batch_stats=batch_stats, opt_state=opt_state)
-        new_state = ema_update(new_state, config.ema_decay)
+        new_state = ema_update(new_state, ema_decay_at(new_state.step, config.ema_decay,
+                                                       getattr(config, 'ema_schedule', 'fixed')))
         # param_norm doubles as the check that this update left the weights finite.
         metrics = {**losses, 'grad_norm': global_norm(grads),
                    'param_norm': global_norm(new_state.params), 'lr': schedule(state.step)}

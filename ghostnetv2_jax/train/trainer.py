@@ -28,7 +28,7 @@ from ghostnetv2_jax.models.registry import create_model
 from ghostnetv2_jax.train import checkpoint as ckpt_lib
 from ghostnetv2_jax.train import metrics as metrics_lib
 from ghostnetv2_jax.train import optim, sharding, steps
-from ghostnetv2_jax.train.state import TrainState, create_state, init_variables, load_pretrained
+from ghostnetv2_jax.train.state import EMA_SCHEDULES, TrainState, create_state, init_variables, load_pretrained
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -82,6 +82,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f'config.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}')
     if not 0.0 <= config.ema_decay < 1.0:
         raise ValueError(f'ema_decay must be in [0, 1), got {config.ema_decay}')
+    if config.ema_schedule not in EMA_SCHEDULES:
+        raise ValueError(f'ema_schedule must be one of {EMA_SCHEDULES}, got {config.ema_schedule!r}')
     if config.num_epochs <= 0 and config.num_train_steps <= 0:
         raise ValueError('set num_epochs or num_train_steps to a positive value')
     distill = config.distill
