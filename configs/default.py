@@ -101,8 +101,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.min_lr = 1e-5                   # cosine floor
     config.lr_noise = (0.42, 0.9)          # fractions of num_epochs; () disables
     config.lr_noise_pct = 0.67
-    config.lr_noise_std = 1.0
-    config.lr_noise_seed = 42
+    config.lr_noise_std = 1.0              # timm accepts --lr-noise-std and ignores it: 1.0 is timm's
+    config.lr_noise_seed = 42              # timm's noise_seed, which train.py takes from --seed
 
     # Regularisation.
     config.label_smoothing = 0.1
