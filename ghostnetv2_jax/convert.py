@@ -19,6 +19,7 @@ with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -41,6 +42,7 @@ class ConversionError(ValueError):
 _RENAMES = (
     (r'^blocks_(\d+)_(\d+)_', r'blocks.\1.\2.'),          # final 1x1 stage: blocks_9_0_conv
     (r'^blocks_(\d+)_(\d+)\.', r'blocks.\1.\2.'),
+    (r'_rpr_conv_(\d+)\.', r'_rpr_conv.\1.'),             # GhostNetV3's parallel branches (ModuleList)
     (r'\.primary_conv\.', '.primary_conv.0.'),
     (r'\.primary_bn\.', '.primary_conv.1.'),
     (r'\.cheap_conv\.', '.cheap_operation.0.'),
@@ -60,6 +62,9 @@ _RENAMES = (
 _LEAVES = {('params', 'kernel'): 'weight', ('params', 'scale'): 'weight', ('params', 'bias'): 'bias',
            ('batch_stats', 'mean'): 'running_mean', ('batch_stats', 'var'): 'running_var'}
 _PROFILER_KEYS = ('total_ops', 'total_params')   # thop leftovers in the authors' release files
+# The authors' GhostNetV3 names each branch's BatchNorm 'bn' where timm says 'bn1' (timm's
+# checkpoint_filter_fn renames it in the ghost modules and the stride-2 depthwise branches).
+_AUTHORS_V3_BN = re.compile(r'\.(ghost\d|dw_rpr_)')
 
 
 def torch_name(collection: str, path: Tuple[str, ...]) -> str:
@@ -87,7 +92,22 @@ def _to_flax_layout(leaf: str, a: np.ndarray) -> np.ndarray:
 
 
 def _flax_leaves(model_name: str, **overrides) -> Dict[Tuple[str, Tuple[str, ...]], jax.ShapeDtypeStruct]:
-    """Shapes of every Flax leaf of the model, keyed by (collection, path); nothing computed."""
+    """Shapes of every Flax leaf of the model, keyed by (collection, path); nothing computed.
+    Tracing the init takes seconds for a GhostNetV3, so the answer is kept per model and overrides
+    (where the overrides can be a dict key)."""
+    key = (model_name, tuple(sorted(overrides.items())))
+    try:
+        return dict(_cached_flax_leaves(key))
+    except TypeError:   # an unhashable override (attention_kwargs): traced each time
+        return _trace_flax_leaves(model_name, **overrides)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_flax_leaves(key):
+    return _trace_flax_leaves(key[0], **dict(key[1]))
+
+
+def _trace_flax_leaves(model_name: str, **overrides) -> Dict[Tuple[str, Tuple[str, ...]], jax.ShapeDtypeStruct]:
     model = create_model(model_name, **overrides)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
     out = {}
@@ -153,6 +173,9 @@ def torch_to_flax(state_dict: Mapping[str, Any], model_name: str, **overrides) -
     if mismatch:
         problems.append(f'shape mismatch at {mismatch[0]}: checkpoint {mismatch[1]} vs model {mismatch[2]}')
     if problems:
+        have, want = checkpoint_version(state_dict), checkpoint_version(names.values())
+        if missing and have != want and 'v3' in (have, want):
+            problems.append(f'the checkpoint holds GhostNet{have.upper()} weights, {model_name} is GhostNet{want.upper()}')
         raise ConversionError(f'checkpoint does not fit {model_name}: ' + '; '.join(problems))
     return _nest(flat)
 
@@ -183,13 +206,26 @@ def flax_to_torch(variables: Mapping[str, Any], model_name: str, *, as_torch: bo
 
 # ----------------------------------------------------------------------------- files
 def filter_state_dict(sd: Mapping[str, Any]) -> Dict[str, Any]:
-    """Drop profiler leftovers and a DataParallel 'module.' prefix (the authors' files need it)."""
+    """Drop profiler leftovers and a DataParallel 'module.' prefix, and rename the authors'
+    GhostNetV3 branch BatchNorms ``bn.`` to timm's ``bn1.`` (the authors' files need these)."""
     out = {}
     for k, v in sd.items():
         if k.endswith(_PROFILER_KEYS):
             continue
-        out[k[len('module.'):] if k.startswith('module.') else k] = v
+        k = k[len('module.'):] if k.startswith('module.') else k
+        if 'bn.' in k and _AUTHORS_V3_BN.search(k):
+            k = k.replace('bn.', 'bn1.')
+        out[k] = v
     return out
+
+
+def checkpoint_version(names) -> str:
+    """Which GhostNet a set of timm state_dict keys (or this project's converted names) belongs
+    to: 'v3' (re-parameterisable branches), 'v2' (DFC attention) or 'v1'."""
+    names = list(names)
+    if any('_rpr_' in n for n in names):
+        return 'v3'
+    return 'v2' if any('.short_conv.' in n for n in names) else 'v1'
 
 
 def _unwrap(obj: Any, path: str, use_ema: bool) -> Mapping[str, Any]:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ghostnetv2_jax import convert
-from ghostnetv2_jax.models.ghostnet import GhostBottleneck
+from ghostnetv2_jax.models.ghostnet import GhostBottleneck, GhostBottleneckV3
 from ghostnetv2_jax.models.registry import create_model
 
 DEFAULT_TOLERANCE = 1e-4   # max |flax - torch| / max |torch logit|
@@ -79,7 +79,7 @@ def torch_stage_outputs(model, x_nchw) -> Tuple[List[np.ndarray], np.ndarray]:
 def flax_stage_outputs(model, variables, x_nhwc) -> Tuple[List[np.ndarray], np.ndarray]:
     """(output of the last bottleneck of each stage, logits) from the Flax model. The final 1x1
     stage is inline in the Flax model, so it is checked through the logits."""
-    capture = lambda mdl, method: isinstance(mdl, GhostBottleneck) and method == '__call__'
+    capture = lambda mdl, method: isinstance(mdl, (GhostBottleneck, GhostBottleneckV3)) and method == '__call__'
     apply = jax.jit(lambda v, x: model.apply(v, x, capture_intermediates=capture, mutable=['intermediates']))
     logits, state = apply(variables, x_nhwc)
     inter = state['intermediates']

@@ -1,4 +1,9 @@
-"""GhostNet (V1) and GhostNetV2 in Flax linen, built from the architecture table.
+"""GhostNet (V1), GhostNetV2 and GhostNetV3 in Flax linen, built from one architecture table.
+
+V1 and V2 differ by the attention (``attention='none'`` / ``'dfc'``). GhostNetV3 keeps V2's
+inference network and trains it re-parameterised (``num_conv_branches`` > 0): every ghost module
+and stride-2 depthwise conv becomes parallel conv+BN branches (``GhostModuleV3``,
+``GhostBottleneckV3``), which ``runtime.reparameterize`` folds back into single convs.
 
 Module names follow timm's where they can, so the converter's rename table stays short
 (see ``ghostnetv2_jax/convert.py``). Inputs are NHWC images; ``train`` switches BatchNorm to batch
@@ -6,6 +11,7 @@ statistics (``mutable=['batch_stats']``) and enables dropout (a ``'dropout'`` rn
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -121,11 +127,137 @@ class GhostBottleneck(nn.Module):
         return y + shortcut
 
 
+class ConvBn(nn.Module):
+    """One re-parameterisable branch of GhostNetV3: a conv without bias, then BatchNorm (timm's
+    ``ConvBnAct`` with no activation). ``depthwise``: one group per input channel, ``multiplier``
+    outputs each; the padding is PyTorch's ``kernel_size // 2``."""
+    features: int
+    kernel_size: int = 1
+    stride: int = 1
+    depthwise: bool = False
+    multiplier: int = 1
+    depthwise_impl: str = 'auto'
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if self.depthwise:
+            conv = DepthwiseConv(self.kernel_size, stride=self.stride, multiplier=self.multiplier,
+                                 impl=self.depthwise_impl, dtype=self.dtype, name='conv')
+        else:
+            conv = conv2d(self.features, self.kernel_size, stride=self.stride, dtype=self.dtype, name='conv')
+        return BatchNorm(dtype=self.dtype, name='bn1')(conv(x), train)
+
+
+class GhostModuleV3(nn.Module):
+    """GhostNetV3's ghost module in its training form: GhostModule's two convs, each re-parameterised.
+
+    - primary: ``num_conv_branches`` parallel 1x1 conv+BN branches, summed, then the activation;
+    - cheap: ``num_conv_branches`` parallel ``dw_size`` depthwise conv+BN branches, plus a 1x1
+      depthwise conv+BN *scale* branch and a BN-only *identity* branch (ratio 2, where each
+      intrinsic map makes one ghost map), summed, then the activation.
+
+    Every branch is linear up to the sum, so in eval mode each sum is one conv with a bias: the
+    deploy form is ``GhostModule`` (``runtime.reparameterize``). Attention as in ``GhostModule``.
+    """
+    features: int
+    ratio: int = 2
+    dw_size: int = 3
+    use_act: bool = True
+    act: Callable[[jax.Array], jax.Array] = nn.relu
+    num_conv_branches: int = 3
+    attention: str = 'none'
+    attention_kwargs: Optional[Dict[str, Any]] = None
+    depthwise_impl: str = 'auto'
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        act = self.act if self.use_act else (lambda v: v)
+        common = dict(depthwise_impl=self.depthwise_impl, dtype=self.dtype)
+        init_chs = math.ceil(self.features / self.ratio)
+        new_chs = init_chs * (self.ratio - 1)
+
+        x1 = 0
+        for i in range(self.num_conv_branches):
+            x1 = x1 + ConvBn(init_chs, 1, name=f'primary_rpr_conv_{i}', **common)(x, train)
+        x1 = act(x1)
+
+        cheap = lambda k, name: ConvBn(new_chs, k, depthwise=True, multiplier=self.ratio - 1, name=name, **common)
+        x2 = cheap(1, 'cheap_rpr_scale')(x1, train)
+        if new_chs == init_chs:
+            x2 = x2 + BatchNorm(dtype=self.dtype, name='cheap_rpr_skip')(x1, train)
+        for i in range(self.num_conv_branches):
+            x2 = x2 + cheap(self.dw_size, f'cheap_rpr_conv_{i}')(x1, train)
+        x2 = act(x2)
+
+        out = jnp.concatenate([x1, x2], axis=-1)[..., :self.features]
+        attn = make_attention(**self.attention_options())
+        return out if attn is None else attn(x, out, train)
+
+    @nn.nowrap
+    def attention_options(self) -> Dict[str, Any]:
+        """``make_attention``'s arguments for the attention this module applies (as 'attn')."""
+        options = (self.attention_kwargs or {}) if self.attention != 'none' else {}
+        return dict(name=self.attention, features=self.features, depthwise_impl=self.depthwise_impl,
+                    dtype=self.dtype, **options)
+
+
+class GhostBottleneckV3(nn.Module):
+    """GhostBottleneck with GhostModuleV3s and, at stride 2, the depthwise conv re-parameterised:
+    ``num_conv_branches`` parallel k x k depthwise conv+BN branches plus a 1x1 stride-2 scale
+    branch, summed (no activation). SE and the shortcut are GhostBottleneck's."""
+    mid_features: int
+    out_features: int
+    kernel_size: int = 3
+    stride: int = 1
+    se_ratio: float = 0.0
+    num_conv_branches: int = 3
+    attention: str = 'none'
+    attention_position: str = 'ghost1'
+    attention_kwargs: Optional[Dict[str, Any]] = None
+    depthwise_impl: str = 'auto'
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if self.attention_position not in ('ghost1', 'ghost2'):
+            raise ValueError(f"attention_position must be 'ghost1' or 'ghost2', got {self.attention_position!r}")
+        common = dict(depthwise_impl=self.depthwise_impl, dtype=self.dtype)
+        attn = lambda pos: (dict(attention=self.attention, attention_kwargs=self.attention_kwargs)
+                            if self.attention_position == pos else {})
+        ghost = lambda features, use_act, name: GhostModuleV3(
+            features, use_act=use_act, num_conv_branches=self.num_conv_branches, name=name, **attn(name), **common)
+        dw = lambda k, name: ConvBn(self.mid_features, k, stride=self.stride, depthwise=True, name=name, **common)
+        bn = lambda name: BatchNorm(dtype=self.dtype, name=name)
+
+        y = ghost(self.mid_features, True, 'ghost1')(x, train)
+        if self.stride > 1:
+            z = dw(1, 'dw_rpr_scale')(y, train)
+            for i in range(self.num_conv_branches):
+                z = z + dw(self.kernel_size, f'dw_rpr_conv_{i}')(y, train)
+            y = z
+        if self.se_ratio > 0:
+            y = make_attention('se', self.mid_features, rd_ratio=self.se_ratio, dtype=self.dtype,
+                               module_name='se')(y, y, train)
+        y = ghost(self.out_features, False, 'ghost2')(y, train)
+
+        if x.shape[-1] == self.out_features and self.stride == 1:
+            shortcut = x
+        else:
+            shortcut = bn('shortcut_dw_bn')(DepthwiseConv(self.kernel_size, stride=self.stride, impl=self.depthwise_impl,
+                                                          dtype=self.dtype, name='shortcut_dw')(x), train)
+            shortcut = conv2d(self.out_features, 1, dtype=self.dtype, name='shortcut_pw')(shortcut)
+            shortcut = bn('shortcut_pw_bn')(shortcut, train)
+        return y + shortcut
+
+
 PARTS = ('all', 'features', 'head')
 
 
 class GhostNet(nn.Module):
-    """GhostNet V1 (``attention='none'``) or V2 (``attention='dfc'``) classifier.
+    """GhostNet V1 (``attention='none'``), V2 (``attention='dfc'``) or V3 (V2 with
+    ``num_conv_branches`` > 0: GhostBottleneckV3, the re-parameterisable training form) classifier.
 
     ``attention_blocks``: global indices of the bottlenecks (0..15) that get attention;
     None means the released models' choice, every block with index > 1.
@@ -138,6 +270,7 @@ class GhostNet(nn.Module):
     attention_kwargs: Optional[Dict[str, Any]] = None
     attention_blocks: Optional[Sequence[int]] = None
     attention_position: str = 'ghost1'
+    num_conv_branches: int = 0   # V3's parallel conv+BN branches per re-parameterisable conv (released: 3)
     depthwise_impl: str = 'auto'
     dtype: Dtype = jnp.float32
     fold_bn: bool = False     # inference form with BatchNorm folded into the convs (runtime.fold_batchnorm)
@@ -162,6 +295,9 @@ class GhostNet(nn.Module):
             raise ValueError(f"features_only returns the stage maps; it takes part='all', got {part!r}")
         if features_only and self.fold_bn:
             raise ValueError('features_only needs the unfolded model: its first map is taken before bn1')
+        if self.fold_bn and self.num_conv_branches:
+            raise ValueError('a GhostNetV3 training form has no folded BatchNorm; its inference form is '
+                             'runtime.reparameterize(model, variables)')
         if part == 'head':
             return self._head(images.astype(self.dtype), train)
         features: List[jax.Array] = []
@@ -171,14 +307,18 @@ class GhostNet(nn.Module):
         features.append(x)  # timm takes the stride-2 map straight from conv_stem, before BN
         x = nn.relu(BatchNorm(dtype=self.dtype, folded=self.fold_bn, name='bn1')(x, train))
 
+        if self.num_conv_branches:
+            block = functools.partial(GhostBottleneckV3, num_conv_branches=self.num_conv_branches)
+        else:
+            block = functools.partial(GhostBottleneck, fold_bn=self.fold_bn)
         index = 0
         for stage, rows in enumerate(self.cfgs):
             for j, (k, exp, c, se, s) in enumerate(rows):
-                x = GhostBottleneck(
+                x = block(
                     make_divisible(exp * self.width), make_divisible(c * self.width), int(k), int(s), se,
                     attention=self._attention_for(index), attention_position=self.attention_position,
                     attention_kwargs=self.attention_kwargs, depthwise_impl=self.depthwise_impl,
-                    dtype=self.dtype, fold_bn=self.fold_bn, name=f'blocks_{stage}_{j}')(x, train)
+                    dtype=self.dtype, name=f'blocks_{stage}_{j}')(x, train)
                 index += 1
             if int(rows[-1][4]) > 1:
                 features.append(x)

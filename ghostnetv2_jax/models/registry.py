@@ -26,15 +26,21 @@ class PretrainedCfg:
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     width: float
-    version: str                          # 'v1' | 'v2'
+    version: str                          # 'v1' | 'v2' | 'v3'
     pretrained: PretrainedCfg
     top1_paper: Optional[float] = None    # ImageNet top-1 reported in the papers
     top1_timm: Optional[float] = None     # timm's re-evaluation of the released weights
 
     def model_kwargs(self) -> Dict[str, Any]:
-        return dict(width=self.width, attention='dfc' if self.version == 'v2' else 'none')
+        kwargs = dict(width=self.width, attention='none' if self.version == 'v1' else 'dfc')
+        if self.version == 'v3':   # V2's network in V3's re-parameterisable training form
+            kwargs['num_conv_branches'] = V3_CONV_BRANCHES
+        return kwargs
 
 
+V3_CONV_BRANCHES = 3   # GhostNetV3's parallel conv+BN branches (timm's and the authors' num_conv_branches)
+
+_AUTHORS_V3 = 'https://github.com/huawei-noah/Efficient-AI-Backbones/releases/download/GhostNetV3/'
 _AUTHORS_V2 = 'https://github.com/huawei-noah/Efficient-AI-Backbones/releases/download/GhostNetV2/'
 _AUTHORS_V1 = 'https://github.com/huawei-noah/CV-backbones/releases/download/ghostnet_pth/'
 
@@ -53,6 +59,14 @@ MODELS: Dict[str, ModelSpec] = {
     'ghostnetv2_160': ModelSpec(1.6, 'v2', PretrainedCfg(hf_hub_id='timm/ghostnetv2_160.in1k',
                                                          url=_AUTHORS_V2 + 'ck_ghostnetv2_16.pth.tar'),
                                 top1_paper=77.8, top1_timm=77.84),
+    # GhostNetV3 paper (arXiv 2404.11202): 1.0x 77.1, 1.3x 79.1. timm releases the 1.0x weights
+    # (the authors' non-EMA ones) only; the other widths are untrained there.
+    'ghostnetv3_050': ModelSpec(0.5, 'v3', PretrainedCfg()),
+    'ghostnetv3_100': ModelSpec(1.0, 'v3', PretrainedCfg(hf_hub_id='timm/ghostnetv3_100.in1k',
+                                                         url=_AUTHORS_V3 + 'ghostnetv3-1.0.pth.tar'),
+                                top1_paper=77.1, top1_timm=76.93),
+    'ghostnetv3_130': ModelSpec(1.3, 'v3', PretrainedCfg(), top1_paper=79.1),
+    'ghostnetv3_160': ModelSpec(1.6, 'v3', PretrainedCfg()),
 }
 
 
