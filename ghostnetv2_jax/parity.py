@@ -5,6 +5,10 @@ A freshly initialised network has BN mean 0 / var 1 / scale 1 / bias 0 and tiny 
 hides conversion bugs (a swapped mean and bias, a missing transpose of a symmetric kernel...), so
 the reference's BN statistics and affine parameters are randomised and its classifier is scaled
 until the logits are of order 10.
+
+A GhostNetV3 model is compared in both forms: the training form (parallel branches) in eval mode,
+and the deploy form (``runtime.reparameterize``) against timm's re-parameterised model
+(``timm.utils.model.reparameterize_model``, what ``GhostNet.convert_to_deploy`` calls).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import numpy as np
 from ghostnetv2_jax import convert
 from ghostnetv2_jax.models.ghostnet import GhostBottleneck, GhostBottleneckV3
 from ghostnetv2_jax.models.registry import create_model
+from ghostnetv2_jax.runtime.deploy import reparameterize
 
 DEFAULT_TOLERANCE = 1e-4   # max |flax - torch| / max |torch logit|
 
@@ -99,43 +104,60 @@ class Report:
     stage_diffs: List[float]
     logit_diff: float
     logit_scale: float
+    form: str = 'eval'    # 'eval', or 'deploy': GhostNetV3 re-parameterised on both sides
 
     @property
     def relative(self) -> float:
         return self.logit_diff / max(self.logit_scale, 1e-12)
 
     def lines(self) -> List[str]:
-        rows = [f'{self.model}  input {self.input_shape}  (max abs diff, flax vs timm)']
+        form = '' if self.form == 'eval' else f'  {self.form} form'
+        rows = [f'{self.model}{form}  input {self.input_shape}  (max abs diff, flax vs timm)']
         rows += [f'  stage {i}: {d:.3e}' for i, d in enumerate(self.stage_diffs)]
         rows.append(f'  logits : {self.logit_diff:.3e}  (max |logit| {self.logit_scale:.2f}, '
                     f'relative {self.relative:.3e})')
         return rows
 
 
-def compare(name: str, torch_model, images_nhwc: np.ndarray, **overrides) -> Report:
-    """Convert ``torch_model``'s weights, run both models on the same images, diff every stage."""
+def timm_deploy_model(torch_model):
+    """timm's deploy form of ``torch_model`` (a copy): GhostNetV3's branches re-parameterised.
+    ``GhostNet.convert_to_deploy()`` calls this with ``inplace=False`` and drops the result, so
+    it leaves the model as it was; the function itself returns the deploy form."""
+    from timm.utils.model import reparameterize_model
+    return reparameterize_model(torch_model, inplace=False).eval()
+
+
+def compare(name: str, torch_model, images_nhwc: np.ndarray, deploy: bool = False, **overrides) -> Report:
+    """Convert ``torch_model``'s weights, run both models on the same images, diff every stage.
+    ``deploy``: compare GhostNetV3's deploy forms (``reparameterize`` against timm's)."""
     import torch
     variables = convert.torch_to_flax(torch_model.state_dict(), name, **overrides)
     model = create_model(name, **overrides)
+    if deploy:
+        model, variables = reparameterize(model, variables)
+        torch_model = timm_deploy_model(torch_model)
     t_stages, t_logits = torch_stage_outputs(torch_model, torch.from_numpy(images_nhwc.transpose(0, 3, 1, 2).copy()))
     f_stages, f_logits = flax_stage_outputs(model, variables, jnp.asarray(images_nhwc))
     diffs = [float(np.max(np.abs(a - b))) for a, b in zip(f_stages, t_stages)]
     return Report(name, tuple(images_nhwc.shape), diffs, float(np.max(np.abs(f_logits - t_logits))),
-                  float(np.max(np.abs(t_logits))))
+                  float(np.max(np.abs(t_logits))), 'deploy' if deploy else 'eval')
 
 
 def run(name: str, checkpoint: Optional[str] = None, sizes: Sequence[Tuple[int, int]] = ((224, 224),),
         batch: int = 2, seed: int = 0, tolerance: float = DEFAULT_TOLERANCE, use_ema: bool = False,
         depthwise_impl: str = 'auto') -> bool:
-    """Print the parity report for ``name`` at each size; True when every size is within tolerance."""
+    """Print the parity report for ``name`` at each size (a GhostNetV3 in its training and its
+    deploy form); True when every comparison is within tolerance."""
     ref = timm_model(name, seed=seed, checkpoint=checkpoint, use_ema=use_ema)
+    forms = (False, True) if create_model(name).num_conv_branches else (False,)
     rng = np.random.default_rng(seed)
     ok = True
     for h, w in sizes:
         images = rng.standard_normal((batch, h, w, 3)).astype(np.float32)
-        report = compare(name, ref, images, depthwise_impl=depthwise_impl)
-        print('\n'.join(report.lines()))
-        passed = report.relative <= tolerance
-        print(f'  {"PASS" if passed else "FAIL"} (tolerance {tolerance:g} relative)')
-        ok &= passed
+        for deploy in forms:
+            report = compare(name, ref, images, deploy=deploy, depthwise_impl=depthwise_impl)
+            print('\n'.join(report.lines()))
+            passed = report.relative <= tolerance
+            print(f'  {"PASS" if passed else "FAIL"} (tolerance {tolerance:g} relative)')
+            ok &= passed
     return ok

@@ -5,6 +5,9 @@ convolution ``N*Ho*Wo*Cout * kh*kw*Cin/groups`` and for every matmul ``output si
 size``; pooling, BN, activations and resizes are free. They are read off the traced program (the
 jaxpr) of the model with XLA's depthwise convolution, so they follow whatever the model does; a
 layer with per-platform forms counts its costliest.
+
+A GhostNetV3 model counts the parameters of its training form (timm's count) and the MACs of its
+deploy form (``runtime.reparameterize``: GhostNetV2's network), the network that runs inference.
 """
 from __future__ import annotations
 
@@ -54,8 +57,16 @@ def count_macs(model, variables, input_size: Tuple[int, int] = (224, 224)) -> in
 
 
 def summarize(name: str, input_size: Tuple[int, int] = (224, 224), **overrides) -> Dict[str, Any]:
+    """Parameters and MACs of a registered model; for GhostNetV3 also ``deploy_params``, and
+    ``macs`` is its deploy form's."""
     model = create_model(name, **overrides)
     x = jnp.zeros((1, *input_size, 3), jnp.float32)
-    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
-    return dict(model=name, input_size=tuple(input_size), params=count_params(variables),
-                macs=count_macs(model, variables, input_size))
+    shapes = lambda m: jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), x))
+    variables = shapes(model)
+    out = dict(model=name, input_size=tuple(input_size), params=count_params(variables))
+    if model.num_conv_branches:   # the inference network: reparameterize's output
+        model = model.clone(num_conv_branches=0, fold_bn=True)
+        variables = shapes(model)
+        out['deploy_params'] = count_params(variables)
+    out['macs'] = count_macs(model, variables, input_size)
+    return out
