@@ -17,14 +17,14 @@ frameworks), lr 0.002, weight decay 1e-2 and EMA decay 0.9 (so that their errors
 updates). At this lr both float32 runs stay within 3e-7 of the float64 one; much larger steps
 make the 20 updates chaotic (float32 rounding alone then moves the weights by 1e-3 to 1e-2).
 
-Even at this lr a float32 run stays 1e-7 from float64 only as long as rounding (most likely)
-leaves every near-zero ReLU / hard-sigmoid input on the float64 side of its kink: in the last stage (4x4 maps, batch 8:
-128 terms per channel) one such flip moves that channel's gradient visibly, and the difference
-then grows, to 1e-4 .. 3e-3 by the 20th update. Which run meets a flip depends on the order of its sums: timm float32 on 2 torch
-threads lands 2.5e-3 from float64 (1.1e-7 on 1 thread, float64 the same on both), so the torch
-runs here are on one thread, as the tests' conftest sets it. A trainer run that meets a flip
-(another XLA version or CPU) fails the test without being wrong: rerun the torch side on 2
-threads to see whether timm itself then lands where the trainer does.
+Even at this lr a float32 run stays 1e-7 from float64 only as long as rounding (most likely) leaves
+every near-zero ReLU / hard-sigmoid input on the float64 side of its kink: in the last stage (4x4
+maps, batch 8: 128 terms per channel) one such flip moves that channel's gradient visibly, and the
+difference then grows, to 1e-4 .. 3e-3 by the 20th update. Which run meets a flip depends on the
+order of its sums: timm float32 on 2 torch threads lands 2.5e-3 from float64 (1.1e-7 on 1 thread,
+float64 the same on both), so the torch runs here are on one thread, as the tests' conftest sets it.
+A trainer run that meets a flip (another XLA version or CPU) fails the test without being wrong:
+rerun the torch side on 2 threads to see whether timm itself then lands where the trainer does.
 
   .venv/bin/python -m pytest -s tests/test_recipe_fidelity.py   # prints every distance
 """
