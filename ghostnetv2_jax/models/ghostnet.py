@@ -44,6 +44,13 @@ GHOSTNET_CFGS: Tuple[Tuple[Tuple[float, ...], ...], ...] = (
 HEAD_WIDTH = 1280
 
 
+def _attention_options(module, **extra) -> Dict[str, Any]:
+    """``make_attention``'s arguments for a ghost module's attention (GhostModule, GhostModuleV3)."""
+    options = (module.attention_kwargs or {}) if module.attention != 'none' else {}
+    return dict(name=module.attention, features=module.features, depthwise_impl=module.depthwise_impl,
+                dtype=module.dtype, **extra, **options)
+
+
 class GhostModule(nn.Module):
     """Primary 1x1 conv + cheap depthwise conv, concatenated, optionally enhanced by attention.
 
@@ -80,9 +87,7 @@ class GhostModule(nn.Module):
     @nn.nowrap
     def attention_options(self) -> Dict[str, Any]:
         """``make_attention``'s arguments for the attention this module applies (as 'attn')."""
-        options = (self.attention_kwargs or {}) if self.attention != 'none' else {}
-        return dict(name=self.attention, features=self.features, depthwise_impl=self.depthwise_impl,
-                    dtype=self.dtype, fold_bn=self.fold_bn, **options)
+        return _attention_options(self, fold_bn=self.fold_bn)
 
 
 class GhostBottleneck(nn.Module):
@@ -198,9 +203,7 @@ class GhostModuleV3(nn.Module):
     @nn.nowrap
     def attention_options(self) -> Dict[str, Any]:
         """``make_attention``'s arguments for the attention this module applies (as 'attn')."""
-        options = (self.attention_kwargs or {}) if self.attention != 'none' else {}
-        return dict(name=self.attention, features=self.features, depthwise_impl=self.depthwise_impl,
-                    dtype=self.dtype, **options)
+        return _attention_options(self)
 
 
 class GhostBottleneckV3(nn.Module):
