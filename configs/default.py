@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = 'ghostnetv2_100'
     # GhostNet fields to override (None: the registered model's value), e.g. for the paper's
     # ablations: --config.model_overrides.attention=se, ...attention_kwargs="{'kernel': (7, 7)}".
-    # attention_kwargs keys by variant (the module fields of nn/attention.py): dfc: kernel (K_H, K_W),
+    # attention_kwargs keys by variant (the module fields of layers/attention.py): dfc: kernel (K_H, K_W),
     # downsample, gate, gate_before_upsample, upsample; se: rd_ratio, gate; cbam: rd_ratio,
     # spatial_kernel, gate; coord: reduction, min_width.
     config.model_overrides = ml_collections.ConfigDict({

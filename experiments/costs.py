@@ -165,7 +165,7 @@ def markdown(rows: Sequence[Mapping[str, Any]], settings: Mapping[str, Any]) -> 
               'op, other switches run unfused); `unfused`: `predict_fn(model, fuse=False)`, every variant as '
               'written. The paper\'s latencies are on a phone (ARM, batch 1); its FLOPs are MACs. MACs as '
               '`ghostnetv2_jax.summary.count_macs` counts them: it counts the interpolation-matrix products of '
-              'the bilinear and bicubic up-sampling (`nn.layers.resize`), not the copies of the nearest one.', '']
+              'the bilinear and bicubic up-sampling (`layers.helpers.resize`), not the copies of the nearest one.', '']
     return '\n'.join(lines)
 
 

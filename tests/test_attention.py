@@ -12,7 +12,7 @@ from timm.layers import make_divisible
 
 from conftest import rel_err
 from ghostnetv2_jax.convert import _to_flax_layout
-from ghostnetv2_jax.nn import attention
+from ghostnetv2_jax.layers import attention
 from ghostnetv2_jax.parity import randomize_
 
 RNG = np.random.default_rng(0)

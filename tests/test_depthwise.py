@@ -17,7 +17,7 @@ import pytest
 
 from conftest import rel_err
 from ghostnetv2_jax import kernels
-from ghostnetv2_jax.nn.depthwise import DepthwiseConv, check_impl, cpu_impl, depthwise_conv
+from ghostnetv2_jax.layers.depthwise import DepthwiseConv, check_impl, cpu_impl, depthwise_conv
 
 TOLERANCE = 1e-5
 BF16_TOLERANCE = 2e-2

@@ -18,8 +18,8 @@ from ghostnetv2_jax.kernels import batchnorm as kbn
 from ghostnetv2_jax.kernels import depthwise as kdw
 from ghostnetv2_jax.kernels import ghost_module as kgm
 from ghostnetv2_jax.kernels import stem as kstem
-from ghostnetv2_jax.nn.depthwise import depthwise_conv
-from ghostnetv2_jax.nn.layers import resize
+from ghostnetv2_jax.layers.depthwise import depthwise_conv
+from ghostnetv2_jax.layers.helpers import resize
 
 PAD = ((1, 1), (1, 1))
 
@@ -37,7 +37,7 @@ def _run(code, **env):
 FALLBACK = '''
     import json
     from ghostnetv2_jax import kernels
-    from ghostnetv2_jax.nn.depthwise import cpu_impl
+    from ghostnetv2_jax.layers.depthwise import cpu_impl
     print(json.dumps({'auto': cpu_impl(), 'error': kernels.load_error()}))
 '''
 
@@ -59,7 +59,7 @@ def test_failed_build_falls_back_to_shift_with_the_reason(tmp_path):
 def test_explicit_native_when_unavailable_is_a_clear_error():
     code = '''
         import json, jax.numpy as jnp
-        from ghostnetv2_jax.nn.depthwise import depthwise_conv
+        from ghostnetv2_jax.layers.depthwise import depthwise_conv
         try:
             depthwise_conv(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2)), impl='native')
         except RuntimeError as e:
@@ -91,7 +91,7 @@ def test_batch_sharded_program_runs_per_device_without_gathering(impl):
     code = '''
         import json, jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from ghostnetv2_jax.nn.depthwise import depthwise_conv
+        from ghostnetv2_jax.layers.depthwise import depthwise_conv
         rng = np.random.default_rng(0)
         x = jnp.asarray(rng.standard_normal((8, 10, 9, 6)), jnp.float32)
         k = jnp.asarray(rng.standard_normal((3, 3, 1, 6)), jnp.float32)
@@ -444,7 +444,7 @@ def test_batch_norm_grad_sums_are_sum_g_and_sum_g_times_centred_x(shape):
 def test_batch_norm_train_with_native_sums_equals_autodiff_of_the_xla_reductions():
     """Output, statistics and every gradient (input, scale, bias) of the training-mode op, which
     on CPU runs the native sums, against autodiff of BatchNorm written with XLA's reductions."""
-    from ghostnetv2_jax.nn.batchnorm import batch_norm_train
+    from ghostnetv2_jax.layers.batchnorm import batch_norm_train
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((4, 12, 10, 8)) * 3 + 5, jnp.float32)
     scale = jnp.asarray(rng.uniform(0.5, 1.5, 8), jnp.float32)
@@ -473,7 +473,7 @@ def test_batch_norm_sums_shard_over_the_batch_and_vmap():
     code = '''
         import json, jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from ghostnetv2_jax.nn.batchnorm import batch_norm_train
+        from ghostnetv2_jax.layers.batchnorm import batch_norm_train
         rng = np.random.default_rng(0)
         x = jnp.asarray(rng.standard_normal((8, 6, 5, 4)) + 2, jnp.float32)
         s, b = jnp.full((4,), 1.5, jnp.float32), jnp.full((4,), 0.1, jnp.float32)

@@ -7,19 +7,19 @@ import torch
 import torch.nn.functional as F
 from timm.layers import make_divisible as timm_make_divisible
 
-from ghostnetv2_jax.nn import batchnorm, layers
-from ghostnetv2_jax.nn.conv import conv2d
+from ghostnetv2_jax.layers import batchnorm, helpers
+from ghostnetv2_jax.layers.conv import conv2d
 
 
 def test_make_divisible_matches_timm_for_every_ghostnet_width():
     for v in [c * w for c in (16, 24, 40, 48, 72, 80, 112, 120, 160, 184, 200, 240, 480, 672, 960)
               for w in (0.5, 1.0, 1.3, 1.6, 0.75, 2.0)] + [18.0, 5.0, 1.0]:
-        assert layers.make_divisible(v, 4) == timm_make_divisible(v, 4), v
+        assert helpers.make_divisible(v, 4) == timm_make_divisible(v, 4), v
 
 
 def test_hard_sigmoid_is_torch_hardsigmoid():
     x = np.linspace(-5, 5, 101, dtype=np.float32)
-    np.testing.assert_allclose(layers.hard_sigmoid(jnp.asarray(x)), F.hardsigmoid(torch.from_numpy(x)).numpy(), atol=1e-7)
+    np.testing.assert_allclose(helpers.hard_sigmoid(jnp.asarray(x)), F.hardsigmoid(torch.from_numpy(x)).numpy(), atol=1e-7)
 
 
 @pytest.mark.parametrize('size', [8, 9])
@@ -79,7 +79,7 @@ def test_resize_matches_torch_interpolate(method, src, dst):
     x = rng.standard_normal((2, *src, 3)).astype(np.float32)
     kwargs = {} if method == 'nearest' else {'align_corners': False}
     ref = F.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), size=dst, mode=method, **kwargs)
-    ours = layers.resize(jnp.asarray(x), dst, method)
+    ours = helpers.resize(jnp.asarray(x), dst, method)
     # nearest is a gather: bit-exact. The weighted modes sum the same float32 weights in another
     # order (torch interpolates rows then columns, tap by tap), so they agree to float32 rounding.
     atol = 0.0 if method == 'nearest' else 1e-5
@@ -89,9 +89,9 @@ def test_resize_matches_torch_interpolate(method, src, dst):
 def test_nearest_resize_uses_torch_floor_rule_not_half_pixel():
     # 3 -> 7: torch picks rows 0,0,0,1,1,2,2; jax.image.resize's half-pixel rule gives 0,0,1,1,1,2,2.
     x = jnp.arange(3, dtype=jnp.float32).reshape(1, 3, 1, 1)
-    assert layers.resize(x, (7, 1)).ravel().tolist() == [0, 0, 0, 1, 1, 2, 2]
+    assert helpers.resize(x, (7, 1)).ravel().tolist() == [0, 0, 0, 1, 1, 2, 2]
 
 
 def test_resize_rejects_unknown_method():
     with pytest.raises(ValueError, match='unknown resize method'):
-        layers.resize(jnp.zeros((1, 2, 2, 1)), (4, 4), 'area')
+        helpers.resize(jnp.zeros((1, 2, 2, 1)), (4, 4), 'area')

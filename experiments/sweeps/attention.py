@@ -1,7 +1,7 @@
 """Which attention in GhostNetV2's ghost modules: DFC (the paper's), SE, CBAM, Coordinate Attention,
 or none (GhostNet V1's block). The paper compares them on MobileNetV2 (Table 5); here each replaces
 DFC in the same blocks of GhostNetV2 1.0x (index > 1), at the same place (the first ghost
-module's output), with its own paper's settings (nn/attention.py).
+module's output), with its own paper's settings (layers/attention.py).
 
   python experiments/sweep.py --sweep experiments/sweeps/attention.py --scale demo
 """

@@ -10,7 +10,7 @@ Each op module holds the op and its jnp reference (what it computes, as separate
 
 ``build`` compiles, caches, loads and registers the library (for the CPU platform only);
 ``ffi`` calls it with batch partitioning and vmap rules. This package imports nothing from the
-Flax layers: the layers (``ghostnetv2_jax.nn``) and the inference runtime
+Flax layers: the layers (``ghostnetv2_jax.layers``) and the inference runtime
 (``ghostnetv2_jax.runtime``) decide where these ops run.
 """
 from ghostnetv2_jax.kernels.build import library_path, load, load_error

@@ -5,7 +5,7 @@ returned per example and summed by the caller), so under a batch-sharded jit eac
 on its own examples: the sharding rules let the batch factor ``n`` be sharded and keep every
 other dimension whole. The handlers are registered for the CPU platform only; lowering a program
 that contains one for another platform fails, which is why the layers choose their form per
-lowering platform (``ghostnetv2_jax.nn.platform``).
+lowering platform (``ghostnetv2_jax.layers.platform``).
 """
 from __future__ import annotations
 

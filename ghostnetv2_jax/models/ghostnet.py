@@ -19,11 +19,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ghostnetv2_jax.nn.attention import make_attention
-from ghostnetv2_jax.nn.batchnorm import BatchNorm
-from ghostnetv2_jax.nn.conv import conv2d
-from ghostnetv2_jax.nn.depthwise import DepthwiseConv
-from ghostnetv2_jax.nn.layers import make_divisible
+from ghostnetv2_jax.layers.attention import make_attention
+from ghostnetv2_jax.layers.batchnorm import BatchNorm
+from ghostnetv2_jax.layers.conv import conv2d
+from ghostnetv2_jax.layers.depthwise import DepthwiseConv
+from ghostnetv2_jax.layers.helpers import make_divisible
 
 Dtype = Any
 
@@ -57,7 +57,7 @@ class GhostModule(nn.Module):
     The primary conv makes ``ceil(features / ratio)`` intrinsic maps; the cheap operation, a
     ``dw_size`` depthwise conv with ``ratio - 1`` outputs per map, makes the ghost maps; the
     first ``features`` of both are kept. ``attention`` is applied as
-    ``attn(module_input, ghost_output)`` (see nn/attention.py).
+    ``attn(module_input, ghost_output)`` (see layers/attention.py).
     """
     features: int
     ratio: int = 2

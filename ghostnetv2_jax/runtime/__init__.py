@@ -11,6 +11,6 @@ The model (``ghostnetv2_jax.models``) stays the specification; nothing here chan
 """
 from ghostnetv2_jax.runtime.chunking import CPU_CHUNK, Chunk, chunk_for, chunked, resolve_chunk
 from ghostnetv2_jax.runtime.deploy import fold_batchnorm, reparameterize
-from ghostnetv2_jax.runtime.predict import predict_fn
+from ghostnetv2_jax.runtime.forward import predict_fn
 
 __all__ = ['CPU_CHUNK', 'Chunk', 'chunk_for', 'chunked', 'fold_batchnorm', 'predict_fn', 'reparameterize', 'resolve_chunk']

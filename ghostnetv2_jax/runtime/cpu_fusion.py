@@ -34,9 +34,9 @@ from ghostnetv2_jax import kernels
 from ghostnetv2_jax.kernels.ghost_module import KERNEL_SIZES, StridedDepthwise, apply_strided, ghost_module
 from ghostnetv2_jax.kernels.stem import stem_conv
 from ghostnetv2_jax.models.ghostnet import GhostBottleneck, GhostModule, GhostNet
-from ghostnetv2_jax.nn.attention import GATES, DFCAttention, make_attention
-from ghostnetv2_jax.nn.batchnorm import BatchNorm, inference_affine
-from ghostnetv2_jax.nn.depthwise import DepthwiseConv
+from ghostnetv2_jax.layers.attention import GATES, DFCAttention, make_attention
+from ghostnetv2_jax.layers.batchnorm import BatchNorm, inference_affine
+from ghostnetv2_jax.layers.depthwise import DepthwiseConv
 
 # The module op also runs the primary 1x1 conv when its input is this narrow (every ghost1 from
 # the stem to the 28x28 stage, and block 0's ghost2), where XLA's matmul is bound by memory;

@@ -33,7 +33,7 @@ import flax
 import jax.numpy as jnp
 import numpy as np
 
-from ghostnetv2_jax.nn.batchnorm import EPSILON
+from ghostnetv2_jax.layers.batchnorm import EPSILON
 
 # BatchNorm name -> the conv it follows, in the same parent module. 'bn1' is the stem's BN at the
 # top level and Coordinate Attention's in its module: whichever conv exists there is the one.

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from ghostnetv2_jax import runtime as inference, xla_options
+from ghostnetv2_jax import runtime, xla_options
 from ghostnetv2_jax.train.state import TrainState, ema_decay_at, ema_update
 
 
@@ -148,10 +148,10 @@ def jit_train_step(train_step: Callable, *, project_options: bool = True, **jit_
     return jax.jit(train_step, donate_argnums=0, compiler_options=options, **jit_kwargs)
 
 
-def make_eval_step(model, chunk: inference.Chunk = None) -> Callable:
+def make_eval_step(model, chunk: runtime.Chunk = None) -> Callable:
     """(variables, batch) -> sums over the real (mask 1) examples of the global batch. ``chunk``:
     run the network over chunks of the batch (``ghostnetv2_jax.runtime``; for one device)."""
-    predict = inference.predict_fn(model, chunk)
+    predict = runtime.predict_fn(model, chunk)
 
     def eval_step(variables, batch):
         logits = predict(variables, batch['images'])

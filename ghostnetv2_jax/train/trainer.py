@@ -22,7 +22,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ghostnetv2_jax import runtime as inference, xla_options
+from ghostnetv2_jax import runtime, xla_options
 from ghostnetv2_jax.data.pipeline import create_split, num_classes_of
 from ghostnetv2_jax.models.registry import create_model
 from ghostnetv2_jax.train import checkpoint as ckpt_lib
@@ -294,7 +294,7 @@ def _train_and_evaluate(config, workdir: epath.Path, guard: ckpt_lib.PreemptionG
     jitted_step = steps.jit_train_step(make_train_step(model, tx, schedule, config, teacher),
                                        out_shardings=(state_sharding, replicated))
     train_step = jitted_step if teacher is None else (lambda s, b: jitted_step(s, b, teacher_variables))
-    eval_step = xla_options.jit(make_eval_step(model, inference.chunk_for(mesh)), train=False,
+    eval_step = xla_options.jit(make_eval_step(model, runtime.chunk_for(mesh)), train=False,
                                 out_shardings=replicated)
     writer = metrics_lib.MetricWriter(workdir)
     progress = metrics_lib.Progress(total_steps, config.batch_size, start_step)

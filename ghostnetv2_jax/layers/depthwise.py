@@ -31,8 +31,8 @@ from jax import lax
 
 from ghostnetv2_jax import kernels
 from ghostnetv2_jax.kernels.depthwise import depthwise as depthwise_native
-from ghostnetv2_jax.nn.layers import IntOrPair, pair, torch_padding
-from ghostnetv2_jax.nn.platform import differentiable_on_platform
+from ghostnetv2_jax.layers.helpers import IntOrPair, pair, torch_padding
+from ghostnetv2_jax.layers.platform import differentiable_on_platform
 
 IMPLEMENTATIONS = ('auto', 'xla', 'shift', 'native')
 Padding = Tuple[Tuple[int, int], Tuple[int, int]]

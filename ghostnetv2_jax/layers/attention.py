@@ -19,10 +19,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ghostnetv2_jax.nn.batchnorm import BatchNorm
-from ghostnetv2_jax.nn.conv import conv2d
-from ghostnetv2_jax.nn.depthwise import DepthwiseConv
-from ghostnetv2_jax.nn.layers import avg_pool_2x2, hard_sigmoid, make_divisible, resize
+from ghostnetv2_jax.layers.batchnorm import BatchNorm
+from ghostnetv2_jax.layers.conv import conv2d
+from ghostnetv2_jax.layers.depthwise import DepthwiseConv
+from ghostnetv2_jax.layers.helpers import avg_pool_2x2, hard_sigmoid, make_divisible, resize
 
 Dtype = Any
 

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ghostnetv2_jax.nn.layers import IntOrPair, pair, torch_padding
-from ghostnetv2_jax.nn.platform import differentiable_on_platform
+from ghostnetv2_jax.layers.helpers import IntOrPair, pair, torch_padding
+from ghostnetv2_jax.layers.platform import differentiable_on_platform
 
 Dtype = Any
 IM2COL_MAX_DEPTH = 32   # kh*kw*C_in up to which a CPU conv runs as patches @ kernel (the 3x3x3 stem)

@@ -12,7 +12,7 @@ from jax import lax
 
 from ghostnetv2_jax import kernels
 from ghostnetv2_jax.kernels import batchnorm as native_sums
-from ghostnetv2_jax.nn.platform import on_platform
+from ghostnetv2_jax.layers.platform import on_platform
 
 Dtype = Any
 EPSILON = 1e-5
