@@ -1,4 +1,4 @@
-"""PyTorch state_dict <-> Flax variables, strictly, plus checkpoint readers and writers.
+"""PyTorch state_dict <-> Flax variables, strictly, and the reader of PyTorch state_dict files.
 
 The mapping is a handful of explicit rules (efficientnet-jax style):
 
@@ -12,18 +12,16 @@ The mapping is a handful of explicit rules (efficientnet-jax style):
 Strict: every tensor of the state_dict is consumed, every Flax leaf is filled and every shape
 checked; anything else raises ``ConversionError`` naming the keys.
 
-Converted weights are stored as **safetensors** (``save_variables``/``load_variables``): flat keys
-``params/blocks_0_0/ghost1/primary_conv/kernel``, with the model name and its overrides in the
-metadata. Reading a ``.safetensors`` file never needs torch; ``.pth``/``.pth.tar`` files are read
-with ``torch.load(weights_only=True)``.
+``load_state_dict`` reads a timm ``.safetensors`` without torch and ``.pth``/``.pth.tar`` files with
+``torch.load(weights_only=True)``. Every other way in and out of weights (workdirs, Flax variables
+files, writing state_dicts) is ``ghostnetv2_jax.weights``.
 """
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -271,66 +269,3 @@ def load_state_dict(path: str, use_ema: bool = False) -> StateDict:
         sd = _unwrap(sd, path, use_ema)
     return {k: to_numpy(v) for k, v in filter_state_dict(sd).items()}
 
-
-def _flatten(variables: Mapping[str, Any]) -> Dict[str, np.ndarray]:
-    flat = jax.tree_util.tree_flatten_with_path(dict(variables))[0]
-    return {'/'.join(k.key for k in p): np.ascontiguousarray(np.asarray(v)) for p, v in flat}
-
-
-def save_variables(path: str, variables: Mapping[str, Any], model_name: str,
-                   overrides: Optional[Mapping[str, Any]] = None) -> None:
-    """Write Flax variables to ``path`` (safetensors) atomically: a failed write leaves any
-    existing file untouched."""
-    from safetensors.numpy import save_file
-    meta = {'model': model_name, 'overrides': json.dumps(dict(overrides or {}), sort_keys=True),
-            'format': 'ghostnetv2_jax.variables/1'}
-    tmp = f'{path}.tmp-{os.getpid()}'
-    save_file(_flatten(variables), tmp, metadata=meta)
-    os.replace(tmp, path)
-
-
-def load_variables(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """(variables, {'model': name, 'overrides': {...}}) from a file written by ``save_variables``."""
-    from safetensors import safe_open
-    if not os.path.isfile(path):
-        raise ConversionError(f'no such file: {path}')
-    try:
-        with safe_open(path, framework='numpy') as f:
-            meta = f.metadata() or {}
-            flat = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ConversionError(f'cannot read {path} as safetensors: {str(e).splitlines()[0] if str(e) else e!r}') from None
-    if meta.get('format') != 'ghostnetv2_jax.variables/1':
-        raise ConversionError(f'{path} is not a ghostnetv2_jax variables file (convert it first)')
-    nested: Dict[str, Any] = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split('/')
-        node = nested
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return nested, {'model': meta['model'], 'overrides': json.loads(meta.get('overrides', '{}'))}
-
-
-def convert_file(model_name: str, src: str, dst_dir: str, use_ema: bool = False, **overrides) -> str:
-    """Convert a PyTorch checkpoint file into ``dst_dir/<model_name>.safetensors``; returns the path."""
-    variables = torch_to_flax(load_state_dict(src, use_ema=use_ema), model_name, **overrides)
-    os.makedirs(dst_dir, exist_ok=True)
-    dst = os.path.join(dst_dir, f'{model_name}.safetensors')
-    save_variables(dst, variables, model_name, overrides)
-    return dst
-
-
-def export_file(src: str, dst: str) -> str:
-    """Flax variables file -> PyTorch state_dict file (``.safetensors``, or ``.pth`` via torch)."""
-    variables, meta = load_variables(src)
-    sd = flax_to_torch(variables, meta['model'], as_torch=not dst.endswith('.safetensors'), **meta['overrides'])
-    tmp = f'{dst}.tmp-{os.getpid()}'
-    if dst.endswith('.safetensors'):
-        from safetensors.numpy import save_file
-        save_file(sd, tmp)
-    else:
-        import torch
-        torch.save(sd, tmp)
-    os.replace(tmp, dst)
-    return dst

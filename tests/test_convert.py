@@ -10,7 +10,7 @@ import timm
 import torch
 from safetensors.numpy import save_file
 
-from ghostnetv2_jax import convert, parity
+from ghostnetv2_jax import convert, parity, weights
 
 NAME = 'ghostnetv2_100'
 
@@ -88,7 +88,7 @@ def test_authors_pth_tar_with_profiler_keys_converts_strictly(tmp_path, ref, var
     torch.save(sd, src)
     r = cli('convert', '--model', NAME, '--src', str(src), '--dst', str(tmp_path / 'out'))
     assert r.returncode == 0, r.stderr
-    loaded, meta = convert.load_variables(str(tmp_path / 'out' / f'{NAME}.safetensors'))
+    loaded, meta = weights.load_variables(str(tmp_path / 'out' / f'{NAME}.safetensors'))
     assert meta == {'model': NAME, 'overrides': {}}
     for (p, x), (_, y) in zip(jax.tree_util.tree_flatten_with_path(variables)[0],
                               jax.tree_util.tree_flatten_with_path(loaded)[0]):
@@ -122,7 +122,7 @@ def test_safetensors_checkpoint_converts_without_torch(tmp_path, ref):
 
 
 def test_export_cli_writes_a_state_dict_timm_loads(tmp_path, variables):
-    convert.save_variables(str(tmp_path / 'v.safetensors'), variables, NAME)
+    weights.save_variables(str(tmp_path / 'v.safetensors'), variables, NAME)
     for dst in ('model.pth', 'model.safetensors'):
         r = cli('export', '--src', str(tmp_path / 'v.safetensors'), '--dst', str(tmp_path / dst))
         assert r.returncode == 0, r.stderr

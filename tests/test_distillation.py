@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ghostnetv2_jax.convert import ConversionError, save_variables
+from ghostnetv2_jax.convert import ConversionError
+from ghostnetv2_jax.weights import save_variables
 from ghostnetv2_jax.train import steps
 from ghostnetv2_jax.train.state import create_state
 from test_trainer import (TINY, _Toy, assert_ok, compile_cache, load_tiny, read_jsonl,  # noqa: F401

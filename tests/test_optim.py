@@ -258,24 +258,6 @@ def test_flat_layout_puts_the_decayed_leaves_first():
     assert not np.any(masked[84:])
 
 
-def test_per_leaf_optimizer_state_converts_to_the_flat_form(recipe):
-    """A state saved by the per-leaf optimizer (older checkpoints) continues, converted, as
-    the per-leaf optimizer would have."""
-    rng = np.random.default_rng(2)
-    params = _toy_params(rng)
-    grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params) for _ in range(4)]
-    config = recipe.copy_and_resolve_references()
-    config.weight_decay = 0.05
-    flat_tx = optim.create_optimizer(config, optax.constant_schedule(0.01))
-    tree_tx = optim.create_optimizer(config, optax.constant_schedule(0.01), flat=False)
-    mid_params, tree_state = _run(tree_tx, params, grads[:2])
-    converted = optim.flat_opt_state(tree_state, jax.eval_shape(flat_tx.init, params), mid_params)
-    chex.assert_trees_all_equal_structs(converted, flat_tx.init(params))
-    got, _ = _run(flat_tx, mid_params, grads[2:], converted)
-    want, _ = _run(tree_tx, mid_params, grads[2:], tree_state)
-    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
-
-
 def test_weight_decay_mask_matches_timm_filter_bias_and_bn():
     """timm's create_optimizer_v2(filter_bias_and_bn=True) decays the same parameters (compared
     by size, the layouts differ): every conv and linear weight, no bias or BatchNorm."""

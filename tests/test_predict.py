@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from conftest import randomized_variables
-from ghostnetv2_jax import convert, predict
+from ghostnetv2_jax import predict
+from ghostnetv2_jax.weights import save_variables
 from ghostnetv2_jax.models.registry import create_model
 from test_trainer import REPO, load_tiny
 
@@ -44,7 +45,7 @@ def weights(tmp_path_factory):
     model = create_model(MODEL, num_classes=1000)
     variables = jax.device_get(randomized_variables(model, jnp.zeros((1, 64, 64, 3)), seed=1))
     path = str(tmp_path_factory.mktemp('weights') / f'{MODEL}.safetensors')
-    convert.save_variables(path, variables, MODEL, {'num_classes': 1000})
+    save_variables(path, variables, MODEL, {'num_classes': 1000})
     return path, model, variables
 
 

@@ -2,7 +2,7 @@
 
 20 updates of the trainer's own pieces (the ImageNet recipe config, ``optim.create_optimizer``,
 ``optim.create_learning_rate_schedule``, ``steps.make_train_step``, ``state.create_state`` around
-the weights ``init_from`` reads from a timm checkpoint, ``state.load_pretrained``) against 20
+the weights ``init_from`` reads from a timm checkpoint, ``weights.load_into``) against 20
 updates of a PyTorch loop built from timm's pieces the way timm's train.py builds them
 (``create_optimizer_v2('rmsproptf')``, ``create_scheduler_v2`` stepped per
 epoch, ``LabelSmoothingCrossEntropy``, ``ModelEmaV2`` updated after the optimizer step), on a
@@ -40,7 +40,8 @@ import torch
 from ghostnetv2_jax import convert, parity
 from ghostnetv2_jax.models.ghostnet import GHOSTNET_CFGS
 from ghostnetv2_jax.train import optim, steps
-from ghostnetv2_jax.train.state import create_state, init_variables, load_pretrained
+from ghostnetv2_jax.train.state import create_state, init_variables
+from ghostnetv2_jax.weights import load_into
 from ghostnetv2_jax.train.trainer import architecture_overrides, build_model
 
 RECIPE = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'imagenet_ghostnetv2_100.py'
@@ -176,7 +177,7 @@ def measure(tmp_path_factory):
     torch.save(initial, config.init_from)
     # the trainer's init_from path; the fresh variables only give the shapes the file must fit
     shapes = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), SIZE))
-    variables = load_pretrained(config.init_from, config.model, architecture_overrides(config), shapes)
+    variables = load_into(config.init_from, config.model, architecture_overrides(config), shapes)
     state = create_state(variables, tx, jax.random.PRNGKey(0), use_ema=True)
     train_step = steps.jit_train_step(steps.make_train_step(model, tx, schedule, config))
     for x, y in batches():

@@ -61,12 +61,12 @@ def _tiny_variables(num_classes: int = 10):
 
 @pytest.fixture(scope='module')
 def converted(tmp_path_factory):
-    """A converted-weights file (convert.save_variables) of the tiny model with 10 classes."""
-    from ghostnetv2_jax import convert
+    """A converted-weights file (weights.save_variables) of the tiny model with 10 classes."""
+    from ghostnetv2_jax import weights
     from ghostnetv2_jax.train.trainer import architecture_overrides
     config, variables = _tiny_variables()
     path = tmp_path_factory.mktemp('weights') / 'tiny.safetensors'
-    convert.save_variables(str(path), variables, config.model, {**architecture_overrides(config), 'num_classes': 10})
+    weights.save_variables(str(path), variables, config.model, {**architecture_overrides(config), 'num_classes': 10})
     return path, variables
 
 
@@ -93,11 +93,11 @@ def test_evaluate_bad_input_is_a_clear_error(tmp_path):
 def test_fine_tune_replaces_the_head_and_loads_the_rest_strictly(converted):
     """init_from with another class count: a fresh classifier, every other leaf as saved."""
     from ghostnetv2_jax.convert import ConversionError
-    from ghostnetv2_jax.train.state import load_pretrained
+    from ghostnetv2_jax.weights import load_into
     from ghostnetv2_jax.train.trainer import architecture_overrides
     path, saved = converted
     config, fresh = _tiny_variables(num_classes=4)
-    loaded = load_pretrained(str(path), config.model, architecture_overrides(config), fresh)
+    loaded = load_into(str(path), config.model, architecture_overrides(config), fresh)
     np.testing.assert_array_equal(loaded['params']['classifier']['kernel'], fresh['params']['classifier']['kernel'])
     body = lambda v: {k: x for k, x in v['params'].items() if k != 'classifier'}
     for a, b in zip(jax.tree.leaves(body(loaded)), jax.tree.leaves(body(saved))):
@@ -112,9 +112,9 @@ def test_fine_tune_replaces_the_head_and_loads_the_rest_strictly(converted):
     model = trainer.build_model(other, 10)
     bigger = jax.device_get(trainer._run_once(lambda r: init_variables(model, r, 16), jax.random.PRNGKey(0)))
     with pytest.raises(ConversionError, match=r'does not fit ghostnetv2_100: missing .*blocks_1_0'):
-        load_pretrained(str(path), other.model, architecture_overrides(other), bigger)
+        load_into(str(path), other.model, architecture_overrides(other), bigger)
     with pytest.raises(ConversionError, match='no such checkpoint file'):
-        load_pretrained(str(path) + '.missing', config.model, architecture_overrides(config), fresh)
+        load_into(str(path) + '.missing', config.model, architecture_overrides(config), fresh)
 
 
 def test_fine_tune_from_converted_weights_via_the_cli(tmp_path, converted, compile_cache):

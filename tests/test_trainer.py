@@ -278,32 +278,3 @@ def test_trainer_step_is_the_public_one():
     from ghostnetv2_jax.train import steps, trainer
     assert trainer.make_train_step is steps.make_train_step and trainer.make_eval_step is steps.make_eval_step
     assert trainer.cross_entropy is steps.cross_entropy
-
-
-def test_a_checkpoint_of_the_per_leaf_optimizer_resumes_converted(tmp_path):
-    """Checkpoints written before the optimizer ran on the flattened parameters hold its state
-    as trees; restore_state reads them in that form and converts the optimizer state."""
-    import optax
-    from ghostnetv2_jax.train import checkpoint as ckpt_lib
-    from ghostnetv2_jax.train import optim, trainer
-    from ghostnetv2_jax.train.state import create_state
-    config = load_tiny()
-    model = _Toy()
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 3)))
-    schedule = optax.constant_schedule(0.1)
-    flat_tx, tree_tx = optim.create_optimizer(config, schedule), optim.create_optimizer(config, schedule, flat=False)
-    batch = {'images': jnp.ones((2, 4, 4, 3)), 'labels': jnp.zeros((2,), jnp.int32)}
-    old = create_state(variables, tree_tx, jax.random.PRNGKey(1), use_ema=True)
-    old, _ = jax.jit(trainer.make_train_step(model, tree_tx, schedule, config))(old, batch)
-    checkpoints = ckpt_lib.Checkpoints(tmp_path, best_metric=None)
-    checkpoints.save(1, old, {'step': 1})
-    checkpoints.wait()
-    target = lambda tx: jax.eval_shape(lambda: create_state(variables, tx, jax.random.PRNGKey(1), use_ema=True))
-    state = trainer.restore_state(checkpoints, 1, target(flat_tx), lambda: target(tree_tx))
-    checkpoints.close()
-    chex.assert_trees_all_equal_structs(state, create_state(variables, flat_tx, jax.random.PRNGKey(1), use_ema=True))
-    chex.assert_trees_all_equal(state.params, old.params)
-    chex.assert_trees_all_equal(state.opt_state, optim.flat_opt_state(old.opt_state, target(flat_tx).opt_state, old.params))
-    got, _ = jax.jit(trainer.make_train_step(model, flat_tx, schedule, config))(state, batch)
-    want, _ = jax.jit(trainer.make_train_step(model, tree_tx, schedule, config))(old, batch)
-    chex.assert_trees_all_close(got.params, want.params, rtol=1e-6, atol=1e-7)

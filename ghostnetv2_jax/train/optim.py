@@ -18,9 +18,9 @@ The ImageNet recipe is timm's (the authors trained with timm's ``train.py``):
 The whole update rule runs on the parameters flattened into one vector (``flatten_masked``): one
 fused kernel per formula instead of one per parameter leaf (398 in GhostNetV2 1.0x), the idea of
 torch's multi-tensor ``foreach`` optimizers. The optimizer state therefore holds flat vectors
-(``nu``, ``trace``: one (num_params,) array each, laid out by ``FlatLayout``), not trees;
-``flat_opt_state`` converts a state of the earlier per-leaf form (``create_optimizer(...,
-flat=False)``).
+(``nu``, ``trace``: one (num_params,) array each, laid out by ``FlatLayout``), not trees.
+``create_optimizer(..., flat=False)`` is the same rule leaf by leaf, the reference the flat form
+is tested against.
 """
 from __future__ import annotations
 
@@ -221,8 +221,8 @@ def create_optimizer(config, schedule: Schedule, flat: bool = True) -> optax.Gra
     happens before it, in the train step, so one call here is one optimizer update.)
 
     ``flat`` (default): on the flattened parameter vector (``flatten_masked``; the clip norm is
-    that vector's norm); ``flat=False``: the same rule leaf by leaf, the earlier form (its state
-    is a tree per buffer; kept to read older checkpoints and to check the flat form against).
+    that vector's norm); ``flat=False``: the same rule leaf by leaf (its state is a tree per
+    buffer), the reference the flat form is tested against.
     """
     mask = None if flat else weight_decay_mask   # flat: flatten_masked zeroes the masked-out params
     parts = []
@@ -244,31 +244,3 @@ def create_optimizer(config, schedule: Schedule, flat: bool = True) -> optax.Gra
         raise ValueError(f'unknown optimizer {config.optimizer!r}; expected one of {OPTIMIZERS}')
     tx = optax.chain(*parts)
     return flatten_masked(tx) if flat else tx
-
-
-def flat_opt_state(tree_state: Any, flat_abstract: Any, params: Any,
-                   mask: Optional[Callable[[Any], Any]] = weight_decay_mask) -> Any:
-    """A per-leaf optimizer state (``create_optimizer(..., flat=False)``, e.g. from an older
-    checkpoint) in the flat form whose ``tx.init`` shapes are ``flat_abstract``.
-
-    The leaves are matched in order: each (num_params,) vector of the flat form takes the next
-    ``len(leaves(params))`` leaves (one buffer's tree) and lays them out as ``flatten_masked``
-    does; every other leaf (step counts) is taken as it is.
-    """
-    layout = FlatLayout(params, mask)
-    n_leaves = len(layout.order)
-    n_params = sum(int(np.prod(shape)) for shape in layout.shapes)
-    old = jax.tree.leaves(tree_state)
-    out, i = [], 0
-    for leaf in jax.tree.leaves(flat_abstract):
-        if tuple(leaf.shape) == (n_params,) and not (i < len(old) and tuple(np.shape(old[i])) == (n_params,)):
-            buffer = jax.tree.unflatten(layout.treedef, old[i:i + n_leaves])
-            out.append(layout.ravel(buffer).astype(leaf.dtype))
-            i += n_leaves
-        else:
-            out.append(jnp.asarray(old[i], leaf.dtype))
-            i += 1
-    if i != len(old):
-        raise ValueError(f'optimizer state of {len(old)} leaves does not fit the flat form '
-                         f'({len(jax.tree.leaves(flat_abstract))} leaves over {n_leaves} parameter leaves)')
-    return jax.tree.unflatten(jax.tree.structure(flat_abstract), out)

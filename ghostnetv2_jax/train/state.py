@@ -6,14 +6,17 @@ so the random stream depends on the step only and survives a restart unchanged.
 """
 from __future__ import annotations
 
-import os
-from typing import Any
+from typing import Any, Dict, Optional
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
+
+from ghostnetv2_jax.models.registry import create_model
+from ghostnetv2_jax.train import optim
 
 
 @flax.struct.dataclass
@@ -52,6 +55,44 @@ def create_state(variables: dict, tx: optax.GradientTransformation, rng: jax.Arr
                       rng=jnp.asarray(rng, jnp.uint32))
 
 
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def tuplify(v: Any) -> Any:
+    """Lists from configs/JSON -> tuples (architecture tables are compared and hashed as tuples)."""
+    if isinstance(v, (list, tuple)):
+        return tuple(tuplify(x) for x in v)
+    if isinstance(v, dict):
+        return {k: tuplify(x) for k, x in v.items()}
+    return v
+
+
+def architecture_overrides(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+    """The set ``config.model_overrides`` as plain Python (what, with the name, defines the
+    weights); unset (None) fields keep the registered model's values."""
+    return {k: v for k, v in tuplify(config.model_overrides.to_dict()).items() if v is not None}
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int, dtype: Optional[str] = None) -> nn.Module:
+    """The network ``config`` trains (``dtype``: the compute dtype, default ``config.dtype``)."""
+    dtype = config.dtype if dtype is None else dtype
+    if dtype not in DTYPES:
+        raise ValueError(f'config.dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
+    return create_model(config.model, num_classes=num_classes, drop_rate=config.drop_rate,
+                        dtype=DTYPES[dtype], **architecture_overrides(config))
+
+
+def abstract_state(config: ml_collections.ConfigDict, model: nn.Module, sharding=None) -> TrainState:
+    """The shapes (placed with ``sharding`` where given) of the train state ``config`` trains
+    ``model`` with: what a checkpoint of that run is restored into. Nothing is computed; the
+    optimizer only gives the state its structure (its schedule is never called)."""
+    tx = optim.create_optimizer(config, lambda count: 0.0)
+    rng = jax.random.PRNGKey(0)
+    shapes = jax.eval_shape(lambda: create_state(init_variables(model, rng, config.data.image_size), tx, rng,
+                                                 config.ema_decay > 0))
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)
+
+
 EMA_SCHEDULES = ('fixed', 'timm', 'timm_warmup')
 
 
@@ -82,72 +123,3 @@ def ema_update(state: TrainState, decay: float) -> TrainState:
     return state.replace(
         ema_params=optax.incremental_update(state.params, state.ema_params, step_size),
         ema_batch_stats=optax.incremental_update(state.batch_stats, state.ema_batch_stats, step_size))
-
-
-def _flat(tree: Any) -> dict:
-    return {'/'.join(str(getattr(k, 'key', k)) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def local_copy(path: str) -> str:
-    """Remote files (gs://...) are copied to a local temporary file: the readers want a path."""
-    if '://' not in path:
-        return path
-    import tempfile
-    from etils import epath
-    local = os.path.join(tempfile.mkdtemp(prefix='init_from_'), os.path.basename(path))
-    epath.Path(path).copy(local)
-    return local
-
-
-def _read_pretrained(path: str, model_name: str, overrides: dict) -> dict:
-    from ghostnetv2_jax import convert
-    if path.endswith('.safetensors'):
-        from safetensors import safe_open
-        try:
-            with safe_open(path, framework='numpy') as f:
-                ours = (f.metadata() or {}).get('format') == 'ghostnetv2_jax.variables/1'
-        except Exception as e:
-            raise convert.ConversionError(f'cannot read {path} as safetensors: {e}') from None
-        if ours:
-            return convert.load_variables(path)[0]
-    sd = convert.load_state_dict(path)   # PyTorch file, or a timm safetensors state_dict
-    classes = sd['classifier.weight'].shape[0] if 'classifier.weight' in sd else 0
-    return convert.torch_to_flax(sd, model_name, **{**overrides, 'num_classes': classes})
-
-
-def load_pretrained(path: str, model_name: str, overrides: dict, fresh: dict,
-                    keep_fresh_head: bool = True, role: str = 'init_from') -> dict:
-    """Variables from a converted (``convert.save_variables``) or PyTorch checkpoint, fitted to
-    ``fresh`` (the new model's initial variables): every leaf must exist with the same shape,
-    except the classifier, which keeps its fresh initialisation when the class count differs
-    (``keep_fresh_head=False``: an error, as for a distillation teacher). ``role`` names the
-    setting the file came from in errors.
-
-    ``overrides`` are the architecture overrides (cfgs, width, ...), used to read PyTorch files.
-    """
-    from ghostnetv2_jax.convert import ConversionError
-    if not os.path.exists(path) and '://' not in path:
-        raise ConversionError(f'{role}: no such checkpoint file: {path}')
-    loaded = _read_pretrained(local_copy(path), model_name, overrides)
-    want, have = _flat(fresh), _flat({k: loaded.get(k, {}) for k in ('params', 'batch_stats')})
-    is_head = lambda k: k.startswith('params/classifier/')
-    head_differs = any(is_head(k) and k in have and have[k].shape != v.shape for k, v in want.items())
-    problems = []
-    missing = sorted(k for k in want if k not in have and not (head_differs and is_head(k)))
-    unexpected = sorted(k for k in have if k not in want)
-    shapes = sorted(f'{k} {tuple(have[k].shape)} vs {tuple(want[k].shape)}' for k in want
-                    if k in have and not is_head(k) and have[k].shape != want[k].shape)
-    if missing:
-        problems.append(f'missing {missing[:5]}{" ..." if len(missing) > 5 else ""}')
-    if unexpected:
-        problems.append(f'unexpected {unexpected[:5]}{" ..." if len(unexpected) > 5 else ""}')
-    if shapes:
-        problems.append(f'shape mismatch {shapes[:3]}{" ..." if len(shapes) > 3 else ""}')
-    if head_differs and not keep_fresh_head:
-        head = next(k for k in want if is_head(k) and k in have and have[k].shape != want[k].shape)
-        problems.append(f'classifier {head} {tuple(have[head].shape)} vs {tuple(want[head].shape)}')
-    if problems:
-        raise ConversionError(f'{role} {path} does not fit {model_name}: ' + '; '.join(problems))
-    merged = {k: (want[k] if head_differs and is_head(k) else jnp.asarray(have[k], want[k].dtype)) for k in want}
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(fresh), [merged[k] for k in _flat(fresh)])

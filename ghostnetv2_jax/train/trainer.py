@@ -28,38 +28,15 @@ from ghostnetv2_jax.models.registry import create_model
 from ghostnetv2_jax.train import checkpoint as ckpt_lib
 from ghostnetv2_jax.train import metrics as metrics_lib
 from ghostnetv2_jax.train import optim, sharding, steps
-from ghostnetv2_jax.train.state import EMA_SCHEDULES, TrainState, create_state, init_variables, load_pretrained
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-
+from ghostnetv2_jax import weights
+from ghostnetv2_jax.train.state import (DTYPES, EMA_SCHEDULES, TrainState, abstract_state, architecture_overrides,
+                                         build_model, create_state, init_variables, tuplify)
 
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss); the last good checkpoint is left as it was."""
 
 
 # ----------------------------------------------------------------------------- model and config
-def _tuplify(v: Any) -> Any:
-    """Lists from configs/JSON -> tuples (architecture tables are compared and hashed as tuples)."""
-    if isinstance(v, (list, tuple)):
-        return tuple(_tuplify(x) for x in v)
-    if isinstance(v, dict):
-        return {k: _tuplify(x) for k, x in v.items()}
-    return v
-
-
-def architecture_overrides(config: ml_collections.ConfigDict) -> Dict[str, Any]:
-    """The set ``config.model_overrides`` as plain Python (what, with the name, defines the
-    weights); unset (None) fields keep the registered model's values."""
-    return {k: v for k, v in _tuplify(config.model_overrides.to_dict()).items() if v is not None}
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int):
-    if config.dtype not in DTYPES:
-        raise ValueError(f'config.dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}')
-    return create_model(config.model, num_classes=num_classes, drop_rate=config.drop_rate,
-                        dtype=DTYPES[config.dtype], **architecture_overrides(config))
-
-
 def identity(config: ml_collections.ConfigDict, num_classes: int) -> Dict[str, Any]:
     """What a checkpoint and a config must agree on (the implementation of the depthwise conv
     does not change the weights, so a run may resume with another)."""
@@ -130,7 +107,7 @@ def _initial_state(config, model, tx, image_size: int, state_sharding) -> TrainS
     use_ema = config.ema_decay > 0
     if config.init_from:
         fresh = _run_once(lambda r: init_variables(model, r, image_size), init_rng)
-        variables = load_pretrained(config.init_from, config.model, architecture_overrides(config),
+        variables = weights.load_into(config.init_from, config.model, architecture_overrides(config),
                                     jax.device_get(fresh))
         metrics_lib.log(f'initialised from {config.init_from}')
         return _run_once(lambda v: create_state(v, tx, state_rng, use_ema), variables,
@@ -145,37 +122,14 @@ def load_teacher(config, num_classes: int, image_size: int, placement) -> tuple:
     distill = config.distill
     if not distill.teacher:
         return None, None
-    overrides = {k: v for k, v in _tuplify(dict(distill.teacher_overrides or {})).items() if v is not None}
+    overrides = {k: v for k, v in tuplify(dict(distill.teacher_overrides or {})).items() if v is not None}
     teacher = create_model(distill.teacher, num_classes=num_classes, dtype=DTYPES[config.dtype], **overrides)
     fresh = jax.device_get(_run_once(lambda r: init_variables(teacher, r, image_size), jax.random.PRNGKey(0)))
-    variables = load_pretrained(distill.teacher_checkpoint, distill.teacher, overrides, fresh,
+    variables = weights.load_into(distill.teacher_checkpoint, distill.teacher, overrides, fresh,
                                 keep_fresh_head=False, role='distill.teacher_checkpoint')
     metrics_lib.log(f'distilling from {distill.teacher} ({distill.teacher_checkpoint}): {distill.loss} at '
                     f'temperature {distill.temperature}, weights CE {distill.ce_weight} / KD {distill.kd_weight}')
     return teacher, jax.device_put(variables, placement)
-
-
-def restore_state(checkpoints: ckpt_lib.Checkpoints, step: int, target: TrainState,
-                  per_leaf_target: Callable[[], TrainState]) -> TrainState:
-    """The state saved at ``step``, laid out as ``target``. A checkpoint written before the
-    optimizer ran on the flattened parameters holds its state as trees (one per buffer): it is
-    read as ``per_leaf_target()`` (the state of ``optim.create_optimizer(..., flat=False)``) and
-    its optimizer state converted (``optim.flat_opt_state``); the updates that follow are the same."""
-    try:
-        return checkpoints.restore(step, target)
-    except ValueError as error:
-        if 'opt_state' not in str(error):
-            raise
-        try:
-            old = checkpoints.restore(step, per_leaf_target())
-        except ValueError:
-            raise error from None
-    metrics_lib.log(f'checkpoint {step}: optimizer state converted from the per-leaf form')
-    opt_state = optim.flat_opt_state(old.opt_state, target.opt_state, old.params)
-    leaves, treedef = jax.tree.flatten(opt_state)
-    places = [getattr(t, 'sharding', None) for t in jax.tree.leaves(target.opt_state)]
-    opt_state = jax.tree.unflatten(treedef, [jax.device_put(x, p) for x, p in zip(leaves, places)])
-    return old.replace(opt_state=opt_state)
 
 
 _BATCH_KEYS = ('images', 'labels', 'mask')   # mask 0: a row the input pipeline left out
@@ -257,15 +211,9 @@ def _train_and_evaluate(config, workdir: epath.Path, guard: ckpt_lib.PreemptionG
     image_size = config.data.image_size
     replicated = sharding.replicated(mesh)
 
-    def target(tx):   # the state's shapes with tx's optimizer state, replicated
-        shapes = jax.eval_shape(lambda: create_state(init_variables(model, jax.random.PRNGKey(0), image_size), tx,
-                                                     jax.random.PRNGKey(0), use_ema))
-        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), shapes)
-    # The optimizer only gives the state its structure here; the schedule is never called.
-    structure = lambda flat=True: target(optim.create_optimizer(config, lambda count: 0.0, flat=flat))
-    abstract = structure()
+    abstract = abstract_state(config, model, replicated)
     resumed = ckpt_lib.restore_newest(
-        checkpoints, lambda step, meta: restore_state(checkpoints, step, abstract, lambda: structure(flat=False)),
+        checkpoints, lambda step, meta: checkpoints.restore(step, abstract),
         check=lambda meta: ckpt_lib.check_identity(meta, identity(config, num_classes), str(workdir)),
         log=metrics_lib.log)
     latest, meta, state = resumed if resumed else (None, None, None)

@@ -1,0 +1,70 @@
+"""A training config from a recipe file and ``--config.FIELD=VALUE`` overrides.
+
+A recipe (``configs/*.py``) defines ``get_config()`` returning an ml_collections ``ConfigDict``;
+overrides are parsed by ml_collections' ``config_flags`` (typed by the field they set, the config
+locked, so an unknown field is an error naming it). ``load_config`` is what the ``train`` command
+and the sweep runner call.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from typing import List, Sequence
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+PREFIX = '--config.'
+
+
+class ConfigError(ValueError):
+    """A recipe that does not load, or an override that does not fit it."""
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """The config of ``path`` with ``overrides`` (``--config.a.b=value`` strings) applied."""
+    overrides = list(overrides)
+    for item in overrides:
+        if not item.startswith(PREFIX) or len(item.split('=')[0]) == len(PREFIX):
+            raise ConfigError(f'expected --config.FIELD=VALUE, got {item!r}')
+    if '://' not in path and not os.path.isfile(path):
+        raise ConfigError(f'config file {path}: No such file or directory')
+    base = _parse(path, [])
+    for item in overrides:
+        _check_field(base, item.split('=')[0])
+    # 'None' (a field's documented default) is set here: config_flags would parse it by the
+    # field's type ((None,) for a tuple, an error for a float).
+    unset = [item.split('=')[0] for item in overrides if item.split('=', 1)[1:] == ['None']]
+    config = _parse(path, [item for item in overrides if item.split('=')[0] not in unset]) if len(unset) < len(overrides) else base
+    for flag in unset:
+        *parents, name = flag[len(PREFIX):].split('.')
+        node = config
+        for p in parents:
+            node = node[p]
+        node[name] = None
+    return config
+
+
+def _parse(path: str, overrides: List[str]) -> ml_collections.ConfigDict:
+    argv = ['train', f'--config={path}', *overrides]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file('config', path, flag_values=values, lock_config=True, sys_argv=argv)
+    try:
+        values(argv)
+        config = values.config
+        config.model   # a config file that failed to load is reported on first use
+    except (flags.Error, OSError, ValueError, TypeError, AttributeError, KeyError) as error:
+        raise ConfigError(' '.join(str(error).split())) from None
+    return config
+
+
+def _check_field(config: ml_collections.ConfigDict, flag: str) -> None:
+    """``ConfigError`` naming ``flag`` (``--config.a.b``) when the config has no such field."""
+    node = config
+    for name in flag[len(PREFIX):].split('.'):
+        fields = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            raise ConfigError(f'unknown config field {flag}' + (f' (did you mean {close[0]}?)' if close else ''))
+        node = node[name]
