@@ -67,7 +67,6 @@ img/s over the best timm layout's img/s for the same model, batch, mode and dtyp
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -112,61 +111,6 @@ class Group:
     contenders: tuple
 
 
-def _csv(kind, choices: Optional[Sequence[str]] = None):
-    def parse(text: str):
-        items = [kind(t) for t in text.split(',') if t.strip()]
-        bad = [t for t in items if choices is not None and t not in choices]
-        if not items or bad:
-            raise argparse.ArgumentTypeError(
-                f'expected a comma-separated list of {", ".join(choices) if choices else kind.__name__}, got {text!r}')
-        return items
-    return parse
-
-
-def _chunk(text: str) -> str:
-    if text != 'auto' and not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a non-negative integer, got {text!r}")
-    return text
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='python -m ghostnetv2_jax bench', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--models', type=_csv(str), default=['ghostnetv2_100'])
-    p.add_argument('--batches', type=_csv(int), default=[1, 32, 128])
-    p.add_argument('--size', type=int, default=224, help='square input size')
-    p.add_argument('--modes', type=_csv(str, MODES), default=list(MODES))
-    p.add_argument('--dtypes', type=_csv(str, DTYPES), default=list(DTYPES))
-    p.add_argument('--impls', type=_csv(str, JAX_IMPLS), default=['native', 'shift', 'xla'],
-                   help="this project's depthwise implementations ('auto' = the backend's default)")
-    p.add_argument('--deploy', action=argparse.BooleanOptionalAction, default=True,
-                   help='also time the BN-folded inference model (ghostnetv2_jax.fold_batchnorm)')
-    p.add_argument('--layouts', type=_csv(str, TORCH_LAYOUTS), default=list(TORCH_LAYOUTS))
-    p.add_argument('--torch', action=argparse.BooleanOptionalAction, default=True,
-                   help='time timm (without it no ratios are computed)')
-    p.add_argument('--rounds', type=int, default=5, help='alternation rounds')
-    p.add_argument('--repeats', type=int, default=3, help='timed iterations per contender per round')
-    p.add_argument('--warmup', type=int, default=2, help='untimed iterations after compile')
-    p.add_argument('--settle', type=float, default=3.0,
-                   help='seconds of idle before each contender runs, so the previous one\'s spinning '
-                        'worker threads are asleep')
-    p.add_argument('--threads', type=int, default=None, help='torch threads (default: usable cores)')
-    p.add_argument('--malloc', choices=['retain', 'system'], default='retain',
-                   help='glibc malloc policy in every worker (see the module docstring)')
-    p.add_argument('--xla-options', type=_csv(str, XLA_OPTIONS), default=['project'],
-                   help="JAX contenders compiled with this project's compiler options "
-                        "(ghostnetv2_jax.xla_options) and/or with XLA's defaults")
-    p.add_argument('--chunks', type=_csv(_chunk), default=['auto'],
-                   help="JAX inference over chunks of the batch (ghostnetv2_jax.runtime): 'auto' "
-                        "(8 images on CPU, the whole batch elsewhere), 0 (the whole batch) or N images")
-    p.add_argument('--xla-flags', default='', help='appended to XLA_FLAGS in the JAX workers')
-    p.add_argument('--train-config', default=DEFAULT_TRAIN_CONFIG,
-                   help='training config (configs/*.py) whose optimizer, schedule, label smoothing, EMA and '
-                        'dropout the train mode uses (default: the ImageNet recipe of GhostNetV2 1.0x)')
-    p.add_argument('--out', default='bench_out', help='directory for bench.json and bench.md')
-    return p
-
-
 def plan(args) -> List[Group]:
     groups = []
     for model in args.models:
@@ -184,26 +128,6 @@ def plan(args) -> List[Group]:
                         cs += [Contender('torch', layout, dtype) for layout in args.layouts]
                 groups.append(Group(model, batch, mode, tuple(cs)))
     return groups
-
-
-def _validate(args) -> None:
-    from ghostnetv2_jax.models.registry import get_spec
-    for name in args.models:
-        get_spec(name)   # unknown names fail here, with the list of known ones
-    for flag, value in (('--rounds', args.rounds), ('--repeats', args.repeats), ('--size', args.size)):
-        if value < 1:
-            raise ValueError(f'{flag} must be >= 1, got {value}')
-    if args.warmup < 0:
-        raise ValueError(f'--warmup must be >= 0, got {args.warmup}')
-    if any(b < 1 for b in args.batches):
-        raise ValueError(f'--batches must be positive, got {args.batches}')
-    if args.settle < 0:
-        raise ValueError(f'--settle must be >= 0, got {args.settle}')
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f'--threads must be >= 1, got {args.threads}')
-    if 'train' in args.modes and not os.path.isfile(args.train_config):
-        raise ValueError(f'--train-config: no such file: {args.train_config} (the train mode reads the '
-                         "repository's configs/)")
 
 
 # ----------------------------------------------------------------------------- workers (child side)
@@ -727,21 +651,11 @@ def _write_report(out: str, report: Dict[str, Any]) -> None:
     _write_atomic(os.path.join(out, 'bench.md'), markdown(report))
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv if argv is None else argv)
-    if argv[1:2] == ['--worker']:
-        return worker_main()
-    try:
-        args = build_parser().parse_args(argv[1:])
-        _validate(args)
-    except ValueError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    args.threads = args.threads or len(os.sched_getaffinity(0))
+def run(args, command: str, log=print) -> Dict[str, Any]:
+    """Run every group of ``args`` (the bench command's options), writing ``bench.json`` and
+    ``bench.md`` to ``args.out`` after each group; returns the report."""
     os.makedirs(args.out, exist_ok=True)
-    log = lambda s: print(s, flush=True)
-    report = {'command': ' '.join(['python -m ghostnetv2_jax bench'] + argv[1:]),
-              'config': {k: v for k, v in vars(args).items()},
+    report = {'command': command, 'config': {k: v for k, v in vars(args).items()},
               'machine': machine_info(args.threads),
               'load_start': [round(x, 2) for x in os.getloadavg()], 'results': []}
     for group in plan(args):
@@ -760,8 +674,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                        if r.get('split_rounds') else ''))
     _write_report(args.out, report)
     log(f'wrote {os.path.join(args.out, "bench.json")} and bench.md')
-    return 0
+    return report
 
 
-if __name__ == '__main__':
-    sys.exit(main())
+if __name__ == '__main__':   # a contender's worker process (Worker starts it)
+    sys.exit(worker_main())

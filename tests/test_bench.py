@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 
 from ghostnetv2_jax import bench
+from ghostnetv2_jax.cli import bench as bench_cli
 from ghostnetv2_jax.train import steps
 
 
 def test_smoke_run_writes_json_and_markdown_with_ratios(tmp_path):
     out = tmp_path / 'bench'
-    argv = ['bench', '--models', 'ghostnet_050', '--batches', '2', '--size', '64', '--modes', 'infer',
+    argv = ['--models', 'ghostnet_050', '--batches', '2', '--size', '64', '--modes', 'infer',
             '--dtypes', 'float32', '--impls', 'native', '--no-deploy', '--layouts', 'nchw,channels_last',
             '--rounds', '2', '--repeats', '1', '--warmup', '0', '--settle', '0.2', '--out', str(out)]
-    assert bench.main(argv) == 0
+    assert bench_cli.main(argv) == 0
     report = json.loads((out / 'bench.json').read_text())
     assert report['machine']['usable_cpus'] == len(os.sched_getaffinity(0)) == report['machine']['torch_threads']
     assert report['config']['rounds'] == 2 and report['command'].startswith('python -m ghostnetv2_jax bench')
@@ -52,7 +53,7 @@ def test_smoke_run_writes_json_and_markdown_with_ratios(tmp_path):
 
 
 def test_plan_alternates_every_contender_of_a_group():
-    args = bench.build_parser().parse_args(
+    args = bench_cli.build_parser().parse_args(
         ['--batches', '1,32', '--modes', 'infer,train', '--dtypes', 'float32', '--impls', 'shift,xla'])
     groups = bench.plan(args)
     assert [(g.batch, g.mode) for g in groups] == [(1, 'infer'), (1, 'train'), (32, 'infer'), (32, 'train')]
@@ -63,7 +64,7 @@ def test_plan_alternates_every_contender_of_a_group():
 
 
 def test_plan_adds_xla_default_contenders_on_request():
-    args = bench.build_parser().parse_args(
+    args = bench_cli.build_parser().parse_args(
         ['--batches', '1', '--modes', 'train', '--dtypes', 'float32', '--impls', 'shift',
          '--xla-options', 'project,default', '--no-torch'])
     (group,) = bench.plan(args)
@@ -71,7 +72,7 @@ def test_plan_adds_xla_default_contenders_on_request():
 
 
 def test_plan_times_inference_chunkings_on_request_and_train_once():
-    args = bench.build_parser().parse_args(
+    args = bench_cli.build_parser().parse_args(
         ['--batches', '8', '--dtypes', 'float32', '--impls', 'native', '--chunks', 'auto,0', '--no-torch'])
     infer, train = bench.plan(args)
     assert [c.label for c in infer.contenders] == [
@@ -189,7 +190,7 @@ def test_torch_train_contender_is_timms_recipe_step():
 ])
 def test_bad_flags_exit_nonzero_with_one_line(argv, message, capsys, tmp_path):
     try:
-        code = bench.main(['bench', '--out', str(tmp_path / 'o')] + argv)
+        code = bench_cli.main(['--out', str(tmp_path / 'o')] + argv)
     except SystemExit as e:       # argparse's own errors
         code = e.code
     assert code == 2
@@ -222,7 +223,7 @@ def test_report_is_written_after_every_group(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, 'run_group', fake_group)
     out = tmp_path / 'o'
     with pytest.raises(RuntimeError):
-        bench.main(['bench', '--batches', '1,2', '--modes', 'infer', '--dtypes', 'float32', '--out', str(out)])
+        bench_cli.main(['--batches', '1,2', '--modes', 'infer', '--dtypes', 'float32', '--out', str(out)])
     report = json.loads((out / 'bench.json').read_text())
     assert [r['batch'] for r in report['results']] == [1, 1, 1]    # the first group survived
     assert report['results'][0]['ratio_vs_timm_best'] == 1.5       # with its ratios
@@ -249,7 +250,7 @@ def test_native_contender_is_skipped_off_cpu(monkeypatch):
             self.closed = True
 
     monkeypatch.setattr(bench, 'Worker', FakeWorker)
-    args = bench.build_parser().parse_args(['--impls', 'native', '--no-torch', '--modes', 'infer',
+    args = bench_cli.build_parser().parse_args(['--impls', 'native', '--no-torch', '--modes', 'infer',
                                             '--batches', '1', '--no-deploy', '--settle', '0'])
     lines = []
     assert bench.run_group(bench.plan(args)[0], args, lines.append) == []

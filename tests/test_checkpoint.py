@@ -155,8 +155,8 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, co
 
     # evaluate reads a workdir by the same rule (read only: it moves nothing).
     shutil.copytree(workdir / 'damaged_checkpoints' / '6', directory / '8')
-    from ghostnetv2_jax import evaluate
-    variables, config = evaluate._workdir_variables(str(workdir), 'latest', ema=False)
+    from ghostnetv2_jax import weights
+    variables = weights.load(str(workdir)).variables
     np.testing.assert_array_equal(jax.tree.leaves(variables['params'])[0], jax.tree.leaves(got['params'])[0])
     assert (directory / '8').exists()
 

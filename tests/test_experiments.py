@@ -96,17 +96,13 @@ def test_report_calls_seed_noise_from_the_numbers(tmp_path):
 
 
 def _parse_with_cli(line: str):
-    """The config the train CLI builds from a launch line (its own parse_flags), as a dict."""
-    from ghostnetv2_jax.train import main
+    """The config the train command builds from a launch line (its own config loader), as a dict."""
+    from ghostnetv2_jax.cli import train
+    from ghostnetv2_jax.train.config import load_config
     argv = shlex.split(line)
     assert argv[:4] == ['python', '-m', 'ghostnetv2_jax', 'train']
-    try:
-        main.parse_flags(argv[3:])
-        return main.FLAGS.config.to_dict()
-    finally:   # absl defines a flag per --config.FIELD: forget them for the next line
-        main.FLAGS.unparse_flags()
-        for name in [n for n in main.FLAGS if n.startswith('config.')]:
-            delattr(main.FLAGS, name)
+    args, overrides = train.build_parser().parse_known_args(argv[4:])
+    return load_config(args.config, overrides).to_dict()
 
 
 def test_imagenet_scale_writes_launch_lines_the_cli_parses(tmp_path, monkeypatch):

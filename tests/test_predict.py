@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from conftest import randomized_variables
-from ghostnetv2_jax import predict
+from ghostnetv2_jax import classify
+from ghostnetv2_jax.cli import main as cli
 from ghostnetv2_jax.weights import save_variables
 from ghostnetv2_jax.models.registry import create_model
 from test_trainer import REPO, load_tiny
@@ -67,13 +68,13 @@ def _errors(stderr: str):
 
 
 def test_shipped_imagenet_class_names():
-    names = predict.imagenet_class_names()
+    names = classify.imagenet_class_names()
     assert len(names) == 1000 and len(set(names)) == 1000 and all(n.strip() == n and n for n in names)
     assert names[0] == 'tench, Tinca tinca' and names[207] == 'golden retriever'
     assert names[134] == 'crane (bird)' and names[517] == 'crane (machine)'
-    synsets = predict._data_lines('imagenet_synsets.txt')
+    synsets = classify._data_lines('imagenet_synsets.txt')
     assert len(synsets) == 1000 and list(synsets) == sorted(set(synsets))   # tfds' label order
-    assert predict.readable_names(['n01440764', 'n02099601', 'cat']) == ('tench, Tinca tinca',
+    assert classify.readable_names(['n01440764', 'n02099601', 'cat']) == ('tench, Tinca tinca',
                                                                          'golden retriever', 'cat')
 
 
@@ -81,14 +82,14 @@ def test_class_names_are_timms_lemmas():
     """The file is timm's ImageNet-1k descriptions, the two 'crane' lemmas told apart."""
     imagenet_info = pytest.importorskip('timm.data.imagenet_info')
     info = imagenet_info.ImageNetInfo('imagenet-1k')
-    assert list(predict._data_lines('imagenet_synsets.txt')) == list(info.label_names())
+    assert list(classify._data_lines('imagenet_synsets.txt')) == list(info.label_names())
     lemmas = info.label_descriptions()
-    assert [n.replace(' (bird)', '').replace(' (machine)', '') for n in predict.imagenet_class_names()] == lemmas
+    assert [n.replace(' (bird)', '').replace(' (machine)', '') for n in classify.imagenet_class_names()] == lemmas
 
 
 def test_class_names_of_a_checkpoint_without_a_dataset():
-    assert predict.class_names(1000) == predict.imagenet_class_names()
-    assert predict.class_names(3) == ('class 0', 'class 1', 'class 2')
+    assert classify.class_names(1000) == classify.imagenet_class_names()
+    assert classify.class_names(3) == ('class 0', 'class 1', 'class 2')
 
 
 def test_preprocess_equals_timms_eval_transform(photos, tmp_path):
@@ -98,9 +99,9 @@ def test_preprocess_equals_timms_eval_transform(photos, tmp_path):
     rgb = Image.open(photos['china'])
     rgb.convert('L').save(tmp_path / 'grey.png')
     rgb.convert('RGBA').resize((150, 100)).save(tmp_path / 'rgba.png')
-    cases = [(photos['china'], predict.eval_preprocessing(MODEL)),
-             (str(tmp_path / 'grey.png'), predict.eval_preprocessing(MODEL)),
-             (str(tmp_path / 'rgba.png'), dict(predict.eval_preprocessing(MODEL), image_size=64, crop_pct=1.25,
+    cases = [(photos['china'], classify.eval_preprocessing(MODEL)),
+             (str(tmp_path / 'grey.png'), classify.eval_preprocessing(MODEL)),
+             (str(tmp_path / 'rgba.png'), dict(classify.eval_preprocessing(MODEL), image_size=64, crop_pct=1.25,
                                                interpolation='bilinear'))]
     for path, cfg in cases:
         mode = getattr(transforms.InterpolationMode, cfg['interpolation'].upper())
@@ -108,17 +109,17 @@ def test_preprocess_equals_timms_eval_transform(photos, tmp_path):
                                         transforms.CenterCrop(cfg['image_size']), transforms.ToTensor(),
                                         transforms.Normalize(cfg['mean'], cfg['std'])])
         want = reference(Image.open(path).convert('RGB')).numpy().transpose(1, 2, 0)
-        got = predict.preprocess(path, cfg)
+        got = classify.preprocess(path, cfg)
         assert got.dtype == np.float32 and got.shape == (cfg['image_size'], cfg['image_size'], 3)
         np.testing.assert_allclose(got, want, atol=1e-6, err_msg=path)
 
 
 def test_top_k_orders_by_probability_then_index():
     probs = np.array([[0.1, 0.4, 0.1, 0.4], [0.7, 0.1, 0.1, 0.1]], np.float32)
-    index, p = predict.top_k(probs, 3)
+    index, p = classify.top_k(probs, 3)
     assert index.tolist() == [[1, 3, 0], [0, 1, 2]]
     np.testing.assert_array_equal(p, np.float32([[0.4, 0.4, 0.1], [0.7, 0.1, 0.1]]))
-    assert predict.top_k(probs, 10)[0].shape == (2, 4)
+    assert classify.top_k(probs, 10)[0].shape == (2, 4)
 
 
 def test_cli_prints_top5_and_goes_on_past_an_unreadable_image(photos, weights):
@@ -133,7 +134,7 @@ def test_cli_prints_top5_and_goes_on_past_an_unreadable_image(photos, weights):
     assert not [line for line in result.stderr.splitlines() if re.search(r'\|\s+tensorflow$', line)]
     blocks = _blocks(result.stdout)
     assert list(blocks) == [photos['china'], photos['flower']]
-    names = set(predict.imagenet_class_names())
+    names = set(classify.imagenet_class_names())
     for lines in blocks.values():
         assert [rank for rank, _, _ in lines] == [1, 2, 3, 4, 5]
         assert all(name in names for _, name, _ in lines)
@@ -144,12 +145,12 @@ def test_cli_prints_top5_and_goes_on_past_an_unreadable_image(photos, weights):
 def test_probabilities_are_softmax_of_model_apply(photos, weights, capsys):
     path, model, variables = weights
     images = [photos['china'], photos['flower']]
-    assert predict.main(['predict', '--checkpoint', path, '--json', '--top', '7', '--batch-size', '1', *images]) == 0
+    assert cli(['predict', '--checkpoint', path, '--json', '--top', '7', '--batch-size', '1', *images]) == 0
     results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    cfg = predict.eval_preprocessing(MODEL)
-    x = np.stack([predict.preprocess(p, cfg) for p in images])
+    cfg = classify.eval_preprocessing(MODEL)
+    x = np.stack([classify.preprocess(p, cfg) for p in images])
     probs = np.asarray(jax.nn.softmax(jax.jit(model.apply)(variables, x), axis=-1))
-    names = predict.imagenet_class_names()
+    names = classify.imagenet_class_names()
     for result, image, row in zip(results, images, probs):
         assert result['image'] == image and len(result['top']) == 7
         want = np.argsort(-row, kind='stable')[:7]
@@ -166,7 +167,7 @@ def test_probabilities_are_softmax_of_model_apply(photos, weights, capsys):
 ])
 def test_bad_checkpoint_or_flags_are_one_line(tmp_path, photos, capsys, make, args, message):
     make(tmp_path)
-    code = predict.main(['predict', '--checkpoint', str(tmp_path / 'w.safetensors'), *args, photos['china']])
+    code = cli(['predict', '--checkpoint', str(tmp_path / 'w.safetensors'), *args, photos['china']])
     err = capsys.readouterr()
     assert code == 1 and err.out == ''
     lines = _errors(err.err)
@@ -190,9 +191,9 @@ def test_workdir_uses_its_preprocessing_and_dataset_class_names(tmp_path, photos
     checkpoints.wait()
     checkpoints.close()
 
-    classifier = predict.load_classifier(str(tmp_path), ema=True)
+    classifier = classify.load_classifier(str(tmp_path), ema=True)
     assert classifier.class_names == tuple(str(d) for d in range(10))
     assert classifier.preprocessing['image_size'] == 16 and classifier.preprocessing['interpolation'] == 'bilinear'
-    assert predict.main(['predict', '--checkpoint', str(tmp_path), '--top', '3', photos['china']]) == 0
+    assert cli(['predict', '--checkpoint', str(tmp_path), '--top', '3', photos['china']]) == 0
     lines = _blocks(capsys.readouterr().out)[photos['china']]
     assert [rank for rank, _, _ in lines] == [1, 2, 3] and all(name in '0123456789' for _, name, _ in lines)

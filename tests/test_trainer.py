@@ -33,7 +33,8 @@ TINY = str(REPO / 'configs' / 'tiny.py')
 HARNESS = r'''
 import hashlib, os, sys, time
 import numpy as np
-from ghostnetv2_jax.train import main, trainer
+from ghostnetv2_jax.cli import main
+from ghostnetv2_jax.train import trainer
 
 real_create_split = trainer.create_split
 
@@ -64,7 +65,7 @@ def create_split(data_config, *, split, train, **kwargs):
 
 
 trainer.create_split = create_split
-main.main(['train'] + sys.argv[1:])
+sys.exit(main(['train'] + sys.argv[1:]))
 '''
 
 

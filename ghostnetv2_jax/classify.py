@@ -1,11 +1,9 @@
-"""``python -m ghostnetv2_jax predict``: the top-K classes of images, with names and probabilities.
+"""Classify image files: the top-K classes of each, with names and probabilities (the library of
+the ``predict`` command).
 
-  python -m ghostnetv2_jax predict --checkpoint ghostnetv2_100.safetensors cat.jpg dog.png
-  python -m ghostnetv2_jax predict --checkpoint WORKDIR [--ema] [--step best] --top 3 --json *.jpg
-
-The checkpoint is read as ``evaluate`` reads it (``evaluate.load_model``): converted weights
-(``convert``; model name and overrides in the file), a PyTorch file with ``--model``, or a
-training workdir. Images are read with Pillow and preprocessed as the model is evaluated: the
+``load_classifier(source)`` reads weights as ``ghostnetv2_jax.weights.load`` does: converted
+weights (model name and overrides in the file), a PyTorch file with a model name, or a training
+workdir. Images are read with Pillow and preprocessed as the model is evaluated: the
 registered model's eval preprocessing (224 px, crop 0.875, bicubic, ImageNet mean/std), or a
 workdir's own data settings. Inference is ``predict_fn(model)``, jitted, over batches of a fixed
 size (the last one padded) so that one compiled program serves every batch.
@@ -17,10 +15,8 @@ on stderr; the others are still predicted and the exit status is 1.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import math
 import re
 import sys
@@ -187,21 +183,22 @@ class Classifier:
         return np.asarray(self.forward(self.variables, images))
 
 
-def load_classifier(checkpoint: str, model_name: Optional[str] = None, ema: bool = False,
+def load_classifier(source: str, model_name: Optional[str] = None, ema: bool = False,
                     step: str = 'latest') -> Classifier:
     """The model, weights, eval preprocessing and class names of a weights file or workdir."""
     import jax
     import jax.numpy as jnp
-    from ghostnetv2_jax import evaluate, xla_options
+    from ghostnetv2_jax import weights, xla_options
     from ghostnetv2_jax.runtime import predict_fn
 
-    model_name, model, variables, saved = evaluate.load_model(checkpoint, model_name, ema, step)
+    w = weights.load(source, model_name, step=step, ema=ema)
+    model = w.model()
     logits = predict_fn(model)
     forward = xla_options.jit(lambda v, x: jax.nn.softmax(logits(v, x).astype(jnp.float32), axis=-1),
                               train=False)
-    return Classifier(model_name, model, jax.device_put(variables),
-                      eval_preprocessing(model_name, None if saved is None else saved['data']),
-                      class_names(model.num_classes, saved), forward)
+    return Classifier(w.model_name, model, jax.device_put(w.variables),
+                      eval_preprocessing(w.model_name, None if w.config is None else w.config['data']),
+                      class_names(model.num_classes, w.config), forward)
 
 
 def _batches(paths: Sequence[str], data_cfg: Mapping[str, Any], size: int,
@@ -244,64 +241,3 @@ def format_result(result: Dict[str, Any]) -> str:
     lines = [result['image']]
     lines += [f"  {rank}. {t['name']}  ({100 * t['prob']:.2f}%)" for rank, t in enumerate(result['top'], 1)]
     return '\n'.join(lines)
-
-
-# ----------------------------------------------------------------------------- command line
-
-def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('images', nargs='+', metavar='IMAGE', help='image files (anything Pillow reads)')
-    p.add_argument('--checkpoint', required=True, help='converted weights (.safetensors), a PyTorch file '
-                   '(with --model) or a training workdir')
-    p.add_argument('--model', default=None, help="registered model name, where the file's metadata lacks it")
-    p.add_argument('--ema', action='store_true', help="a workdir's EMA weights")
-    p.add_argument('--step', default='latest', help="a workdir's checkpoint: 'latest', 'best' or a step number")
-    p.add_argument('--top', type=int, default=5, help='classes per image (default 5)')
-    p.add_argument('--batch-size', type=int, default=32, help='images per forward pass (default 32)')
-    p.add_argument('--json', action='store_true', help='one JSON object per image instead of text')
-    return p
-
-
-def _problem(args: argparse.Namespace) -> Optional[str]:
-    """What is wrong with the arguments, found before any slow import; None if nothing."""
-    from ghostnetv2_jax.evaluate import _precheck
-    if args.top < 1:
-        return f'--top must be at least 1, got {args.top}'
-    if args.batch_size < 1:
-        return f'--batch-size must be at least 1, got {args.batch_size}'
-    if args.model is not None:
-        try:
-            get_spec(args.model)
-        except ValueError as e:
-            return str(e)
-    return _precheck(args.checkpoint, args.model)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of ``python -m ghostnetv2_jax predict``; ``argv[0]`` is a program name.
-    Returns 1 if the checkpoint or any image could not be read, else 0."""
-    argv = list(sys.argv if argv is None else argv)
-    args = build_parser(argv[0]).parse_args(argv[1:])
-    problem = _problem(args)
-    if problem:
-        print(f'error: {problem}', file=sys.stderr)
-        return 1
-    from ghostnetv2_jax.convert import ConversionError
-    try:
-        classifier = load_classifier(args.checkpoint, args.model, args.ema, args.step)
-    except (ValueError, TypeError, FileNotFoundError, ConversionError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
-    failed: List[str] = []
-
-    def on_error(path: str, error: BaseException) -> None:
-        failed.append(path)
-        print(f'error: {path}: {unreadable_reason(error)}', file=sys.stderr, flush=True)
-
-    for result in predict(classifier, args.images, args.top, args.batch_size, on_error):
-        print(json.dumps(result) if args.json else format_result(result), flush=True)
-    return 1 if failed else 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())

@@ -1,0 +1,100 @@
+"""``ghostnetv2-jax bench [--models ghostnetv2_100] [--batches 1,32,128] [--modes infer,train] ...``:
+this project's inference (``predict_fn``) and the trainer's step side by side with timm's, each
+contender in its own worker process, timed in alternating rounds; the report goes to --out as
+bench.json and bench.md. Method and current figures: docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import List, Optional, Sequence
+
+from ghostnetv2_jax.bench import (DEFAULT_TRAIN_CONFIG, DTYPES, JAX_IMPLS, MODES, TORCH_LAYOUTS, XLA_OPTIONS)
+from ghostnetv2_jax.cli.common import Parser, usage_error
+
+
+def _csv(kind, choices: Optional[Sequence[str]] = None):
+    def parse(text: str):
+        items = [kind(t) for t in text.split(',') if t.strip()]
+        bad = [t for t in items if choices is not None and t not in choices]
+        if not items or bad:
+            raise argparse.ArgumentTypeError(
+                f'expected a comma-separated list of {", ".join(choices) if choices else kind.__name__}, got {text!r}')
+        return items
+    return parse
+
+
+def _chunk(text: str) -> str:
+    if text != 'auto' and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a non-negative integer, got {text!r}")
+    return text
+
+
+def build_parser() -> Parser:
+    p = Parser('bench', __doc__)
+    p.add_argument('--models', type=_csv(str), default=['ghostnetv2_100'])
+    p.add_argument('--batches', type=_csv(int), default=[1, 32, 128])
+    p.add_argument('--size', type=int, default=224, help='square input size')
+    p.add_argument('--modes', type=_csv(str, MODES), default=list(MODES))
+    p.add_argument('--dtypes', type=_csv(str, DTYPES), default=list(DTYPES))
+    p.add_argument('--impls', type=_csv(str, JAX_IMPLS), default=['native', 'shift', 'xla'],
+                   help="this project's depthwise implementations ('auto' = the backend's default)")
+    p.add_argument('--deploy', action=argparse.BooleanOptionalAction, default=True,
+                   help='also time the BN-folded inference model (ghostnetv2_jax.fold_batchnorm)')
+    p.add_argument('--layouts', type=_csv(str, TORCH_LAYOUTS), default=list(TORCH_LAYOUTS))
+    p.add_argument('--torch', action=argparse.BooleanOptionalAction, default=True,
+                   help='time timm (without it no ratios are computed)')
+    p.add_argument('--rounds', type=int, default=5, help='alternation rounds')
+    p.add_argument('--repeats', type=int, default=3, help='timed iterations per contender per round')
+    p.add_argument('--warmup', type=int, default=2, help='untimed iterations after compile')
+    p.add_argument('--settle', type=float, default=3.0,
+                   help='seconds of idle before each contender runs, so the previous one\'s spinning '
+                        'worker threads are asleep')
+    p.add_argument('--threads', type=int, default=None, help='torch threads (default: usable cores)')
+    p.add_argument('--malloc', choices=['retain', 'system'], default='retain',
+                   help='glibc malloc policy in every worker (docs/benchmarks.md)')
+    p.add_argument('--xla-options', type=_csv(str, XLA_OPTIONS), default=['project'],
+                   help="JAX contenders compiled with this project's compiler options "
+                        "(ghostnetv2_jax.xla_options) and/or with XLA's defaults")
+    p.add_argument('--chunks', type=_csv(_chunk), default=['auto'],
+                   help="JAX inference over chunks of the batch (ghostnetv2_jax.runtime): 'auto' "
+                        "(8 images on CPU, the whole batch elsewhere), 0 (the whole batch) or N images")
+    p.add_argument('--xla-flags', default='', help='appended to XLA_FLAGS in the JAX workers')
+    p.add_argument('--train-config', default=DEFAULT_TRAIN_CONFIG,
+                   help='training config (configs/*.py) whose optimizer, schedule, label smoothing, EMA and '
+                        'dropout the train mode uses (default: the ImageNet recipe of GhostNetV2 1.0x)')
+    p.add_argument('--out', default='bench_out', help='directory for bench.json and bench.md')
+    return p
+
+
+def _validate(args) -> None:
+    from ghostnetv2_jax.models.registry import get_spec
+    for name in args.models:
+        try:
+            get_spec(name)
+        except ValueError as error:   # an unknown name, with the list of known ones
+            usage_error(str(error))
+    for flag, value in (('--rounds', args.rounds), ('--repeats', args.repeats), ('--size', args.size)):
+        if value < 1:
+            usage_error(f'{flag} must be >= 1, got {value}')
+    if args.warmup < 0:
+        usage_error(f'--warmup must be >= 0, got {args.warmup}')
+    if any(b < 1 for b in args.batches):
+        usage_error(f'--batches must be positive, got {args.batches}')
+    if args.settle < 0:
+        usage_error(f'--settle must be >= 0, got {args.settle}')
+    if args.threads is not None and args.threads < 1:
+        usage_error(f'--threads must be >= 1, got {args.threads}')
+    if 'train' in args.modes and not os.path.isfile(args.train_config):
+        usage_error(f'--train-config: no such file: {args.train_config} (the train mode reads the '
+                         "repository's configs/)")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(argv if argv is not None else [])
+    args = build_parser().parse_args(argv)
+    _validate(args)
+    args.threads = args.threads or len(os.sched_getaffinity(0))
+    from ghostnetv2_jax import bench
+    bench.run(args, ' '.join(['ghostnetv2-jax bench'] + argv), log=lambda s: print(s, flush=True))
+    return 0

@@ -1,0 +1,56 @@
+"""What every command's parser shares: one error format and exit status 2 for usage errors."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Tuple
+
+from ghostnetv2_jax.cli import PROG
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error line: ``error: MESSAGE (see PROG --help)``, exit 2."""
+
+    def __init__(self, command: str, doc: str, **kwargs):
+        super().__init__(prog=f'{PROG} {command}', description=doc,
+                         formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    def error(self, message: str):
+        usage_error(f'{message} (see {self.prog} --help)')
+
+
+def usage_error(message: str):
+    """Stop with a usage error: one line, exit status 2."""
+    print(f'error: {message}', file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def size(text: str) -> Tuple[int, int]:
+    """'N' or 'HxW' -> (H, W)."""
+    try:
+        h, _, w = text.lower().partition('x')
+        return int(h), int(w or h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'size must be N or HxW, got {text!r}') from None
+
+
+def add_weights_arguments(p: argparse.ArgumentParser, source: str = '--checkpoint') -> None:
+    """The arguments that name weights (``ghostnetv2_jax.weights.load``)."""
+    p.add_argument(source, required=True, dest='source', metavar='SOURCE',
+                   help='a training workdir, a Flax variables .safetensors (convert), or a PyTorch '
+                        'state_dict (.pth, .pth.tar, timm .safetensors; needs --model)')
+    p.add_argument('--model', default=None, help='registered model name (needed for PyTorch files)')
+    p.add_argument('--step', default='latest', help="a workdir's checkpoint: 'latest', 'best' or a step number")
+    p.add_argument('--ema', action='store_true', help="the EMA weights (a workdir's, or a training file's)")
+
+
+def check_weights_arguments(args) -> None:
+    """Usage errors in the weights arguments, found before anything slow is imported."""
+    from ghostnetv2_jax.weights import check_source
+    problem = check_source(args.source, args.model, args.step)
+    if problem and 'model name' in problem:
+        usage_error(f'--model is required to read the PyTorch checkpoint {args.source}')
+    if problem and not problem.startswith('no such'):
+        usage_error(problem)
+    if problem:
+        raise FileNotFoundError(problem)
