@@ -98,7 +98,7 @@ def test_report_calls_seed_noise_from_the_numbers(tmp_path):
 def _parse_with_cli(line: str):
     """The config the train command builds from a launch line (its own config loader), as a dict."""
     from ghostnetv2_jax.cli import train
-    from ghostnetv2_jax.train.config import load_config
+    from ghostnetv2_jax.cli.config import load_config
     argv = shlex.split(line)
     assert argv[:4] == ['python', '-m', 'ghostnetv2_jax', 'train']
     args, overrides = train.build_parser().parse_known_args(argv[4:])

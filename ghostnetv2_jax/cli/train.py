@@ -24,7 +24,7 @@ def build_parser() -> Parser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args, overrides = build_parser().parse_known_args(argv)
-    from ghostnetv2_jax.train.config import ConfigError, load_config
+    from ghostnetv2_jax.cli.config import ConfigError, load_config
     bad = [a for a in overrides if not a.startswith('--config.')]
     if bad:
         usage_error(f'unexpected arguments: {" ".join(bad)}')

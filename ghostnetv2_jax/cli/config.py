@@ -1,9 +1,10 @@
-"""A training config from a recipe file and ``--config.FIELD=VALUE`` overrides.
+"""A training config from a recipe file and ``--config.FIELD=VALUE`` command-line overrides.
 
 A recipe (``configs/*.py``) defines ``get_config()`` returning an ml_collections ``ConfigDict``;
 overrides are parsed by ml_collections' ``config_flags`` (typed by the field they set, the config
-locked, so an unknown field is an error naming it). ``load_config`` is what the ``train`` command
-and the sweep runner call.
+locked, so an unknown field is an error naming it), on a flag registry of their own: no process
+flags are read. ``load_config`` is what the ``train`` command and the sweep runner call; the
+library takes the resulting ConfigDict.
 """
 from __future__ import annotations
 
