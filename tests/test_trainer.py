@@ -281,8 +281,8 @@ def test_trainer_step_is_the_public_one():
 
 
 def test_a_checkpoint_of_the_per_leaf_optimizer_resumes_converted(tmp_path):
-    """Checkpoints written before the optimizer ran on the flattened parameters hold its state
-    as trees; restore_state reads them in that form and converts the optimizer state."""
+    """A checkpoint of the per-leaf optimizer (``flat=False``) holds its state as trees;
+    restore_state reads it in that form and converts the optimizer state."""
     import optax
     from ghostnetv2_jax.train import checkpoint as ckpt_lib
     from ghostnetv2_jax.train import optim, trainer
