@@ -3,8 +3,7 @@
   python -m ghostnetv2_jax train --config configs/demo.py --workdir /tmp/ghostnetv2_demo
 
 Expected: >= 95% validation top-1 in under 10 minutes on a 2-core CPU, compilation included
-(measured: 97.49% in 1m28s on a quiet 2-core machine; about 5 minutes when another job shares
-the cores).
+(measured: docs/benchmarks.md).
 The 8x8 digits are upsampled to 40x40: DFC attention pools every map 2x2, and below 33 px the
 last stage's 1x1 maps leave nothing to pool. The recipe's RMSprop is tuned for 450 ImageNet
 epochs; for a few hundred steps SGD with Nesterov momentum and a cosine schedule converges faster

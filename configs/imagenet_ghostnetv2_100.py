@@ -1,4 +1,4 @@
-"""GhostNetV2 1.0x (6.16M params, 0.18G MACs) on ImageNet-1k with the authors' GhostNetV2 recipe.
+"""GhostNetV2 1.0x (6.16M params, 0.17G MACs) on ImageNet-1k with the authors' GhostNetV2 recipe.
 
   python -m ghostnetv2_jax train --config configs/imagenet_ghostnetv2_100.py \
       --workdir gs://BUCKET/ghostnetv2_100 --config.data.data_dir=gs://BUCKET/tensorflow_datasets

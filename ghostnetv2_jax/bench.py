@@ -3,67 +3,16 @@
 ``python -m ghostnetv2_jax bench [--models ghostnetv2_100] [--batches 1,32,128] [--modes infer,train]
 [--dtypes float32,bfloat16] [--impls native,shift,xla] [--layouts nchw,channels_last] [--out DIR] ...``
 
-Method (see docs/benchmarks.md for results):
-
-- Every contender (this project with one depthwise implementation and compute dtype, or timm in
-  one memory layout) runs in its own worker process, so that compile caches, allocators and
-  thread pools do not leak between contenders and peak memory can be read per contender.
-- Contenders of one group (model, batch, mode) are set up one after the other (so a compile is
-  never slowed by another), then timed in ALTERNATING rounds: each round runs every contender
-  for ``--repeats`` iterations, in a rotated order. Throughput is batch / median iteration time;
-  the spread over rounds is reported too. A load from other processes hurts every contender
-  alike, and the load average is recorded at the start and the end.
-- Inference: jitted ``model.apply`` (JAX) vs ``model.eval()`` under ``torch.inference_mode``.
-- Train step: the training recipe's full step, both sides set up from one config
-  (``--train-config``, default ``configs/imagenet_ghostnetv2_100.py``, at the group's batch):
-  forward with dropout, label-smoothed cross-entropy, backward, L2 weight decay off biases and
-  BatchNorm, RMSpropTF with momentum, and the EMA update of the weights and BN statistics.
-  JAX: the trainer's own step, ``train.steps.make_train_step`` with the optimizer and schedule
-  of ``train.optim`` and a ``train.state.create_state`` state, jitted by ``steps.jit_train_step``
-  as the trainer jits it (state donated); it also returns the trainer's metrics (loss, top-1,
-  gradient and parameter norms, lr). torch: timm's equivalent, ``model.train()``,
-  ``LabelSmoothingCrossEntropy``, ``loss.backward()``, ``create_optimizer_v2(model,
-  'rmsproptf', ...)`` (``filter_bias_and_bn``: the same parameters decayed) ``.step()``, then
-  ``ModelEmaV3.update(model)``.
-- Both frameworks start from their library's own initialisation (JAX: ``init_variables``,
-  compiled once without LLVM optimisations, as the trainer does).
-- JAX contenders are compiled with this project's compiler options (``ghostnetv2_jax.xla_options``,
-  what the trainer and evaluator use: on CPU, LLVM -O1 for the train step and XLA's defaults for
-  inference); ``--xla-options project,default`` also times them with XLA's defaults
-  throughout, labelled ``+xla-default``.
-- Between contenders the harness idles ``--settle`` seconds (default 3), so the worker threads
-  the previous contender left spinning (OpenMP's, Eigen's) are asleep: with half a second, the
-  next contender shares the cores with them for its first iterations.
-- torch uses ``torch.set_num_threads(--threads)`` (default: the cores this process may use); XLA
-  uses its default pool, one thread per core. bf16 contenders: JAX computes in bfloat16 with
-  float32 parameters; torch runs the forward pass and loss under ``torch.autocast(dtype=bfloat16)``.
-- Compile time (JAX): trace + lower + XLA compile of the jitted function. torch has no compile
-  step; its first call is reported instead.
-- Memory: each worker's peak resident set (``getrusage`` maxrss) minus its resident set just
-  before the first timed-or-warm-up call, i.e. what running the contender added; for JAX also
-  XLA's own ``compiled.memory_analysis()`` (temporaries + arguments + outputs). On GPU, the
-  device's peak bytes in use (JAX ``memory_stats``, ``torch.cuda.max_memory_allocated``).
-- Core placement: right before each contender's turn the harness measures how much slower one
-  CPU reads 4 MB that another CPU just wrote than 4 MB it wrote itself (``cross_core_penalty``).
-  On the 2-vCPU VM of docs/benchmarks.md the hypervisor now and then, for tens of seconds, places
-  the two vCPUs where they share no cache: the penalty reads ~3.2 instead of ~1.1 (core-to-core
-  latency 0.75 against 0.19 us). The chunked JAX inference hands every op's output between the
-  cores through the cache and runs ~1.65x slower then; timm, streaming whole-batch tensors
-  through DRAM, does not slow down. Each contender reports how many of its rounds ran split
-  (penalty above ``SPLIT_CORES``) and its img/s and ratio over the other rounds too.
-- The JAX worker dispatches CPU computations synchronously, as the trainer does and as torch's
-  eager calls run (``xla_options.dispatch_cpu_synchronously``): asynchronously, each train step
-  allocated its temporaries before the previous step had freed its own, and the heap's growth
-  re-faulted whole sets of them in the warm-up and first rounds. Every timed iteration's minor
-  page faults are recorded; the report gives the most of any one iteration.
-- ``--malloc retain`` (default) configures glibc malloc in every worker, torch's included, to
-  keep freed memory mapped (``GLIBC_TUNABLES``: no mmap'd chunks, no trimming; see
-  RETAIN_TUNABLES). Without it, each step re-faults every large buffer it allocates (~2 us per
-  4 KiB page in a VM), which costs both frameworks 10-25% at batch 32 and JAX's batch-128 train
-  step ~40%; ``--malloc system`` measures the default.
-
-The report goes to ``--out`` as ``bench.json`` and ``bench.md``; ratios are this project's
-img/s over the best timm layout's img/s for the same model, batch, mode and dtype.
+Every contender (this project with one depthwise implementation and dtype, or timm in one memory
+layout) runs in its own worker process; the contenders of one group are timed in alternating
+rounds. Inference times ``jax.jit(runtime.predict_fn(model))`` of the eval model and
+(``--deploy``, default) of the BN-folded one against timm's ``model.eval()`` under
+``torch.inference_mode``; training times the trainer's own step against timm's equivalent, both
+set up from ``--train-config``. ``--malloc retain`` (default) makes glibc keep freed memory
+mapped in every worker, timm's included (RETAIN_TUNABLES); ``--malloc system`` keeps glibc's
+default. The report goes to ``--out`` as ``bench.json`` and ``bench.md``: img/s (batch / median
+iteration time) and the ratio over the best timm layout. The method in full, and the results:
+docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -133,11 +82,9 @@ def plan(args) -> List[Group]:
 # ----------------------------------------------------------------------------- workers (child side)
 # glibc malloc tunables for --malloc retain: no mmap'd chunks, and never trim the heap top. They
 # are read at process start, so they go into each worker's environment; mallopt cannot set a trim
-# threshold past 2 GiB, and a train step's temporaries are 1.7 GB at batch 32 and 6.8 GB at batch
-# 128 (measured with mallopt: all 6.8 GB re-faulted every step, 5.2 s a step against 3.2 s with
-# these tunables). The arenas stay glibc's default: capped at one, XLA's compiler threads and
-# the step's kernels contend on its lock (batch-32 train step: compile 30 s against 19 s, the
-# step 1.2 s against 1.0 s).
+# threshold past 2 GiB, less than a train step's temporaries at large batches. The arenas stay
+# glibc's default: capped at one, XLA's compiler threads and the step's kernels contend on its
+# lock. Measurements: docs/benchmarks.md.
 RETAIN_TUNABLES = 'glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776'
 
 

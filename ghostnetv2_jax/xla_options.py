@@ -1,9 +1,9 @@
 """XLA compiler options for this project's jitted functions, per backend and per kind of step.
 
 On CPU (jaxlib 0.10) the *training* step is compiled with LLVM at -O1 instead of -O2: it compiles
-no slower and runs as fast. XLA's emitters stay its defaults (the MLIR fusion emitters): on the
-benchmark VM (docs/benchmarks.md) they run the GhostNetV2 1.0x batch-32 train step in 880 ms
-against 993 ms with the older loop emitters. *Inference* keeps XLA's defaults throughout.
+no slower and runs as fast. XLA's emitters stay its defaults (the MLIR fusion emitters), which
+run the train step faster than the loop emitters (docs/benchmarks.md). *Inference* keeps XLA's
+defaults throughout.
 ``python -m ghostnetv2_jax bench --xla-options project,default`` measures the options against
 XLA's defaults side by side.
 
@@ -34,9 +34,8 @@ def dispatch_cpu_synchronously() -> None:
 
     With JAX's default asynchronous dispatch, a train step is dispatched, and allocates its
     temporaries, before the previous step's are freed, so the heap holds two or more sets and
-    each growth re-faults a whole set (at batch 32 on CPU: 1.7 GB of temporaries, RSS 3.9-7.7 GB
-    against 2.3 GB synchronously). With synchronous dispatch one set is reused every step, with
-    the same steady step time: a step of hundreds of milliseconds gains nothing from
+    each growth re-faults a whole set (measured: docs/benchmarks.md). With synchronous dispatch
+    one set is reused every step, with the same steady step time: a step of hundreds of milliseconds gains nothing from
     dispatching ahead (the input pipeline prefetches on its own threads).
 
     Process-wide and read when the CPU backend starts, so programs call it first (the trainer,
