@@ -1,4 +1,4 @@
-"""``ghostnetv2-jax parity --model NAME [--checkpoint FILE] [--size HxW ...]``: this project's
+"""``ghostnetv2-jax parity --model NAME [--checkpoint FILE] [--size 97x131 ...]``: this project's
 network and timm's side by side in eval mode, stage by stage, on the same weights; exit status 1
 when the logits differ by more than --tolerance (max |diff| / max |logit|).
 

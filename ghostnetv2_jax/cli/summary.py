@@ -1,4 +1,4 @@
-"""``ghostnetv2-jax summary --model NAME [--model NAME ...] [--size HxW]``: params, MACs, eval
+"""``ghostnetv2-jax summary --model NAME [--model NAME ...] [--size 224x320]``: params, MACs, eval
 preprocessing and published top-1 of registered models."""
 from __future__ import annotations
 
