@@ -12,38 +12,7 @@ scaled linearly to ``batch_size``.
 """
 import ml_collections
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def get_data_config() -> ml_collections.ConfigDict:
-    """Every field of ``ghostnetv2_jax.data.pipeline.DataConfig`` (tests check they agree)."""
-    data = ml_collections.ConfigDict()
-    data.dataset = 'imagenet2012'          # 'digits', 'cluttered_digits' (embedded),
-                                           # 'folder:/path', or a tfds name
-    data.data_dir = ml_collections.FieldReference(None, field_type=str)  # tfds data_dir (gs:// ok)
-    data.train_split = 'train'
-    data.eval_split = 'validation'
-    data.image_size = 224                  # train crop and eval input size
-    data.crop_pct = 0.875                  # eval: resize the short side to image_size / crop_pct
-    data.interpolation = 'bicubic'         # eval resize
-    data.mean = IMAGENET_MEAN
-    data.std = IMAGENET_STD
-    data.train_interpolation = 'random'    # RandomResizedCrop: bilinear or bicubic per image
-    data.scale = (0.08, 1.0)               # RandomResizedCrop area range
-    data.ratio = (3 / 4, 4 / 3)
-    data.hflip = 0.5
-    data.color_jitter = 0.4                # timm default; used only when randaugment is ''
-    data.randaugment = 'rand-m9-mstd0.5'   # --aa; '' disables
-    data.reprob = 0.2                      # --reprob (random erasing probability)
-    data.remode = 'pixel'                  # --remode
-    data.shuffle_buffer = 16384            # tfds only; in-memory sources shuffle exactly
-    data.image_key = 'image'               # tfds feature names
-    data.label_key = 'label'
-    data.num_threads = 0                   # tf.data threads; 0: one per CPU core
-    data.bad_images = 'skip'               # unreadable images: 'skip' (masked out, each file
-                                           # logged once) or 'error' (stop, naming the file)
-    return data
+from ghostnetv2_jax.data.config import default_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -69,7 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.dtype = 'float32'               # compute dtype; 'bfloat16' keeps fp32 params and BN stats
     config.init_from = ''                  # fine-tune from a .safetensors (convert) or PyTorch file
 
-    config.data = get_data_config()
+    # Input pipeline: every field of ghostnetv2_jax.data.config.DataConfig, documented there.
+    config.data = default_config()
 
     # Batch and length.
     config.batch_size = 1024               # global images per optimizer update (8 GPUs x 128)

@@ -1,24 +1,34 @@
 """Input pipeline: sources (digits, cluttered digits, image folder, tfds) -> timm-style
 augmentation -> batches.
 
-TensorFlow is used for input only, so it is kept off the accelerators that JAX owns.
+Importing this package is light: its config (``ghostnetv2_jax.data.config``: ``DataConfig``,
+``default_config``) needs no TensorFlow, and the names below that do are loaded on first use.
+TensorFlow is used for input only, so it is kept off the accelerators that JAX owns
+(``data/_tf.py``, imported by every module here that uses TF).
 """
-import tensorflow as tf
+import importlib
+from typing import Any
 
-
-def _hide_accelerators_from_tf() -> None:
-    for kind in ('GPU', 'TPU'):
-        try:
-            tf.config.set_visible_devices([], kind)
-        except (RuntimeError, ValueError):
-            pass    # already initialised, or no such device type in this TF build
-
-
-_hide_accelerators_from_tf()
-
-from ghostnetv2_jax.data.pipeline import (DataConfig, DataSplit, create_split,  # noqa: E402
-                                          default_config, num_classes_of)
-from ghostnetv2_jax.data.sources import DataError  # noqa: E402
+_LAZY = {
+    'DataConfig': 'ghostnetv2_jax.data.config',
+    'default_config': 'ghostnetv2_jax.data.config',
+    'DataSplit': 'ghostnetv2_jax.data.pipeline',
+    'create_split': 'ghostnetv2_jax.data.pipeline',
+    'num_classes_of': 'ghostnetv2_jax.data.pipeline',
+    'DataError': 'ghostnetv2_jax.data.sources',
+}
 
 __all__ = ['DataConfig', 'DataError', 'DataSplit', 'create_split', 'default_config',
            'num_classes_of']
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -26,7 +26,7 @@ import math
 import re
 from typing import Callable, Dict, Sequence, Tuple, Union
 
-import tensorflow as tf
+from ghostnetv2_jax.data._tf import tf
 
 Key = tf.Tensor            # int tensor of shape [2]
 Window = Tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]   # top, left, height, width (int32)

@@ -23,96 +23,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional
 
-import ml_collections
 import numpy as np
-import tensorflow as tf
 from absl import logging
 
 from ghostnetv2_jax.data import augment, sources
-from ghostnetv2_jax.models.registry import IMAGENET_MEAN, IMAGENET_STD
-
-
-BAD_IMAGES = ('skip', 'error')
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Every knob of the input pipeline; defaults are the GhostNetV2 ImageNet recipe."""
-    dataset: str = 'imagenet2012'      # 'digits' | 'cluttered_digits' | 'folder:/path' |
-                                       # 'image_folder' | tfds name
-    data_dir: Optional[str] = None     # tfds data_dir, or the root for 'image_folder'
-    train_split: str = 'train'
-    eval_split: str = 'validation'
-    image_size: int = 224
-    crop_pct: float = 0.875            # eval: resize short side to floor(image_size / crop_pct)
-    interpolation: str = 'bicubic'     # eval resize
-    mean: Tuple[float, ...] = IMAGENET_MEAN
-    std: Tuple[float, ...] = IMAGENET_STD
-    train_interpolation: str = 'random'   # 'random' (bilinear|bicubic per image) or a method
-    scale: Tuple[float, float] = (0.08, 1.0)
-    ratio: Tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    color_jitter: Any = 0.4            # used only when randaugment is ''
-    randaugment: str = 'rand-m9-mstd0.5'  # '' disables
-    reprob: float = 0.2
-    remode: str = 'pixel'
-    shuffle_buffer: int = 16384        # tfds only; in-memory sources shuffle exactly
-    image_key: str = 'image'           # tfds feature names
-    label_key: str = 'label'
-    num_threads: int = 0               # tf.data private thread pool; 0: one per CPU core
-    bad_images: str = 'skip'           # unreadable images: 'skip' (mask out, report once) or
-                                       # 'error' (stop, naming the file)
-
-    @classmethod
-    def from_config(cls, config: Any) -> 'DataConfig':
-        """From a ConfigDict, a mapping or a DataConfig; missing fields take the defaults."""
-        if isinstance(config, cls):
-            return config
-        names = {f.name for f in dataclasses.fields(cls)}
-        given = dict(config.items()) if hasattr(config, 'items') else dict(config)
-        unknown = sorted(set(given) - names)
-        if unknown:
-            raise ValueError(f'unknown data config fields {unknown}; known: {sorted(names)}')
-        for key in ('mean', 'std', 'scale', 'ratio'):
-            if key in given:
-                given[key] = tuple(given[key])
-        if isinstance(given.get('color_jitter'), (list, tuple)):
-            given['color_jitter'] = tuple(given['color_jitter'])
-        size = given.get('image_size')
-        if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
-            given['image_size'] = int(size[0])       # a model's square input_size (h, w)
-        return cls(**given)
-
-    def __post_init__(self):
-        if not isinstance(self.image_size, int) or self.image_size < 3:
-            raise ValueError(f'image_size must be an int >= 3 (square images), got '
-                             f'{self.image_size!r}')
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError(f'mean and std need 3 values, got {self.mean} and {self.std}')
-        if self.bad_images not in BAD_IMAGES:
-            raise ValueError(f'bad_images must be one of {BAD_IMAGES}, got {self.bad_images!r}')
-
-    def source(self, split: str):
-        return sources.open_source(self.dataset, split, self.data_dir,
-                                   class_split=self.train_split, image_key=self.image_key,
-                                   label_key=self.label_key, shuffle_buffer=self.shuffle_buffer)
-
-    def train_transform(self) -> augment.TrainTransform:
-        return augment.TrainTransform(
-            self.image_size, self.mean, self.std, self.scale, self.ratio,
-            self.train_interpolation, self.hflip, self.color_jitter, self.randaugment,
-            self.reprob, self.remode)
-
-    def eval_transform(self) -> augment.EvalTransform:
-        return augment.EvalTransform(self.image_size, self.crop_pct, self.interpolation,
-                                     self.mean, self.std)
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """``config.data`` with every field and its default (the ImageNet recipe)."""
-    return ml_collections.ConfigDict(dataclasses.asdict(DataConfig()))
+from ghostnetv2_jax.data._tf import tf
+from ghostnetv2_jax.data.config import BAD_IMAGES, DataConfig, default_config  # noqa: F401
+from ghostnetv2_jax.models.registry import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401
 
 
 def num_classes_of(data_config: Any) -> int:

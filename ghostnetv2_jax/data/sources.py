@@ -19,7 +19,8 @@ import re
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
-import tensorflow as tf
+
+from ghostnetv2_jax.data._tf import tf
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 DIGITS_SPLITS = ('train', 'validation')
