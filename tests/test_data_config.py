@@ -9,7 +9,7 @@ import ml_collections
 import pytest
 
 from ghostnetv2_jax.data.config import DataConfig, default_config
-from ghostnetv2_jax.train.config import load_config
+from ghostnetv2_jax.cli.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, 'configs', 'default.py')
@@ -67,7 +67,7 @@ def test_a_field_defaulting_to_none_is_typed_by_its_annotation():
 
 
 def test_loading_a_recipe_imports_no_tensorflow():
-    code = ('import sys; from ghostnetv2_jax.train.config import load_config; '
+    code = ('import sys; from ghostnetv2_jax.cli.config import load_config; '
             f'load_config({RECIPE!r}); print(sorted(m for m in sys.modules '
             "if m == 'tensorflow' or m.startswith('tensorflow.')))")
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [REPO, os.environ.get('PYTHONPATH')]))}

@@ -43,8 +43,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(module.main(rest) or 0)
     except KeyboardInterrupt:
         return 130
-    except SystemExit:
-        raise
+    except SystemExit as stop:   # argparse's --help (0) and usage errors (2)
+        return stop.code if isinstance(stop.code, int) else int(stop.code is not None)
     except Exception as error:   # noqa: BLE001 - every failure ends as one line
         if debug:
             traceback.print_exc()
