@@ -54,7 +54,7 @@ class Weights:
 
     @property
     def num_classes(self) -> int:
-        return int(self.overrides.get('num_classes', get_spec(self.model_name).num_classes))
+        return int(self.model().num_classes)
 
     def model(self, dtype: str = 'float32', **kwargs):
         """The model these are the variables of, computing in ``dtype``."""

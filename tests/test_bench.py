@@ -20,7 +20,7 @@ def test_smoke_run_writes_json_and_markdown_with_ratios(tmp_path):
     assert bench_cli.main(argv) == 0
     report = json.loads((out / 'bench.json').read_text())
     assert report['machine']['usable_cpus'] == len(os.sched_getaffinity(0)) == report['machine']['torch_threads']
-    assert report['config']['rounds'] == 2 and report['command'].startswith('python -m ghostnetv2_jax bench')
+    assert report['config']['rounds'] == 2 and report['command'].startswith('ghostnetv2-jax bench')
     by_label = {r['label']: r for r in report['results']}
     assert set(by_label) == {'jax:native:float32', 'torch:nchw:float32', 'torch:channels_last:float32'}
     for r in by_label.values():
