@@ -11,6 +11,7 @@ from jax.sharding import Mesh
 
 from conftest import randomized_variables, rel_err
 from ghostnetv2_jax import create_model, get_spec, list_models, runtime
+from ghostnetv2_jax.models.ghostnet import GhostNet
 from ghostnetv2_jax.runtime import chunking
 from ghostnetv2_jax.train.trainer import make_eval_step
 
@@ -198,6 +199,8 @@ def test_forward_features_and_forward_head_compose_to_the_logits_and_the_old_fla
     assert rel_err(model.apply(variables, maps, train=False, method='forward_head'), logits) <= TOLERANCE
     head = jax.jit(runtime.predict_fn(model, 2, method='forward_head', pre_logits=True))(variables, maps)
     chex.assert_shape(head, (3, 1280))
+    chunked_maps = jax.jit(runtime.predict_fn(model, 1, method=GhostNet.forward_features))(variables, images)
+    assert rel_err(chunked_maps, maps) <= TOLERANCE
     for old_flag in ({'part': 'features'}, {'features_only': True}):
         with pytest.raises(TypeError, match='unexpected keyword'):
             model.apply(variables, images, **old_flag)

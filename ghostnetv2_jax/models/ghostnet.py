@@ -323,8 +323,9 @@ class GhostNet(nn.Module):
         (strides 4, 8, 16, 32). ``indices``: None for all 5 (= timm's ``features_only`` model), an
         int n for the last n, or a sequence of indices (negative from the end); they come back in
         network order. ``stop_early``: run only the stages up to the last map taken, and return
-        the last stage run's output in place of forward_features' map. ``norm``: GhostNet has no
-        norm layer after its stages, so it changes nothing (as in timm).
+        the last stage run's output (the stem's, after bn1, for map 0 alone) in place of
+        forward_features' map. ``norm``: GhostNet has no norm layer after its stages, so it changes
+        nothing (as in timm). A BN-folded model refuses map 0: it has no conv_stem output before bn1.
         """
         if output_fmt != 'NHWC':
             raise ValueError(f"output_fmt must be 'NHWC' (the Flax model's layout), got {output_fmt!r}")

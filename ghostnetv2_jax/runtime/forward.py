@@ -20,7 +20,7 @@ def _forward(model, method: Method, method_kwargs, chunk, fuse: bool) -> Callabl
         with cpu_fusion.fused():
             return model.apply(variables, x, train=False, method=method, **kwargs)
 
-    name = method if isinstance(method, str) else method.__name__
+    name = method if isinstance(method, str) else getattr(method, '__name__', None)
     split_head = chunk is not None and name == '__call__' and not method_kwargs and isinstance(model, GhostNet)
 
     def forward(variables, images):
