@@ -74,8 +74,10 @@ def test_deploy_model_is_inference_only_and_bad_input_is_refused():
     dmodel, dvars = deploy.fold_batchnorm(model, variables)
     with pytest.raises(ValueError, match='inference-only'):
         dmodel.apply(dvars, images, train=True, rngs={'dropout': jax.random.PRNGKey(0)})
-    with pytest.raises(ValueError, match='features_only'):
-        dmodel.apply(dvars, images, features_only=True)
+    with pytest.raises(ValueError, match='before bn1'):   # forward_intermediates' stride-2 map
+        dmodel.apply(dvars, images, method='forward_intermediates')
+    later = lambda m, v: m.apply(v, images, method='forward_intermediates', indices=[1], intermediates_only=True)
+    assert rel_err(later(dmodel, dvars)[0], later(model, variables)[0]) <= TOLERANCE
     with pytest.raises(ValueError, match='already folded'):
         deploy.fold_batchnorm(dmodel, dvars)
     with pytest.raises(ValueError, match="'params' and 'batch_stats'"):

@@ -1,4 +1,5 @@
-"""Registry, parameter/MAC counts, feature maps and the architecture switches."""
+"""Registry, parameter/MAC counts, the entry points (timm's), feature maps and the architecture switches."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,7 @@ import torch
 
 from conftest import rel_err
 from ghostnetv2_jax import convert, create_model, get_spec, list_models, parity, summary
-from ghostnetv2_jax.models.ghostnet import GHOSTNET_CFGS, feature_info
+from ghostnetv2_jax.models.ghostnet import GHOSTNET_CFGS, GhostNet, feature_info
 
 # Pinned like vision_transformer does: a new registered model without an entry fails here.
 PARAMS = {'ghostnet_050': 2_587_292, 'ghostnet_100': 5_182_508, 'ghostnet_130': 7_358_820,
@@ -78,7 +79,7 @@ def test_create_model_rejects_unknown_names_and_overrides():
         create_model('ghostnetv2_100', widht=2.0)
 
 
-def test_features_only_matches_timm_feature_maps():
+def test_forward_intermediates_gives_timms_features_only_maps():
     ref = parity.timm_model('ghostnetv2_100', seed=4)
     feats_ref = timm.create_model('ghostnetv2_100', features_only=True)
     # timm's feature wrapper flattens 'blocks.N' to 'blocks_N' and drops the head.
@@ -88,14 +89,118 @@ def test_features_only_matches_timm_feature_maps():
     model = create_model('ghostnetv2_100')
     v = convert.torch_to_flax(ref.state_dict(), 'ghostnetv2_100')
     x = np.random.default_rng(0).standard_normal((2, 96, 80, 3)).astype(np.float32)
-    ours = jax.jit(lambda v, x: model.apply(v, x, features_only=True))(v, x)
+    ours = jax.jit(lambda v, x: model.apply(v, x, method='forward_intermediates', intermediates_only=True))(v, x)
     with torch.no_grad():
         theirs = feats_ref(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
     assert [f['num_chs'] for f in feature_info(model)] == feats_ref.feature_info.channels()
     assert [f['reduction'] for f in feature_info(model)] == feats_ref.feature_info.reduction()
+    assert len(ours) == len(theirs) == 5
     for a, b in zip(ours, theirs):
         assert a.shape == b.permute(0, 2, 3, 1).shape
         assert rel_err(a, b.permute(0, 2, 3, 1).numpy()) < 1e-5
+
+
+# The first four stages of the table (stride-2 stages 1 and 3, so 3 feature maps; SE and DFC
+# attention): timm's entry points on a network that compiles in seconds.
+SMALL = tuple(GHOSTNET_CFGS[:4])
+
+
+@pytest.fixture(scope='module')
+def small_v2():
+    """(timm's GhostNetV2 on SMALL with randomised BN, its Flax conversion, the Flax model, images)."""
+    from timm.models.ghostnet import GhostNet
+    torch.manual_seed(6)
+    ref = GhostNet([[list(r) for r in rows] for rows in SMALL], version='v2')
+    parity.randomize_(ref, 6)
+    ref.eval()
+    v = convert.torch_to_flax(ref.state_dict(), 'ghostnetv2_100', cfgs=SMALL)
+    x = np.random.default_rng(2).standard_normal((2, 56, 48, 3)).astype(np.float32)
+    return ref, v, create_model('ghostnetv2_100', cfgs=SMALL), x
+
+
+def _nchw(x_nhwc):
+    return torch.from_numpy(x_nhwc.transpose(0, 3, 1, 2).copy())
+
+
+def _nhwc(t):
+    return t.permute(0, 2, 3, 1).numpy() if t.ndim == 4 else t.numpy()
+
+
+@pytest.mark.parametrize('indices,stop_early', [(None, False), (2, False), ([0, -1], True), ([1], True),
+                                                ([0], True), ((2, 0, 2), False)])
+def test_forward_intermediates_matches_timm_for_indices_and_stop_early(small_v2, indices, stop_early):
+    ref, v, model, x = small_v2
+    final, maps = jax.jit(lambda v, x: model.apply(v, x, method='forward_intermediates', indices=indices,
+                                                    stop_early=stop_early))(v, x)
+    with torch.no_grad():
+        final_ref, maps_ref = ref.forward_intermediates(_nchw(x), indices=indices, stop_early=stop_early)
+        only_ref = ref.forward_intermediates(_nchw(x), indices=indices, stop_early=stop_early,
+                                             intermediates_only=True)
+    assert len(maps) == len(maps_ref) == len(only_ref)
+    for a, b in zip([final, *maps], [final_ref, *maps_ref]):
+        assert a.shape == _nhwc(b).shape
+        assert rel_err(a, _nhwc(b)) < 1e-5
+    only = jax.jit(lambda v, x: model.apply(v, x, method='forward_intermediates', indices=indices,
+                                            stop_early=stop_early, intermediates_only=True))(v, x)
+    chex.assert_trees_all_equal(only, maps)
+
+
+def test_forward_features_and_forward_head_match_timm(small_v2):
+    ref, v, model, x = small_v2
+    with torch.no_grad():
+        feats_ref = ref.forward_features(_nchw(x))
+        pre_ref, logits_ref = ref.forward_head(feats_ref, pre_logits=True), ref(_nchw(x))
+    feats = jax.jit(lambda v, x: model.apply(v, x, method='forward_features'))(v, x)
+    assert feats.shape == _nhwc(feats_ref).shape and feats.shape[-1] == 72   # SMALL's last expansion width
+    assert rel_err(feats, _nhwc(feats_ref)) < 1e-5
+    head = jax.jit(lambda v, f, pre: model.apply(v, f, method=GhostNet.forward_head, pre_logits=pre),
+                   static_argnums=2)
+    pre = head(v, feats, True)
+    assert pre.shape == (2, 1280) and pre.dtype == jnp.float32
+    assert rel_err(pre, pre_ref.numpy()) < 1e-5
+    assert rel_err(head(v, feats, False), logits_ref.numpy()) < 1e-5
+    assert rel_err(jax.jit(model.apply)(v, x), logits_ref.numpy()) < 1e-5
+
+
+def test_forward_intermediates_refuses_bad_indices_and_layouts(small_v2):
+    _, v, model, x = small_v2
+    shapes = lambda **kw: jax.eval_shape(lambda: model.apply(v, x, method='forward_intermediates', **kw))
+    with pytest.raises(ValueError, match='out of range'):
+        shapes(indices=4)
+    with pytest.raises(ValueError, match='out of range'):
+        shapes(indices=[3])
+    with pytest.raises(ValueError, match='out of range'):
+        shapes(indices=[-4])
+    with pytest.raises(ValueError, match="output_fmt must be 'NHWC'"):
+        shapes(output_fmt='NCHW')
+    assert len(shapes(indices=[-1], intermediates_only=True)) == 1
+
+
+def _leaf_shapes(tree):
+    return {jax.tree_util.keystr(p): leaf.shape for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.mark.parametrize('name', sorted(PARAMS))
+def test_param_tree_is_timms_state_dict_and_the_entry_points_share_it(name):
+    """The one compact method names the modules as timm does: the init tree maps onto timm's
+    state_dict key for key and size; forward_features (= forward_intermediates) and forward_head
+    build the two parts of that same tree."""
+    model = create_model(name)
+    x = jnp.zeros((1, 64, 64, 3))
+    init = lambda inputs, method='__call__': jax.eval_shape(
+        lambda: model.init_with_output(jax.random.PRNGKey(0), inputs, method=method))
+    logits, tree = init(x)
+    ours = {convert.torch_name(c, tuple(k.key for k in path)): int(np.prod(leaf.shape))
+            for c in tree for path, leaf in jax.tree_util.tree_flatten_with_path(tree[c])[0]}
+    theirs = {k: t.numel() for k, t in timm.create_model(name).state_dict().items()
+              if not k.endswith('num_batches_tracked')}
+    assert ours == theirs
+    features, body = init(x, 'forward_features')
+    _, head = init(jnp.zeros(features.shape, features.dtype), 'forward_head')
+    assert _leaf_shapes(init(x, 'forward_intermediates')[1]) == _leaf_shapes(body)
+    assert not set(_leaf_shapes(body)) & set(_leaf_shapes(head))
+    assert {**_leaf_shapes(body), **_leaf_shapes(head)} == _leaf_shapes(tree)
+    assert logits.shape == (1, 1000) and set(head['params']) == {'conv_head', 'classifier'}
 
 
 def _attention_sites(variables):

@@ -11,6 +11,7 @@ from jax.sharding import Mesh
 
 from conftest import randomized_variables, rel_err
 from ghostnetv2_jax import create_model, get_spec, list_models, runtime
+from ghostnetv2_jax.models.ghostnet import GhostNet
 from ghostnetv2_jax.runtime import chunking
 from ghostnetv2_jax.train.trainer import make_eval_step
 
@@ -182,23 +183,27 @@ def test_chunked_folded_model_and_feature_maps_match():
     dmodel, dvars = runtime.fold_batchnorm(model, variables)
     ref = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
     assert rel_err(jax.jit(runtime.predict_fn(dmodel, 4))(dvars, images), ref) <= TOLERANCE
-    feats = jax.jit(runtime.predict_fn(model, 4, features_only=True))(variables, images)
-    ref_feats = model.apply(variables, images, train=False, features_only=True)
+    feats = jax.jit(runtime.predict_fn(model, 4, method='forward_intermediates'))(variables, images)
+    ref_feats = model.apply(variables, images, train=False, method='forward_intermediates')
     chex.assert_trees_all_equal_shapes(feats, ref_feats)
-    for got, want in zip(feats, ref_feats):
+    assert len(feats[1]) == 2   # TINY's maps at strides 2 and 4
+    for got, want in zip(jax.tree.leaves(feats), jax.tree.leaves(ref_feats)):
         assert rel_err(got, want) <= TOLERANCE
 
 
-def test_features_and_head_parts_compose_to_the_logits_and_bad_parts_are_refused():
+def test_forward_features_and_forward_head_compose_to_the_logits_and_the_old_flags_are_gone():
     model, variables, images = _setup(batch=3, size=64)
     logits = model.apply(variables, images, train=False)
-    maps = model.apply(variables, images, train=False, part='features')
+    maps = model.apply(variables, images, train=False, method='forward_features')
     chex.assert_shape(maps, (3, 16, 16, 72))   # TINY's last map before pooling (stride 4, 72 wide)
-    assert rel_err(model.apply(variables, maps, train=False, part='head'), logits) <= TOLERANCE
-    with pytest.raises(ValueError, match='part must be'):
-        model.apply(variables, images, part='neck')
-    with pytest.raises(ValueError, match='features_only'):
-        model.apply(variables, images, features_only=True, part='features')
+    assert rel_err(model.apply(variables, maps, train=False, method='forward_head'), logits) <= TOLERANCE
+    head = jax.jit(runtime.predict_fn(model, 2, method='forward_head', pre_logits=True))(variables, maps)
+    chex.assert_shape(head, (3, 1280))
+    chunked_maps = jax.jit(runtime.predict_fn(model, 1, method=GhostNet.forward_features))(variables, images)
+    assert rel_err(chunked_maps, maps) <= TOLERANCE
+    for old_flag in ({'part': 'features'}, {'features_only': True}):
+        with pytest.raises(TypeError, match='unexpected keyword'):
+            model.apply(variables, images, **old_flag)
 
 
 def test_the_head_runs_once_outside_the_chunk_loop():
@@ -210,8 +215,9 @@ def test_the_head_runs_once_outside_the_chunk_loop():
     head_out = lambda rows, text: re.search(rf'f32\[{rows},(1,1,)?1280\]', text) is not None
     assert not head_out(4, str(loop.params['jaxpr']))
     assert head_out(16, str(jaxpr))
-    # features_only outputs are not split
-    feats = jax.make_jaxpr(runtime.predict_fn(model, 4, fuse=False, features_only=True))(variables, images).jaxpr
+    # the other entry points run whole in each chunk; forward_intermediates has no head
+    feats = jax.make_jaxpr(runtime.predict_fn(model, 4, fuse=False, method='forward_intermediates',
+                                              intermediates_only=True))(variables, images).jaxpr
     assert not head_out(16, str(feats))
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -255,7 +255,22 @@ class GhostBottleneckV3(nn.Module):
         return y + shortcut
 
 
-PARTS = ('all', 'features', 'head')
+def feature_take_indices(num_maps: int, indices: Union[int, Sequence[int], None]) -> List[int]:
+    """The map indices ``indices`` selects, as timm's ``feature_take_indices``: None: all
+    ``num_maps``; an int n: the last n; a sequence: those indices (negative from the end)."""
+    if indices is None:
+        indices = num_maps
+    if isinstance(indices, int):
+        if not 0 < indices <= num_maps:
+            raise ValueError(f'last-n ({indices}) is out of range (1 to {num_maps})')
+        return list(range(num_maps - indices, num_maps))
+    taken = []
+    for i in indices:
+        idx = num_maps + i if i < 0 else i
+        if not 0 <= idx < num_maps:
+            raise ValueError(f'feature index {idx} is out of range (0 to {num_maps - 1})')
+        taken.append(idx)
+    return taken
 
 
 class GhostNet(nn.Module):
@@ -264,6 +279,9 @@ class GhostNet(nn.Module):
 
     ``attention_blocks``: global indices of the bottlenecks (0..15) that get attention;
     None means the released models' choice, every block with index > 1.
+
+    The entry points are timm's, each run with ``model.apply(variables, x, method=...)``:
+    ``__call__`` (the logits), ``forward_features``, ``forward_head`` and ``forward_intermediates``.
     """
     cfgs: Sequence[Sequence[Sequence[float]]] = GHOSTNET_CFGS
     width: float = 1.0
@@ -278,75 +296,109 @@ class GhostNet(nn.Module):
     dtype: Dtype = jnp.float32
     fold_bn: bool = False     # inference form with BatchNorm folded into the convs (runtime.fold_batchnorm)
 
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """Logits (N, num_classes) in float32 (timm's ``forward``)."""
+        return self.forward_head(self.forward_features(images, train), train)
+
+    def forward_features(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """The last map before pooling, (N, H/32, W/32, 960) at width 1.0 (timm's ``forward_features``)."""
+        x, _ = self._forward(images, train)
+        return x
+
+    def forward_head(self, features: jax.Array, train: bool = False, pre_logits: bool = False) -> jax.Array:
+        """``forward_features``' map -> global pool, conv_head, dropout, classifier: the logits in
+        float32; with ``pre_logits`` the pooled conv_head output before the classifier, (N, 1280)
+        (timm's ``forward_head``)."""
+        x, _ = self._forward(features, train, features=False, head=True, pre_logits=pre_logits)
+        return x
+
+    def forward_intermediates(self, images: jax.Array, indices: Union[int, Sequence[int], None] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = 'NHWC',
+                              intermediates_only: bool = False, train: bool = False):
+        """``(forward_features' map, [intermediate maps])``, or only the list with
+        ``intermediates_only``: timm's ``forward_intermediates`` in NHWC.
+
+        The maps are those of ``feature_info(model)``: 0 is conv_stem's output (stride 2, taken
+        before bn1, as timm does), then the output of each stage that ends in a stride-2 block
+        (strides 4, 8, 16, 32). ``indices``: None for all 5 (= timm's ``features_only`` model), an
+        int n for the last n, or a sequence of indices (negative from the end); they come back in
+        network order. ``stop_early``: run only the stages up to the last map taken, and return
+        the last stage run's output (the stem's, after bn1, for map 0 alone) in place of
+        forward_features' map. ``norm``: GhostNet has no norm layer after its stages, so it changes
+        nothing (as in timm). A BN-folded model refuses map 0: it has no conv_stem output before bn1.
+        """
+        if output_fmt != 'NHWC':
+            raise ValueError(f"output_fmt must be 'NHWC' (the Flax model's layout), got {output_fmt!r}")
+        stage_ends = [-1] + [stage for stage, rows in enumerate(self.cfgs) if int(rows[-1][4]) > 1]
+        taken = feature_take_indices(len(stage_ends), indices)
+        last_stage = stage_ends[max(taken)] if stop_early else None
+        x, maps = self._forward(images, train, take={stage_ends[i] + 1 for i in taken}, last_stage=last_stage)
+        return maps if intermediates_only else (x, maps)
+
     def _attention_for(self, index: int) -> str:
         chosen = range(2, 10 ** 6) if self.attention_blocks is None else self.attention_blocks
         return self.attention if index in chosen else 'none'
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False, *, features_only: bool = False,
-                 part: str = 'all'):
-        """Logits (N, num_classes) in float32; with ``features_only`` the list of 5 feature maps at
-        strides 2, 4, 8, 16, 32, the same maps as timm's ``features_only=True`` model.
-
-        ``part`` splits the network as timm's ``forward_features`` / ``forward_head`` do:
-        ``'features'`` returns the last map before pooling, (N, H/32, W/32, 960) at width 1.0;
-        ``'head'`` takes that map as ``images`` and returns the logits; ``'all'`` runs both.
-        """
-        if part not in PARTS:
-            raise ValueError(f'part must be one of {PARTS}, got {part!r}')
-        if features_only and part != 'all':
-            raise ValueError(f"features_only returns the stage maps; it takes part='all', got {part!r}")
-        if features_only and self.fold_bn:
-            raise ValueError('features_only needs the unfolded model: its first map is taken before bn1')
+    def _forward(self, x: jax.Array, train: bool, *, features: bool = True, head: bool = False,
+                 take: Collection[int] = (), last_stage: Optional[int] = None,
+                 pre_logits: bool = False) -> Tuple[jax.Array, List[jax.Array]]:
+        """The network, built here and only here, with timm's module names; the methods above
+        each run a part of it. ``features``: the stem and the stages ``blocks_0`` ..
+        ``blocks_{last_stage}`` (None: all, ending with the 1x1 conv stage); ``head``: then the head. Returns the output
+        and the maps at ``take``, the positions of timm's ``forward_intermediates``: 0 is
+        conv_stem's output, i > 0 the output of stage i - 1."""
         if self.fold_bn and self.num_conv_branches:
             raise ValueError('a GhostNetV3 training form has no folded BatchNorm; its inference form is '
                              'runtime.reparameterize(model, variables)')
-        if part == 'head':
-            return self._head(images.astype(self.dtype), train)
-        features: List[jax.Array] = []
-        x = images.astype(self.dtype)
-        stem_width = make_divisible(16 * self.width)
-        x = conv2d(stem_width, 3, stride=2, dtype=self.dtype, name='conv_stem')(x)
-        features.append(x)  # timm takes the stride-2 map straight from conv_stem, before BN
-        x = nn.relu(BatchNorm(dtype=self.dtype, folded=self.fold_bn, name='bn1')(x, train))
+        if self.fold_bn and 0 in take:
+            raise ValueError("the stride-2 map (feature index 0) is conv_stem's output before bn1, which "
+                             'a BN-folded model does not compute; take other indices or use the unfolded model')
+        x = x.astype(self.dtype)
+        maps: List[jax.Array] = []
+        if features:
+            stem_width = make_divisible(16 * self.width)
+            x = conv2d(stem_width, 3, stride=2, dtype=self.dtype, name='conv_stem')(x)
+            if 0 in take:
+                maps.append(x)  # timm takes the stride-2 map straight from conv_stem, before BN
+            x = nn.relu(BatchNorm(dtype=self.dtype, folded=self.fold_bn, name='bn1')(x, train))
 
-        if self.num_conv_branches:
-            block = functools.partial(GhostBottleneckV3, num_conv_branches=self.num_conv_branches)
-        else:
-            block = functools.partial(GhostBottleneck, fold_bn=self.fold_bn)
-        index = 0
-        for stage, rows in enumerate(self.cfgs):
-            for j, (k, exp, c, se, s) in enumerate(rows):
-                x = block(
-                    make_divisible(exp * self.width), make_divisible(c * self.width), int(k), int(s), se,
-                    attention=self._attention_for(index), attention_position=self.attention_position,
-                    attention_kwargs=self.attention_kwargs, depthwise_impl=self.depthwise_impl,
-                    dtype=self.dtype, name=f'blocks_{stage}_{j}')(x, train)
-                index += 1
-            if int(rows[-1][4]) > 1:
-                features.append(x)
-        if features_only:
-            return features
-
-        last_width = make_divisible(self.cfgs[-1][-1][1] * self.width)
-        x = conv2d(last_width, 1, dtype=self.dtype, name=f'blocks_{len(self.cfgs)}_0_conv')(x)
-        x = nn.relu(BatchNorm(dtype=self.dtype, folded=self.fold_bn, name=f'blocks_{len(self.cfgs)}_0_bn1')(x, train))
-        return x if part == 'features' else self._head(x, train)
-
-    def _head(self, x: jax.Array, train: bool) -> jax.Array:
-        """Global pool, conv_head, classifier (timm's forward_head); submodules of __call__."""
-        x = jnp.mean(x, axis=(1, 2), keepdims=True)
-        x = nn.relu(conv2d(HEAD_WIDTH, 1, use_bias=True, dtype=self.dtype, name='conv_head')(x))
-        x = x.reshape(x.shape[0], -1)
-        x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-        if self.num_classes <= 0:
-            return x.astype(jnp.float32)
-        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name='classifier')(x)
-        return x.astype(jnp.float32)
+            if self.num_conv_branches:
+                block = functools.partial(GhostBottleneckV3, num_conv_branches=self.num_conv_branches)
+            else:
+                block = functools.partial(GhostBottleneck, fold_bn=self.fold_bn)
+            num_stages = len(self.cfgs) + 1 if last_stage is None else last_stage + 1
+            index = 0
+            for stage, rows in enumerate(self.cfgs[:num_stages]):
+                for j, (k, exp, c, se, s) in enumerate(rows):
+                    x = block(
+                        make_divisible(exp * self.width), make_divisible(c * self.width), int(k), int(s), se,
+                        attention=self._attention_for(index), attention_position=self.attention_position,
+                        attention_kwargs=self.attention_kwargs, depthwise_impl=self.depthwise_impl,
+                        dtype=self.dtype, name=f'blocks_{stage}_{j}')(x, train)
+                    index += 1
+                if stage + 1 in take:
+                    maps.append(x)
+            if num_stages > len(self.cfgs):   # the last stage: a 1x1 conv to 960 * width
+                n = len(self.cfgs)
+                last_width = make_divisible(self.cfgs[-1][-1][1] * self.width)
+                x = conv2d(last_width, 1, dtype=self.dtype, name=f'blocks_{n}_0_conv')(x)
+                x = nn.relu(BatchNorm(dtype=self.dtype, folded=self.fold_bn, name=f'blocks_{n}_0_bn1')(x, train))
+                if n + 1 in take:
+                    maps.append(x)
+        if head:
+            x = jnp.mean(x, axis=(1, 2), keepdims=True)
+            x = nn.relu(conv2d(HEAD_WIDTH, 1, use_bias=True, dtype=self.dtype, name='conv_head')(x))
+            x = x.reshape(x.shape[0], -1)
+            x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
+            if not pre_logits and self.num_classes > 0:
+                x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name='classifier')(x)
+            x = x.astype(jnp.float32)
+        return x, maps
 
 
 def feature_info(model: GhostNet) -> List[Dict[str, int]]:
-    """Channels and stride of each map returned by ``features_only=True`` (timm's feature_info)."""
+    """Channels and stride of each map of ``forward_intermediates`` (timm's feature_info)."""
     info = [dict(num_chs=make_divisible(16 * model.width), reduction=2)]
     reduction = 2
     for rows in model.cfgs:

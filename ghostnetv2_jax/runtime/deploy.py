@@ -11,7 +11,7 @@ that conv's kernel (its output-channel axis) and only ``+ add`` is left::
 ``deploy_model`` is ``model`` with ``fold_bn=True``: the same modules and names, where each
 BatchNorm keeps only its ``bias`` (the folded shift) and there are no ``batch_stats``. The
 training model and its variables are untouched. The deploy model is inference-only, and its
-``features_only`` output is refused (the first feature map is taken before ``bn1``).
+``forward_intermediates`` refuses feature index 0 (the stride-2 map, taken before ``bn1``).
 
 GhostNetV3 (``num_conv_branches`` > 0) trains each ghost module's two convs and each stride-2
 depthwise conv as parallel conv+BN branches. In eval mode every branch is linear, so each sum
