@@ -171,7 +171,8 @@ class PeerWatchdog:
     process (after 100 s) it aborts this one with a C++ stack dump (its ``missed_heartbeat_callback``
     cannot take a Python function in jaxlib 0.10). So every process also beats through the
     coordination service's key-value store, once a second, and watches the others' beats: a peer
-    silent for ``timeout`` seconds (``GHOSTNETV2_PEER_TIMEOUT_S``, default 30, under jax's 100),
+    silent for ``timeout`` seconds after its first beat (``GHOSTNETV2_PEER_TIMEOUT_S``, default 30,
+    under jax's 100),
     or a coordination service that cannot be reached (process 0 is gone), ends this process with
     one line on stderr (``error: a peer process was lost ...; ... resumes from step N``) and exit
     status 1. ``resume_step()`` says which step a rerun resumes from. A process that finishes says
@@ -212,7 +213,8 @@ class PeerWatchdog:
                     del seen[p]
                 elif value != seen[p][0]:
                     seen[p] = (value, time.monotonic())
-                elif time.monotonic() - seen[p][1] > self.timeout:
+                elif value is not None and time.monotonic() - seen[p][1] > self.timeout:
+                    # (a peer is timed from its first beat: it may still be setting up)
                     self._lost(f'process {p} sent no heartbeat for {self.timeout:g} s')
 
     def _try_get(self, key: str) -> Optional[str]:
