@@ -29,10 +29,15 @@ TINY = str(REPO / 'configs' / 'tiny.py')
 
 # The CLI, with the train split's batches watched (env): TRAIN_LOG appends "position sha1" per
 # batch; from position SLOW_AFTER on every batch first touches SLOW_MARK and sleeps SLOW_SECONDS;
-# NAN_AT turns that position's images into NaN.
+# NAN_AT turns that position's images into NaN. FILE_SIZE_LIMIT (bytes) makes writing a file past
+# it fail as a full disk would (RLIMIT_FSIZE, SIGXFSZ ignored: the write returns EFBIG).
 HARNESS = r'''
-import hashlib, os, sys, time
+import hashlib, os, resource, signal, sys, time
 import numpy as np
+
+if os.environ.get('FILE_SIZE_LIMIT'):
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(os.environ['FILE_SIZE_LIMIT']),) * 2)
 from ghostnetv2_jax.train import main, trainer
 
 real_create_split = trainer.create_split
