@@ -58,6 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.opt_eps = 1e-3
     config.weight_decay = 1e-5             # L2 on the gradient; not on biases / BN / 1-D params
     config.grad_clip_norm = 0.0            # 0: no clipping (timm default)
+    config.divergence_factor = 1e3         # stop (TrainingError, nothing saved) when a step's loss is
+                                           # finite but this many times the first loss; 0: off
 
     # Schedule: --sched step --decay-epochs 2.4 --decay-rate .973 --warmup-lr 1e-6
     # --warmup-epochs 3 --lr-noise 0.42 0.9 (noise pct 0.67, std 1.0, seed 42).

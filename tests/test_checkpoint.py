@@ -234,3 +234,18 @@ def test_training_whose_save_fails_exits_1_naming_the_step(tmp_path, compile_cac
                       'directory; the earlier checkpoints are intact']
     assert 'final validation' not in out
     assert int(load_state(workdir, 2)['step']) == 2
+
+
+def test_a_save_onto_a_full_disk_is_one_line_without_orbax_tracebacks(tmp_path, compile_cache):
+    workdir = tmp_path / 'run'
+    # Every file is capped at 64 kB: the step-1 checkpoint's array data (about 180 kB) cannot be
+    # written, as on a full disk; orbax's save threads fail in the background.
+    result = run_training(tmp_path, workdir, '--config.checkpoint_every_steps=1', cache=compile_cache,
+                          FILE_SIZE_LIMIT=64 * 1024)
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1, result.stderr[-4000:]
+    assert errors[0].startswith(f'error: saving step 1 in {workdir / "checkpoints"} failed: ')
+    assert errors[0].endswith('; the earlier checkpoints are intact') and 'File too large' in errors[0]
+    assert 'Traceback' not in result.stderr and 'future.py' not in result.stderr, result.stderr[-4000:]
+    assert committed_steps(workdir) == []

@@ -133,3 +133,28 @@ def test_a_launch_missing_the_process_count_is_one_clear_line():
     assert sharding.distributed_args(environ={'JAX_COORDINATOR_ADDRESS': 'h:1', 'SLURM_NTASKS': '2'}) == dict(
         coordinator_address='h:1')
     assert sharding.multihost_requested('auto', {}, num_processes=2)
+
+
+@pytest.mark.parametrize('survivor_is', ['in_a_collective', 'idle'])
+def test_a_lost_peer_is_one_line_naming_the_resume_step(tmp_path, compile_cache, survivor_is):
+    """SIGKILL process 1 after the step-K checkpoint. Process 0 either runs on into the next
+    step's all-reduce (it fails at once) or waits in its input pipeline (the peer watchdog, its
+    timeout set to 5 s here, notices): either way one line, exit 1, no dump, in seconds."""
+    workdir, mark = tmp_path / 'run', tmp_path / 'slow'
+    seconds = 0.3 if survivor_is == 'in_a_collective' else 600
+    procs = launch(tmp_path, workdir, '--config.num_train_steps=40', f'--config.checkpoint_every_steps={K}',
+                   cache=compile_cache, SLOW_AFTER=K, SLOW_SECONDS=seconds, SLOW_MARK=mark,
+                   GHOSTNETV2_PEER_TIMEOUT_S=5)
+    wait_until(lambda: mark.exists() and committed_steps(workdir) == [K], procs, f'the step-{K} checkpoint')
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    (code, out, err), _ = finish(procs, timeout=60)
+    took = time.time() - killed
+    assert code == 1, f'exit {code} after {took:.0f}s\n{out}\n{err[-4000:]}'
+    errors = [line for line in err.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1, err[-4000:]
+    assert errors[0].startswith('error: a peer process was lost (') and errors[0].endswith(
+        f'); rerunning the same command on every process resumes from step {K}'), errors[0]
+    for noise in ('Traceback', 'Fatal Python error', 'Extension modules', 'Check failure', '@     0x'):
+        assert noise not in err, err[-4000:]
+    assert took < 40, f'{took:.0f}s'

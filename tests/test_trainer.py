@@ -29,10 +29,15 @@ TINY = str(REPO / 'configs' / 'tiny.py')
 
 # The CLI, with the train split's batches watched (env): TRAIN_LOG appends "position sha1" per
 # batch; from position SLOW_AFTER on every batch first touches SLOW_MARK and sleeps SLOW_SECONDS;
-# NAN_AT turns that position's images into NaN.
+# NAN_AT turns that position's images into NaN. FILE_SIZE_LIMIT (bytes) makes writing a file past
+# it fail as a full disk would (RLIMIT_FSIZE, SIGXFSZ ignored: the write returns EFBIG).
 HARNESS = r'''
-import hashlib, os, sys, time
+import hashlib, os, resource, signal, sys, time
 import numpy as np
+
+if os.environ.get('FILE_SIZE_LIMIT'):
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(os.environ['FILE_SIZE_LIMIT']),) * 2)
 from ghostnetv2_jax.cli import main
 from ghostnetv2_jax.train import trainer
 
@@ -214,6 +219,44 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert committed_steps(workdir) == [2, 4]
     state = load_state(workdir, 4)
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state['params']))
+
+
+def test_a_diverging_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, compile_cache):
+    workdir = tmp_path / 'run'
+    # lr 1e6: the loss stays finite (1e19 and more) but is far above the first step's.
+    result = run_training(tmp_path, workdir, '--config.learning_rate=1e6', '--config.checkpoint_every_steps=1',
+                          cache=compile_cache)
+    assert result.returncode == 1, result.stderr[-3000:]
+    error = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+    assert len(error) == 1, result.stderr[-3000:]
+    match = re.match(r'error: training diverged at step (\d+): loss (\S+) is more than 1000 times the first '
+                     r'loss (\S+) \(.*config.divergence_factor=0.*\); stopped without saving, the last good '
+                     r'checkpoint is kept$', error[0])
+    assert match, error[0]
+    step, loss, first = int(match.group(1)), float(match.group(2)), float(match.group(3))
+    assert np.isfinite(loss) and loss > 1000 * first and 2 <= step <= 8
+    assert 'Traceback' not in result.stderr and 'final validation' not in result.stdout
+    assert committed_steps(workdir) and max(committed_steps(workdir)) < step   # the diverged state is not saved
+    assert load_meta(workdir, max(committed_steps(workdir)))['first_loss'] == pytest.approx(first, rel=1e-3)
+
+
+def test_the_divergence_check_can_be_turned_off_and_is_checked(monkeypatch):
+    from ghostnetv2_jax.train import trainer
+    metrics = lambda loss: {'loss': np.float32(loss), 'grad_norm': np.float32(1.0), 'param_norm': np.float32(1.0)}
+    watch = trainer._StepMetrics(divergence_factor=1e3)
+    for step, loss in enumerate([2.3, 50.0, 2000.0], start=1):
+        watch.add(step, metrics(loss))
+    assert watch.flush()['loss'] == pytest.approx((2.3 + 50 + 2000) / 3)   # 2000 < 1000 * 2.3
+    watch.add(4, metrics(3e19))
+    with pytest.raises(trainer.TrainingError, match=r'training diverged at step 4: loss 3e\+19 .* first loss 2\.3 '):
+        watch.flush()
+    off = trainer._StepMetrics(divergence_factor=0.0, first_loss=2.3)   # first_loss: from a checkpoint
+    off.add(5, metrics(3e19))
+    assert off.flush()['loss'] == pytest.approx(3e19)
+    config = load_tiny()
+    config.divergence_factor = -1.0
+    with pytest.raises(ValueError, match='divergence_factor must be >= 0'):
+        trainer.validate_config(config)
 
 
 class _Toy(nn.Module):

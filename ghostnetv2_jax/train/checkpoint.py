@@ -19,6 +19,8 @@ every host reaches at the same step.
 from __future__ import annotations
 
 import json
+import logging as logging_std
+import os
 import signal
 import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -46,6 +48,23 @@ class CheckpointSaveError(OSError):
     """A checkpoint step could not be written; the steps saved before it are untouched."""
 
 
+class _QuietBackgroundSaveFailures(logging_std.Filter):
+    """Drops the ERROR records (each with a traceback) that orbax's background save threads log
+    when a save fails, e.g. four for one full disk: the same failure reaches ``Checkpoints.wait``
+    (or ``save``), which raises it as one ``CheckpointSaveError`` line. Other orbax records pass,
+    and all of them do at debug verbosity (``--verbosity=1``)."""
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        if record.levelno < logging_std.ERROR or logging.get_verbosity() >= logging.DEBUG:
+            return True
+        if f'{os.sep}orbax{os.sep}checkpoint{os.sep}' not in record.pathname:
+            return True
+        return not (record.exc_info or 'fail' in record.getMessage().lower())
+
+
+_QUIET = _QuietBackgroundSaveFailures()
+
+
 # What must agree between a checkpoint and the model a config builds.
 IDENTITY_KEYS = ('model', 'model_overrides', 'num_classes')
 
@@ -69,6 +88,7 @@ class Checkpoints:
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
         self.manager = ocp.CheckpointManager(self.directory, item_names=('state', 'meta'), options=options)
         self._pending: List[int] = []   # saved steps not yet checked on disk (see wait)
+        logging.get_absl_logger().addFilter(_QUIET)   # a failed save is one line (CheckpointSaveError)
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -183,8 +203,10 @@ def verify(state: Any, meta: Dict[str, Any], step: int) -> None:
 
 
 def _why(error: BaseException) -> str:
+    """The error on one short line: its start and its end (where an OS error says why, e.g. 'No
+    space left on device')."""
     text = ' '.join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 200 else text[:197] + '...'
+    return text if len(text) <= 200 else text[:110] + ' ... ' + text[-85:]
 
 
 def restore_newest(checkpoints: Checkpoints, restore: Callable[[int, Dict[str, Any]], Any], *,

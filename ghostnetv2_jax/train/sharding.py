@@ -8,7 +8,10 @@ global batch with no extra code (tests/test_sharding.py checks it against one de
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Mapping, Optional
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import jax
 import numpy as np
@@ -124,3 +127,122 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
     sharding = batch_sharded(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
+
+
+# ----------------------------------------------------------------------------- lost peers
+PEER_TIMEOUT_ENV = 'GHOSTNETV2_PEER_TIMEOUT_S'
+DEFAULT_PEER_TIMEOUT_S = 30.0   # under jax.distributed's 100 s heartbeat timeout, which aborts
+
+
+def peer_lost_message(why: str, resume_step: Optional[int]) -> str:
+    where = (f'resumes from step {resume_step}' if resume_step is not None else 'starts from step 0 '
+             '(no checkpoint was saved)')
+    return f'a peer process was lost ({why}); rerunning the same command on every process {where}'
+
+
+def looks_like_lost_peer(error: BaseException) -> bool:
+    """A collective that failed because the other end went away (gloo on CPU, NCCL, the
+    coordination service), as opposed to a bug."""
+    text = str(error).lower()
+    return jax.process_count() > 1 and any(
+        s in text for s in ('gloo', 'connection reset', 'connection closed', 'connection refused', 'nccl',
+                            'heartbeat', 'unavailable:', 'socket closed', 'broken pipe'))
+
+
+def exit_on_lost_peer() -> None:
+    """After a lost peer, leaving normally would wait in jax.distributed's shutdown barrier for the
+    dead process (minutes), then abort with a C++ stack dump: once the error is printed and the
+    interpreter starts to exit, leave at once with status 1 (atexit runs this before jax's own
+    handler, registered earlier)."""
+    import atexit
+
+    def leave():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    atexit.register(leave)
+
+
+class PeerWatchdog:
+    """Notices a lost peer process while this one is not in a collective (a collective with a dead
+    peer fails at once, see ``looks_like_lost_peer``).
+
+    jax.distributed's own heartbeat check cannot be hooked from Python: when it notices a dead
+    process (after 100 s) it aborts this one with a C++ stack dump (its ``missed_heartbeat_callback``
+    cannot take a Python function in jaxlib 0.10). So every process also beats through the
+    coordination service's key-value store, once a second, and watches the others' beats: a peer
+    silent for ``timeout`` seconds after its first beat (``GHOSTNETV2_PEER_TIMEOUT_S``, default 30,
+    under jax's 100),
+    or a coordination service that cannot be reached (process 0 is gone), ends this process with
+    one line on stderr (``error: a peer process was lost ...; ... resumes from step N``) and exit
+    status 1. ``resume_step()`` says which step a rerun resumes from. A process that finishes says
+    so (``stop``), so its peers do not take its silence for a loss. A no-op on one process.
+    """
+
+    def __init__(self, resume_step: Callable[[], Optional[int]], timeout: Optional[float] = None,
+                 run_id: str = 'train'):
+        self.resume_step = resume_step
+        self.timeout = float(os.environ.get(PEER_TIMEOUT_ENV, DEFAULT_PEER_TIMEOUT_S) if timeout is None else timeout)
+        self._stop = threading.Event()
+        self._thread = None
+        self._client = None
+        self._prefix = f'ghostnetv2/{run_id}/beat'
+        if jax.process_count() > 1 and self.timeout > 0:
+            from jax._src import distributed   # the client jax.distributed.initialize made
+            self._client = distributed.global_state.client
+        if self._client is not None:
+            self._thread = threading.Thread(target=self._watch, name='peer-watchdog', daemon=True)
+            self._thread.start()
+
+    def _watch(self) -> None:
+        me, n = jax.process_index(), jax.process_count()
+        seen = {p: (None, time.monotonic()) for p in range(n) if p != me}
+        beat = 0
+        while not self._stop.wait(1.0):
+            beat += 1
+            try:
+                self._client.key_value_set(f'{self._prefix}/{me}', str(beat), allow_overwrite=True)
+                values = {p: self._try_get(f'{self._prefix}/{p}') for p in seen}
+            except Exception as error:   # noqa: BLE001  the service (on process 0) is unreachable
+                if not self._stop.is_set():
+                    self._lost('the coordination service on process 0 cannot be reached: '
+                               + ' '.join(str(error).split())[:160])
+                return
+            for p, value in values.items():
+                if value == 'done':
+                    del seen[p]
+                elif value != seen[p][0]:
+                    seen[p] = (value, time.monotonic())
+                elif value is not None and time.monotonic() - seen[p][1] > self.timeout:
+                    # (a peer is timed from its first beat: it may still be setting up)
+                    self._lost(f'process {p} sent no heartbeat for {self.timeout:g} s')
+
+    def _try_get(self, key: str) -> Optional[str]:
+        try:
+            return self._client.key_value_try_get(key)
+        except Exception as error:   # noqa: BLE001
+            if 'NOT_FOUND' in str(error) or 'not found' in str(error).lower():   # not beaten yet
+                return None
+            raise
+
+    def _lost(self, why: str) -> None:
+        if self._stop.is_set():
+            return
+        try:
+            step = self.resume_step()
+        except Exception:   # noqa: BLE001
+            step = None
+        sys.stdout.flush()
+        print(f'error: {peer_lost_message(why, step)}', file=sys.stderr, flush=True)
+        os._exit(1)
+
+    def stop(self, finished: bool = True) -> None:
+        """Stop watching; with ``finished`` tell the peers this process is done, not lost."""
+        if self._client is None or self._stop.is_set():
+            return
+        self._stop.set()
+        if finished:
+            try:
+                self._client.key_value_set(f'{self._prefix}/{jax.process_index()}', 'done', allow_overwrite=True)
+            except Exception:   # noqa: BLE001
+                pass
