@@ -7,7 +7,8 @@ Run from a directory outside the checkout with the fresh virtualenv's python::
 (a) ``import ghostnetv2_jax`` and ``create_model`` pull in neither torch, timm, tensorflow nor
     the benchmark module, and the package comes from site-packages, not from the checkout;
 (b) ``jax.jit(runtime.predict_fn(model))`` gives ``model.apply``'s logits;
-(c) one training step through the command line on configs/tiny.py exits 0.
+(c) one training step through the command line on configs/tiny.py exits 0;
+(d) the ghostnetv2-jax console script runs a command.
 """
 import os
 import pathlib
@@ -69,6 +70,13 @@ def main(checkout: pathlib.Path, workdir: pathlib.Path) -> int:
         raise AssertionError(f'{" ".join(cmd[1:])} exited {proc.returncode}')
     tail = [line for line in proc.stdout.splitlines() if line.strip()][-1:]
     step(f'(c) one training step through the CLI: {tail[0] if tail else "(no output)"}', t0)
+
+    t0 = time.time()
+    script = pathlib.Path(sys.executable).parent / 'ghostnetv2-jax'
+    proc = subprocess.run([str(script), 'summary', '--model', 'ghostnet_050'], cwd=str(workdir), env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith('ghostnet_050:'), proc.stderr[-3000:]
+    step(f'(d) the ghostnetv2-jax console script: {proc.stdout.strip()}', t0)
     return 0
 
 

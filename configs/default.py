@@ -36,7 +36,10 @@ def get_config() -> ml_collections.ConfigDict:
     })
     config.drop_rate = 0.2                 # --drop
     config.dtype = 'float32'               # compute dtype; 'bfloat16' keeps fp32 params and BN stats
-    config.init_from = ''                  # fine-tune from a .safetensors (convert) or PyTorch file
+    config.init_from = ''                  # start from weights: a .safetensors (convert/export), a
+                                           # PyTorch file or another run's workdir (ghostnetv2_jax.weights)
+    config.init_from_step = 'latest'       # a workdir's checkpoint: 'latest', 'best' or a step number
+    config.init_from_ema = False           # a workdir's (or a training file's) EMA weights
 
     # Input pipeline: every field of ghostnetv2_jax.data.config.DataConfig, documented there.
     config.data = default_config()
@@ -87,7 +90,9 @@ def get_config() -> ml_collections.ConfigDict:
     # kd_weight * KD(student, teacher), the teacher in eval mode on the same images.
     config.distill = ml_collections.ConfigDict({
         'teacher': '',                     # a registered model name; '' disables distillation
-        'teacher_checkpoint': '',          # its weights: .safetensors (convert) or a PyTorch file
+        'teacher_checkpoint': '',          # its weights: any source config.init_from takes
+        'teacher_step': 'latest',          # of a workdir: 'latest', 'best' or a step number
+        'teacher_ema': False,              # a workdir's (or a training file's) EMA weights
         # the teacher's architecture overrides (a dict of GhostNet fields), as model_overrides
         'teacher_overrides': ml_collections.FieldReference(None, field_type=object),
         'loss': 'soft_ce',                 # 'soft_ce': -sum p_t log p_s | 'kl': KL(p_t || p_s)

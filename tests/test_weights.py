@@ -63,15 +63,19 @@ def test_a_workdir_exports_to_a_pth_timm_loads_strictly_with_the_same_logits(tra
 
 
 def test_a_workdir_exports_to_safetensors_that_a_new_run_starts_from(trained, tmp_path, compile_cache):
+    """Through an exported file, and from the workdir itself (init_from_step / init_from_ema)."""
     dst = tmp_path / 'model.safetensors'
     ok(cli('export', '--src', str(trained), '--ema', '--dst', str(dst), cache=compile_cache))
-    # lr 0: the new run's weights after its step are the ones it started from
-    ok(run_training(tmp_path, tmp_path / 'new', *TIMM_SHAPED, f'--config.init_from={dst}',
-                    '--config.learning_rate=0.0', '--config.num_train_steps=1', cache=compile_cache))
-    started = load_state(tmp_path / 'new', 1)['params']
     source = weights.load(str(trained), ema=True).variables['params']
-    for a, b in zip(jax.tree.leaves(started), jax.tree.leaves(source)):
-        np.testing.assert_array_equal(a, b)
+    for name, start in (('file', [f'--config.init_from={dst}']),
+                        ('workdir', [f'--config.init_from={trained}', '--config.init_from_step=best',
+                                     '--config.init_from_ema=True'])):
+        # lr 0: the new run's weights after its step are the ones it started from
+        ok(run_training(tmp_path, tmp_path / name, *TIMM_SHAPED, *start, '--config.learning_rate=0.0',
+                        '--config.num_train_steps=1', cache=compile_cache))
+        started = load_state(tmp_path / name, 1)['params']
+        for a, b in zip(jax.tree.leaves(started), jax.tree.leaves(source)):
+            np.testing.assert_array_equal(a, b, err_msg=name)
 
 
 def test_convert_reads_a_workdir_into_a_variables_file(trained, tmp_path, compile_cache):

@@ -76,7 +76,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f'config.distill.temperature must be > 0, got {distill.temperature}')
         if not distill.teacher_checkpoint:
             raise ValueError(f'config.distill.teacher {distill.teacher!r} needs its weights: set '
-                             '--config.distill.teacher_checkpoint to a .safetensors (convert) or PyTorch file')
+                             '--config.distill.teacher_checkpoint to a .safetensors (convert), a PyTorch '
+                             'file or a workdir')
 
 
 # ----------------------------------------------------------------------------- steps
@@ -113,7 +114,8 @@ def _initial_state(config, model, tx, image_size: int, state_sharding) -> TrainS
     if config.init_from:
         fresh = _run_once(lambda r: init_variables(model, r, image_size), init_rng)
         variables = weights.load_into(config.init_from, config.model, architecture_overrides(config),
-                                    jax.device_get(fresh))
+                                      jax.device_get(fresh), step=str(config.init_from_step),
+                                      ema=config.init_from_ema)
         metrics_lib.log(f'initialised from {config.init_from}')
         return _run_once(lambda v: create_state(v, tx, state_rng, use_ema), variables,
                          out_shardings=state_sharding)
@@ -131,7 +133,8 @@ def load_teacher(config, num_classes: int, image_size: int, placement) -> tuple:
     teacher = create_model(distill.teacher, num_classes=num_classes, dtype=DTYPES[config.dtype], **overrides)
     fresh = jax.device_get(_run_once(lambda r: init_variables(teacher, r, image_size), jax.random.PRNGKey(0)))
     variables = weights.load_into(distill.teacher_checkpoint, distill.teacher, overrides, fresh,
-                                keep_fresh_head=False, role='distill.teacher_checkpoint')
+                                  step=str(distill.teacher_step), ema=distill.teacher_ema,
+                                  keep_fresh_head=False, role='distill.teacher_checkpoint')
     metrics_lib.log(f'distilling from {distill.teacher} ({distill.teacher_checkpoint}): {distill.loss} at '
                     f'temperature {distill.temperature}, weights CE {distill.ce_weight} / KD {distill.kd_weight}')
     return teacher, jax.device_put(variables, placement)
