@@ -7,7 +7,7 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'ghostnetv2_jax'
 # The model files read like the paper: what these names stand for lives in kernels/ and runtime/.
-MODEL_FILES = sorted(PACKAGE.glob('models/*.py')) + [PACKAGE / 'nn' / 'attention.py']
+MODEL_FILES = sorted(PACKAGE.glob('models/*.py')) + [PACKAGE / 'layers' / 'attention.py']
 FORBIDDEN = ('ghostnetv2_jax.kernels', 'ghostnetv2_jax.runtime', 'native', 'fused', 'fusible', 'ffi',
              'custom_call', 'gate_only', 'affine_only', 'kernel_only', 'conv_fn', 'strided', 'platform',
              'default_backend', 'chunk')
