@@ -140,15 +140,6 @@ def peer_lost_message(why: str, resume_step: Optional[int]) -> str:
     return f'a peer process was lost ({why}); rerunning the same command on every process {where}'
 
 
-def looks_like_lost_peer(error: BaseException) -> bool:
-    """A collective that failed because the other end went away (gloo on CPU, NCCL, the
-    coordination service), as opposed to a bug."""
-    text = str(error).lower()
-    return jax.process_count() > 1 and any(
-        s in text for s in ('gloo', 'connection reset', 'connection closed', 'connection refused', 'nccl',
-                            'heartbeat', 'unavailable:', 'socket closed', 'broken pipe'))
-
-
 def exit_on_lost_peer() -> None:
     """After a lost peer, leaving normally would wait in jax.distributed's shutdown barrier for the
     dead process (minutes), then abort with a C++ stack dump: once the error is printed and the
@@ -164,19 +155,19 @@ def exit_on_lost_peer() -> None:
 
 
 class PeerWatchdog:
-    """Notices a lost peer process while this one is not in a collective (a collective with a dead
-    peer fails at once, see ``looks_like_lost_peer``).
+    """Notices a lost peer process: each process beats once a second through the coordination
+    service's key-value store and watches the others' beats.
 
     jax.distributed's own heartbeat check cannot be hooked from Python: when it notices a dead
     process (after 100 s) it aborts this one with a C++ stack dump (its ``missed_heartbeat_callback``
-    cannot take a Python function in jaxlib 0.10). So every process also beats through the
-    coordination service's key-value store, once a second, and watches the others' beats: a peer
-    silent for ``timeout`` seconds after its first beat (``GHOSTNETV2_PEER_TIMEOUT_S``, default 30,
-    under jax's 100),
-    or a coordination service that cannot be reached (process 0 is gone), ends this process with
-    one line on stderr (``error: a peer process was lost ...; ... resumes from step N``) and exit
-    status 1. ``resume_step()`` says which step a rerun resumes from. A process that finishes says
-    so (``stop``), so its peers do not take its silence for a loss. A no-op on one process.
+    cannot take a Python function in jaxlib 0.10). Here, a peer silent for ``timeout`` seconds
+    after its first beat (``GHOSTNETV2_PEER_TIMEOUT_S``, default 30, under jax's 100), or a
+    coordination service that cannot be reached (process 0 is gone), ends this process with one
+    line on stderr (``error: a peer process was lost ...; ... resumes from step N``) and exit status
+    1; ``resume_step()`` says which step a rerun resumes from. A collective whose peer died fails at
+    once: ``lost_peer()`` then tells, from the beats, whether that was the cause. A process that
+    finishes says so (``stop``), so its peers do not take its silence for a loss. A no-op on one
+    process.
     """
 
     def __init__(self, resume_step: Callable[[], Optional[int]], timeout: Optional[float] = None,
@@ -184,9 +175,12 @@ class PeerWatchdog:
         self.resume_step = resume_step
         self.timeout = float(os.environ.get(PEER_TIMEOUT_ENV, DEFAULT_PEER_TIMEOUT_S) if timeout is None else timeout)
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._beats: Dict[int, tuple] = {}       # peer -> (its last beat, when it last changed)
+        self._unreachable: Optional[str] = None  # why the coordination service cannot be read
         self._thread = None
         self._client = None
-        self._prefix = f'ghostnetv2/{run_id}/beat'
+        self._prefix = f'ghostnetv2/{run_id}/beat/'
         if jax.process_count() > 1 and self.timeout > 0:
             from jax._src import distributed   # the client jax.distributed.initialize made
             self._client = distributed.global_state.client
@@ -195,35 +189,57 @@ class PeerWatchdog:
             self._thread.start()
 
     def _watch(self) -> None:
-        me, n = jax.process_index(), jax.process_count()
-        seen = {p: (None, time.monotonic()) for p in range(n) if p != me}
-        beat = 0
+        me, beat = jax.process_index(), 0
+        with self._lock:
+            self._beats = {p: (None, time.monotonic()) for p in range(jax.process_count()) if p != me}
         while not self._stop.wait(1.0):
             beat += 1
             try:
-                self._client.key_value_set(f'{self._prefix}/{me}', str(beat), allow_overwrite=True)
-                values = {p: self._try_get(f'{self._prefix}/{p}') for p in seen}
+                self._client.key_value_set(f'{self._prefix}{me}', str(beat), allow_overwrite=True)
+                values = {int(key.rsplit('/', 1)[-1]): value
+                          for key, value in self._client.key_value_dir_get(self._prefix)}
             except Exception as error:   # noqa: BLE001  the service (on process 0) is unreachable
-                if not self._stop.is_set():
-                    self._lost('the coordination service on process 0 cannot be reached: '
-                               + ' '.join(str(error).split())[:160])
+                with self._lock:
+                    self._unreachable = ('the coordination service on process 0 cannot be reached: '
+                                         + ' '.join(str(error).split())[:160])
+                self._lost(self._unreachable)
                 return
-            for p, value in values.items():
-                if value == 'done':
-                    del seen[p]
-                elif value != seen[p][0]:
-                    seen[p] = (value, time.monotonic())
-                elif value is not None and time.monotonic() - seen[p][1] > self.timeout:
-                    # (a peer is timed from its first beat: it may still be setting up)
-                    self._lost(f'process {p} sent no heartbeat for {self.timeout:g} s')
+            now = time.monotonic()
+            with self._lock:
+                for p in list(self._beats):
+                    value = values.get(p)
+                    if value == 'done':
+                        del self._beats[p]
+                    elif value != self._beats[p][0]:
+                        self._beats[p] = (value, now)
+            why = self._silent(self.timeout)
+            if why:
+                self._lost(why)
 
-    def _try_get(self, key: str) -> Optional[str]:
-        try:
-            return self._client.key_value_try_get(key)
-        except Exception as error:   # noqa: BLE001
-            if 'NOT_FOUND' in str(error) or 'not found' in str(error).lower():   # not beaten yet
-                return None
-            raise
+    def _silent(self, seconds: float) -> Optional[str]:
+        """Why a peer counts as lost when silence of ``seconds`` is enough; None if none is.
+        (A peer is timed from its first beat: one still setting up has not beaten yet.)"""
+        now = time.monotonic()
+        with self._lock:
+            if self._unreachable:
+                return self._unreachable
+            for p, (value, since) in sorted(self._beats.items()):
+                if value is not None and now - since > seconds:
+                    return f'process {p} sent no heartbeat for {now - since:.0f} s'
+        return None
+
+    def lost_peer(self, within: float = 3.0) -> Optional[str]:
+        """After a failed collective: why a peer is gone, if one is (its beats stopped for more
+        than ``within`` seconds, waited for here), else None (the failure has another cause)."""
+        if self._thread is None:
+            return None
+        deadline = time.monotonic() + within + 1.5   # a beat a second, and the watcher's own turn
+        while time.monotonic() < deadline:
+            why = self._silent(within)
+            if why:
+                return why
+            time.sleep(0.25)
+        return None
 
     def _lost(self, why: str) -> None:
         if self._stop.is_set():

@@ -329,9 +329,9 @@ class _Run:
             self.checkpoints.wait()   # success only once the final checkpoint is on disk
         except BaseException as error:
             failure = error
-            if not isinstance(error, TrainingError) and sharding.looks_like_lost_peer(error):
-                failure = PeerLostError(sharding.peer_lost_message(' '.join(str(error).split())[:200],
-                                                                   self.resume_step()))
+            why = None if isinstance(error, (TrainingError, KeyboardInterrupt)) else self.watchdog.lost_peer()
+            if why:   # a collective failed because a peer is gone (its heartbeats stopped)
+                failure = PeerLostError(sharding.peer_lost_message(why, self.resume_step()))
                 raise failure from error
             raise
         finally:
