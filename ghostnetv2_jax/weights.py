@@ -33,12 +33,11 @@ import numpy as np
 
 from ghostnetv2_jax.convert import ConversionError, flax_to_torch, load_state_dict, torch_to_flax
 from ghostnetv2_jax.models.registry import create_model, get_spec
-from ghostnetv2_jax.train.state import architecture_overrides, tuplify
+from ghostnetv2_jax.train.state import DTYPES, architecture_overrides, tuplify
 
 FORMAT = 'ghostnetv2_jax.variables/1'   # the safetensors metadata 'format' of save_variables' files
 TORCH_SUFFIXES = ('.pth', '.pth.tar', '.pt', '.bin', '.tar')
 STEPS = ('latest', 'best')   # or a step number
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +70,14 @@ def is_workdir(source: str) -> bool:
     return os.path.isdir(source)
 
 
+def needs_model_name(source: str) -> bool:
+    """A PyTorch file names no model: reading it takes one."""
+    return not is_workdir(source) and not source.endswith('.safetensors')
+
+
 def check_source(source: str, model_name: Optional[str] = None, step: str = 'latest') -> Optional[str]:
     """What is wrong with a source, found without reading it; None if nothing."""
-    if step not in STEPS and not str(step).isdigit():
+    if str(step) not in STEPS and not str(step).isdigit():
         return f"step must be 'latest', 'best' or a step number, got {step!r}"
     if model_name is not None:
         try:
@@ -84,8 +88,8 @@ def check_source(source: str, model_name: Optional[str] = None, step: str = 'lat
         return None
     if not os.path.isfile(source):
         return f'no such checkpoint: {source}'
-    if not source.endswith('.safetensors') and not model_name:
-        return f'a model name is needed to read the PyTorch checkpoint {source} (--model)'
+    if needs_model_name(source) and not model_name:
+        return f'a model name is needed to read the PyTorch checkpoint {source}'
     return None
 
 
@@ -124,7 +128,7 @@ def _from_file(path: str, model_name: Optional[str], ema: bool, overrides: Dict[
         variables, meta = load_variables(local)
         return Weights(meta['model'], meta['overrides'], variables, path)
     if not model_name:
-        raise ConversionError(f'a model name is needed to read the PyTorch checkpoint {path} (--model)')
+        raise ConversionError(f'a model name is needed to read the PyTorch checkpoint {path}')
     sd = load_state_dict(local, use_ema=ema)
     overrides = {**overrides, 'num_classes': sd['classifier.weight'].shape[0] if 'classifier.weight' in sd else 0}
     return Weights(model_name, overrides, torch_to_flax(sd, model_name, **overrides), path)

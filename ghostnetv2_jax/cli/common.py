@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Tuple
 
@@ -45,12 +46,13 @@ def add_weights_arguments(p: argparse.ArgumentParser, source: str = '--checkpoin
 
 
 def check_weights_arguments(args) -> None:
-    """Usage errors in the weights arguments, found before anything slow is imported."""
-    from ghostnetv2_jax.weights import check_source
-    problem = check_source(args.source, args.model, args.step)
-    if problem and 'model name' in problem:
+    """Usage errors in the weights arguments, found before anything slow is imported; a source
+    that does not exist is a failure (``FileNotFoundError``)."""
+    from ghostnetv2_jax import weights
+    if weights.needs_model_name(args.source) and not args.model and os.path.isfile(args.source):
         usage_error(f'--model is required to read the PyTorch checkpoint {args.source}')
-    if problem and not problem.startswith('no such'):
-        usage_error(problem)
-    if problem:
+    problem = weights.check_source(args.source, args.model, args.step)
+    if problem and not os.path.exists(args.source) and '://' not in args.source:
         raise FileNotFoundError(problem)
+    if problem:
+        usage_error(problem)
