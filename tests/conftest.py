@@ -1,5 +1,12 @@
-"""Shared test set-up: quiet, single-threaded torch so two pytest-xdist workers share 2 cores."""
+"""Shared test set-up: quiet, single-threaded torch so two pytest-xdist workers share 2 cores;
+tests that need PyTorch (torch, timm, the parity module) are marked ``torch`` and, where torch is
+not installed (the newest-JAX environment of ``make test-latest``), not collected or run."""
+import ast
+import importlib.util
+import inspect
 import os
+import pathlib
+import re
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
@@ -10,6 +17,62 @@ try:  # timm (torch, torchvision, triton) first: triton's extension segfaults on
     import timm  # noqa: F401   # the trainer's libraries (TF, orbax) are loaded
 except ImportError:  # runtime-only installs have no torch
     pass
+
+HAVE_TORCH = importlib.util.find_spec('torch') is not None and importlib.util.find_spec('timm') is not None
+_TORCH_NAMES = re.compile(r'\b(torch|timm|parity)\b')
+
+
+def _imports_torch_at_module_level(path: pathlib.Path) -> bool:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names |= {a.name.split('.')[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split('.')[0])
+            if node.module == 'ghostnetv2_jax':
+                names |= {a.name for a in node.names}
+            if node.module.startswith('test_'):   # another test module's helpers
+                other = path.with_name(node.module + '.py')
+                if other.exists() and _imports_torch_at_module_level(other):
+                    names.add('torch')
+    return bool(names & {'torch', 'timm', 'torchvision', 'parity'})
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'torch: needs PyTorch and timm (the parity reference)')
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Without torch, a test module that imports it at the top is not collected."""
+    path = pathlib.Path(collection_path)
+    return (not HAVE_TORCH and path.suffix == '.py' and path.name.startswith('test_')
+            and _imports_torch_at_module_level(path)) or None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark ``torch`` every test whose module imports torch, timm or the parity module at the top,
+    or whose function or fixtures name them; skip them where torch is not installed."""
+    module_level = {}
+    for item in items:
+        path = pathlib.Path(str(item.fspath))
+        if path not in module_level:
+            module_level[path] = _imports_torch_at_module_level(path)
+        sources = [item.function] if hasattr(item, 'function') else []
+        sources += [d.func for defs in getattr(item, '_fixtureinfo').name2fixturedefs.values() for d in defs
+                    if getattr(d.func, '__module__', '') != __name__] if hasattr(item, '_fixtureinfo') else []
+        uses = module_level[path] or any(_TORCH_NAMES.search(_source(f)) for f in sources)
+        if uses:
+            item.add_marker(pytest.mark.torch)
+            if not HAVE_TORCH:
+                item.add_marker(pytest.mark.skip(reason='needs torch and timm (make test runs it)'))
+
+
+def _source(function) -> str:
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):
+        return ''
 
 
 @pytest.fixture(scope='session', autouse=True)

@@ -122,6 +122,7 @@ RUNTIME = [Req(t) for t in PROJECT.get('dependencies', [])]
 EXTRAS = {name: [Req(t) for t in reqs] for name, reqs in PROJECT.get('optional-dependencies', {}).items()}
 RUNTIME_PINS = pins(REPO / 'requirements.txt')
 ALL_PINS = pins(REPO / 'requirements-dev.txt')   # includes requirements.txt
+LATEST_PINS = pins(REPO / 'requirements-latest.txt')   # the newest JAX line (make test-latest)
 
 
 def declared() -> List[Tuple[str, Req]]:
@@ -161,6 +162,17 @@ def test_pins_satisfy_pyproject_ranges():
                 bad.append(f'{pin} (requirements) is outside pyproject {where}: {req}')
     assert not bad, bad
     assert checked >= len(RUNTIME)
+
+
+def test_newest_jax_pins_satisfy_pyproject_ranges_and_pin_every_runtime_dependency():
+    """The range covers both tested ends: requirements.txt (the oldest, Python 3.11) and
+    requirements-latest.txt (the newest JAX line, Python >= 3.12)."""
+    bad = [f'{LATEST_PINS[r.name][0]} is outside pyproject {where}: {r}' for where, r in declared()
+           if r.name in LATEST_PINS and not r.contains(LATEST_PINS[r.name][1])]
+    assert not bad, bad
+    assert not [r.name for r in RUNTIME if r.name not in LATEST_PINS]
+    jax_line = lambda pins_: tuple(int(x) for x in pins_['jax'][1].split('.')[:2])
+    assert jax_line(RUNTIME_PINS) < jax_line(LATEST_PINS), 'the two environments test the same JAX line'
 
 
 def test_every_runtime_dependency_is_pinned_in_requirements_txt():
