@@ -4,8 +4,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST_WORKERS ?= 2
 DEMO_WORKDIR ?= /tmp/ghostnetv2_demo
+# The newest JAX line needs Python >= 3.12: pyenv's, else python3.12 on PATH.
+PYTHON_LATEST ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+VENV_LATEST   ?= .venv-latest
 
-.PHONY: test demo install install-dev bench clean
+.PHONY: test test-latest demo install install-dev bench clean
 
 $(VENV)/.runtime: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +27,20 @@ install-dev: $(VENV)/.dev
 test: $(VENV)/.dev
 	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
 
+# The newest JAX / Flax / optax / orbax (requirements-latest.txt) on Python 3.12: every test that
+# does not need torch (marked `torch`), then the non-editable install check on the same versions.
+$(VENV_LATEST)/.installed: requirements-latest.txt pyproject.toml
+	test -x $(VENV_LATEST)/bin/python || $(PYTHON_LATEST) -m venv $(VENV_LATEST)
+	$(VENV_LATEST)/bin/python -m pip install -q -r requirements-latest.txt setuptools
+	$(VENV_LATEST)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+test-latest: $(VENV_LATEST)/.installed
+	$(VENV_LATEST)/bin/python -m pytest -n $(PYTEST_WORKERS) -m "not torch" tests
+	PYTHON=$(PYTHON_LATEST) CHECK_INSTALL_CONSTRAINTS=$(CURDIR)/requirements-latest.txt bash .ci/check_install.sh
+
 demo: $(VENV)/.runtime
 	$(PY) -m ghostnetv2_jax train --config configs/demo.py --workdir $(DEMO_WORKDIR)
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(VENV_LATEST) .pytest_cache build *.egg-info

@@ -4,7 +4,8 @@
 # Everything lives in a temporary directory that is removed on exit.
 #
 # pip uses the index / cache configured on the machine (so a warm pip cache works offline). By
-# default requirements.txt is passed as a constraints file: the same pinned versions as `make`,
+# default requirements.txt (CHECK_INSTALL_CONSTRAINTS: another pins file, e.g. requirements-latest.txt
+# with PYTHON set to a Python 3.12) is passed as a constraints file: the same pinned versions as `make`,
 # reproducibly; the dependency list itself comes only from pyproject.toml, so a dependency it
 # lacks still fails here. CHECK_INSTALL_UNPINNED=1 resolves pyproject's ranges alone instead.
 set -euo pipefail
@@ -31,9 +32,9 @@ fi
 "$python" -m venv "$tmp/venv"
 pip_args=(--quiet --disable-pip-version-check --no-compile)   # no .pyc for all of TF: faster in and out
 if [[ "${CHECK_INSTALL_UNPINNED:-0}" != 1 ]]; then
-    pip_args+=(--constraint "$checkout/requirements.txt")
+    pip_args+=(--constraint "${CHECK_INSTALL_CONSTRAINTS:-$checkout/requirements.txt}")
 fi
-echo "check_install: pip install \"$checkout[train]\" (non-editable) into a fresh venv"
+echo "check_install: pip install \"$checkout[train]\" (non-editable) into a fresh $("$python" -V) venv"
 # (the machine's extra file indexes make pip warn once per package they lack: noise, dropped)
 "$tmp/venv/bin/python" -m pip install "${pip_args[@]}" "$src[train]" 2>&1 |
     { grep -v "is ignored: it is neither a file nor a directory" || true; }
