@@ -62,17 +62,20 @@ def pytest_collection_modifyitems(config, items):
         sources += [d.func for defs in getattr(item, '_fixtureinfo').name2fixturedefs.values() for d in defs
                     if getattr(d.func, '__module__', '') != __name__] if hasattr(item, '_fixtureinfo') else []
         uses = module_level[path] or any(_TORCH_NAMES.search(_source(f)) for f in sources)
-        if uses:
+        if uses or item.get_closest_marker('torch'):
             item.add_marker(pytest.mark.torch)
             if not HAVE_TORCH:
                 item.add_marker(pytest.mark.skip(reason='needs torch and timm (make test runs it)'))
 
 
 def _source(function) -> str:
+    """A function's source from its ``def`` on (its decorators may name markers)."""
     try:
-        return inspect.getsource(function)
+        text = inspect.getsource(function)
     except (OSError, TypeError):
         return ''
+    start = re.search(r'^\s*(async\s+)?def\s', text, re.M)
+    return text[start.start():] if start else text
 
 
 @pytest.fixture(scope='session', autouse=True)

@@ -134,7 +134,7 @@ def test_a_teacher_with_other_classes_is_one_clear_error(tmp_path):
     config.distill.teacher, config.distill.teacher_checkpoint = config.model, str(path)
     config.distill.teacher_overrides = overrides
     with pytest.raises(ConversionError, match=r'^distill.teacher_checkpoint .* does not fit ghostnetv2_100: classifier params/classifier/\w+ \(7,\) vs \(10,\)'):
-        load_teacher(config, 10, 16, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        load_teacher(config, 10, 16, jax.sharding.make_single_device_sharding(jax.devices()[0]))
 
 
 def test_the_v3_recipe_distils_and_asks_for_its_teacher_weights_in_one_line(tmp_path):

@@ -7,6 +7,7 @@ notebooks and their outputs stay as they are.
 """
 import glob
 import os
+import re
 
 import pytest
 
@@ -28,7 +29,15 @@ def _images(nb) -> int:
                for out in cell.get('outputs', []))
 
 
-@pytest.mark.parametrize('path', NOTEBOOKS, ids=os.path.basename)
+def _needs_torch(path: str) -> bool:
+    """A notebook whose code cells import torch, timm or the parity module."""
+    import nbformat
+    cells = nbformat.read(path, as_version=4).cells
+    return any(c.cell_type == 'code' and re.search(r'\b(torch|timm|parity)\b', c.source) for c in cells)
+
+
+@pytest.mark.parametrize('path', [pytest.param(p, marks=pytest.mark.torch) if _needs_torch(p) else p
+                                  for p in NOTEBOOKS], ids=os.path.basename)
 def test_notebook_runs_top_to_bottom(path, monkeypatch):
     committed = nbformat.read(path, as_version=4)
     assert _images(committed) > 0, 'the committed notebook carries its plots as images'

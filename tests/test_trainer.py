@@ -146,7 +146,7 @@ def load_state(workdir, step: int) -> dict:
     """A saved train state as plain numpy, read without knowing its structure in advance."""
     import orbax.checkpoint as ocp
     # fallback_sharding: the checkpoint may come from another device count (8 fake devices).
-    args = ocp.args.StandardRestore(fallback_sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    args = ocp.args.StandardRestore(fallback_sharding=jax.sharding.make_single_device_sharding(jax.devices()[0]))
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
         state = checkpointer.restore(pathlib.Path(workdir) / 'checkpoints' / str(step) / 'state', args=args)
     return jax.tree.map(np.asarray, state)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging as logging_std
 import os
+import re
 import signal
 import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -203,10 +204,27 @@ def verify(state: Any, meta: Dict[str, Any], step: int) -> None:
 
 
 def _why(error: BaseException) -> str:
-    """The error on one short line: its start and its end (where an OS error says why, e.g. 'No
-    space left on device')."""
+    """The error on one short line: its start and its end, then the operating system's reason
+    ('No space left on device') where the storage layer reports an errno (an ``OSError`` in the
+    chain of causes, or tensorstore's ``os_error_code``), which a long message would cut."""
     text = ' '.join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 200 else text[:110] + ' ... ' + text[-85:]
+    short = text if len(text) <= 200 else text[:110] + ' ... ' + text[-85:]
+    code = _errno(error)
+    reason = os.strerror(code) if code else None
+    return short if reason is None or reason in short else f'{short} ({reason})'
+
+
+def _errno(error: Optional[BaseException]) -> Optional[int]:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno:
+            return error.errno
+        found = re.search(r"os_error_code='?(\d+)", str(error))   # tensorstore's structured field
+        if found:
+            return int(found.group(1))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def restore_newest(checkpoints: Checkpoints, restore: Callable[[int, Dict[str, Any]], Any], *,
