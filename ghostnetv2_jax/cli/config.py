@@ -9,7 +9,10 @@ library takes the resulting ConfigDict.
 from __future__ import annotations
 
 import difflib
+import importlib.machinery
+import importlib.util
 import os
+import pathlib
 from typing import List, Sequence
 
 import ml_collections
@@ -29,15 +32,13 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     for item in overrides:
         if not item.startswith(PREFIX) or len(item.split('=')[0]) == len(PREFIX):
             raise ConfigError(f'expected --config.FIELD=VALUE, got {item!r}')
-    if '://' not in path and not os.path.isfile(path):
-        raise ConfigError(f'config file {path}: No such file or directory')
-    base = _parse(path, [])
+    config = load_recipe(path)
     for item in overrides:
-        _check_field(base, item.split('=')[0])
+        _check_field(config, item.split('=')[0])
     # 'None' (a field's documented default) is set here: config_flags would parse it by the
     # field's type ((None,) for a tuple, an error for a float).
     unset = [item.split('=')[0] for item in overrides if item.split('=', 1)[1:] == ['None']]
-    config = _parse(path, [item for item in overrides if item.split('=')[0] not in unset]) if len(unset) < len(overrides) else base
+    _apply(config, [item for item in overrides if item.split('=')[0] not in unset])
     for flag in unset:
         *parents, name = flag[len(PREFIX):].split('.')
         node = config
@@ -47,17 +48,36 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     return config
 
 
-def _parse(path: str, overrides: List[str]) -> ml_collections.ConfigDict:
-    argv = ['train', f'--config={path}', *overrides]
+def load_recipe(path: str) -> ml_collections.ConfigDict:
+    """``get_config()`` of a recipe file, locked (a field it lacks cannot be set)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f'config file {path}: No such file or directory')
+    name = f'ghostnetv2_recipe_{pathlib.Path(path).stem}'
+    spec = importlib.util.spec_from_loader(name, importlib.machinery.SourceFileLoader(name, path))
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        config = module.get_config()
+    except Exception as error:   # noqa: BLE001  a recipe that does not load, whatever it raises
+        raise ConfigError(f'config file {path} does not load: {type(error).__name__}: '
+                          + ' '.join(str(error).split())) from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f'config file {path}: get_config() returned {type(config).__name__}, not a ConfigDict')
+    config.lock()
+    return config
+
+
+def _apply(config: ml_collections.ConfigDict, overrides: List[str]) -> None:
+    """``--config.a.b=value`` overrides parsed by config_flags, typed by the fields they set."""
+    if not overrides:
+        return
+    argv = ['train', *overrides]
     values = flags.FlagValues()
-    config_flags.DEFINE_config_file('config', path, flag_values=values, lock_config=True, sys_argv=argv)
+    config_flags.DEFINE_config_dict('config', config, flag_values=values, lock_config=True, sys_argv=argv)
     try:
         values(argv)
-        config = values.config
-        config.model   # a config file that failed to load is reported on first use
-    except (flags.Error, OSError, ValueError, TypeError, AttributeError, KeyError) as error:
+    except (flags.Error, ValueError, TypeError, AttributeError, KeyError) as error:
         raise ConfigError(' '.join(str(error).split())) from None
-    return config
 
 
 def _check_field(config: ml_collections.ConfigDict, flag: str) -> None:

@@ -23,6 +23,7 @@ import logging as logging_std
 import os
 import re
 import signal
+import sys
 import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -66,6 +67,24 @@ class _QuietBackgroundSaveFailures(logging_std.Filter):
 _QUIET = _QuietBackgroundSaveFailures()
 
 
+def _quiet_closed_loop_callbacks(unraisable) -> None:
+    """``sys.unraisablehook`` that drops what the storage layer's pending callbacks raise once a
+    failed save has closed orbax's event loop (tensorstore calls ``call_soon_threadsafe`` on it:
+    asyncio's ``_check_closed`` raises, over a hundred times for one full disk); everything else,
+    and everything at debug verbosity, goes to the previous hook."""
+    tb = unraisable.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    closed_loop = (unraisable.exc_type is RuntimeError and tb is not None
+                   and tb.tb_frame.f_code.co_name == '_check_closed'
+                   and tb.tb_frame.f_code.co_filename.endswith(os.path.join('asyncio', 'base_events.py')))
+    if not closed_loop or logging.get_verbosity() >= logging.DEBUG:
+        _previous_unraisablehook(unraisable)
+
+
+_previous_unraisablehook = sys.unraisablehook
+
+
 # What must agree between a checkpoint and the model a config builds.
 IDENTITY_KEYS = ('model', 'model_overrides', 'num_classes')
 
@@ -90,6 +109,7 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(self.directory, item_names=('state', 'meta'), options=options)
         self._pending: List[int] = []   # saved steps not yet checked on disk (see wait)
         logging.get_absl_logger().addFilter(_QUIET)   # a failed save is one line (CheckpointSaveError)
+        sys.unraisablehook = _quiet_closed_loop_callbacks
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
