@@ -37,7 +37,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.drop_rate = 0.2                 # --drop
     config.dtype = 'float32'               # compute dtype; 'bfloat16' keeps fp32 params and BN stats
     config.init_from = ''                  # start from weights: a .safetensors (convert/export), a
-                                           # PyTorch file or another run's workdir (ghostnetv2_jax.weights)
+                                           # PyTorch file, another run's workdir (ghostnetv2_jax.weights),
+                                           # or published weights, 'pretrained:NAME' (e.g.
+                                           # 'pretrained:ghostnetv2_100': timm's, through the Hugging Face
+                                           # cache; another class count gets a new head: fine-tuning)
     config.init_from_step = 'latest'       # a workdir's checkpoint: 'latest', 'best' or a step number
     config.init_from_ema = False           # a workdir's (or a training file's) EMA weights
 
@@ -90,7 +93,9 @@ def get_config() -> ml_collections.ConfigDict:
     # kd_weight * KD(student, teacher), the teacher in eval mode on the same images.
     config.distill = ml_collections.ConfigDict({
         'teacher': '',                     # a registered model name; '' disables distillation
-        'teacher_checkpoint': '',          # its weights: any source config.init_from takes
+        'teacher_checkpoint': '',          # its weights: any source config.init_from takes, e.g.
+                                           # 'pretrained:ghostnetv2_160' (published weights; its classes
+                                           # must be the student's)
         'teacher_step': 'latest',          # of a workdir: 'latest', 'best' or a step number
         'teacher_ema': False,              # a workdir's (or a training file's) EMA weights
         # the teacher's architecture overrides (a dict of GhostNet fields), as model_overrides

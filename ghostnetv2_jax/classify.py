@@ -185,13 +185,19 @@ class Classifier:
 
 def load_classifier(source: str, model_name: Optional[str] = None, ema: bool = False,
                     step: str = 'latest') -> Classifier:
-    """The model, weights, eval preprocessing and class names of a weights file or workdir."""
+    """The model, weights, eval preprocessing and class names of a weights file, a workdir or
+    published weights (``'pretrained:NAME'``)."""
+    from ghostnetv2_jax import weights
+    return classifier_of(weights.load(source, model_name, step=step, ema=ema))
+
+
+def classifier_of(w) -> Classifier:
+    """The ``Classifier`` of loaded ``weights.Weights``."""
     import jax
     import jax.numpy as jnp
-    from ghostnetv2_jax import weights, xla_options
+    from ghostnetv2_jax import xla_options
     from ghostnetv2_jax.runtime import predict_fn
 
-    w = weights.load(source, model_name, step=step, ema=ema)
     model = w.model()
     logits = predict_fn(model)
     forward = xla_options.jit(lambda v, x: jax.nn.softmax(logits(v, x).astype(jnp.float32), axis=-1),

@@ -9,14 +9,18 @@ Sources (``load``), each giving the model name, its overrides and ``{'params', '
 - a **``.safetensors`` of Flax variables** (``save_variables``, the ``convert`` command): the model
   name and its overrides are in the file;
 - a **PyTorch state_dict**: the authors' ``.pth.tar``, timm's ``.pth`` or ``.safetensors``, read as
-  ``model_name`` (``ema``: the EMA copy a training file holds).
+  ``model_name`` (``ema``: the EMA copy a training file holds);
+- **published weights by name**, ``'pretrained:NAME'`` (``'pretrained:ghostnetv2_100'`` or with the
+  tag, ``'pretrained:ghostnetv2_100.in1k'``): timm's ``model.safetensors`` for the registered hub id,
+  fetched through ``huggingface_hub``'s cache (``ghostnetv2_jax.hub``) and converted
+  (``load_pretrained``).
 
 Writers: ``save_variables`` (Flax variables, safetensors) and ``save_state_dict`` (a state_dict
 that timm loads with ``strict=True``: ``.pth`` through torch, or ``.safetensors``). Every write is
 atomic: a failed one leaves any existing file as it was.
 
 Only files and the orbax checkpoint are read: no TensorFlow (the training extras) and, but for
-``.pth`` files, no torch.
+``.pth`` files, no torch (published weights need ``huggingface_hub``).
 """
 from __future__ import annotations
 
@@ -31,13 +35,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ghostnetv2_jax import hub
 from ghostnetv2_jax.convert import ConversionError, flax_to_torch, load_state_dict, torch_to_flax
 from ghostnetv2_jax.models.registry import create_model, get_spec
-from ghostnetv2_jax.train.state import DTYPES, architecture_overrides, tuplify
+from ghostnetv2_jax.train.state import DTYPES, architecture_overrides, init_variables, tuplify
 
 FORMAT = 'ghostnetv2_jax.variables/1'   # the safetensors metadata 'format' of save_variables' files
 TORCH_SUFFIXES = ('.pth', '.pth.tar', '.pt', '.bin', '.tar')
 STEPS = ('latest', 'best')   # or a step number
+PRETRAINED = hub.PREFIX      # a source naming published weights: 'pretrained:ghostnetv2_100'
+# create_model overrides that say how a model runs, not what its weights are (not kept in Weights)
+RUNTIME_OVERRIDES = ('dtype', 'drop_rate', 'depthwise_impl')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +71,15 @@ class Weights:
 
 
 # ----------------------------------------------------------------------------- reading
+def is_pretrained(source: str) -> bool:
+    """``source`` names published weights: ``'pretrained:NAME'``."""
+    return hub.is_pretrained(source)
+
+
 def is_workdir(source: str) -> bool:
     """A directory (or a remote path without a weights file's suffix) is a training workdir."""
+    if is_pretrained(source):
+        return False
     if '://' in source:
         return not source.endswith(('.safetensors',) + TORCH_SUFFIXES)
     return os.path.isdir(source)
@@ -72,7 +87,7 @@ def is_workdir(source: str) -> bool:
 
 def needs_model_name(source: str) -> bool:
     """A PyTorch file names no model: reading it takes one."""
-    return not is_workdir(source) and not source.endswith('.safetensors')
+    return not is_workdir(source) and not is_pretrained(source) and not source.endswith('.safetensors')
 
 
 def check_source(source: str, model_name: Optional[str] = None, step: str = 'latest') -> Optional[str]:
@@ -84,6 +99,16 @@ def check_source(source: str, model_name: Optional[str] = None, step: str = 'lat
             get_spec(model_name)
         except ValueError as e:
             return str(e)
+    if is_pretrained(source):
+        if str(step) != 'latest':
+            return f'{source} names published weights: they have no checkpoint step {step!r}'
+        try:
+            name = hub.resolve(source)[0]
+        except ValueError as e:
+            return str(e)
+        if model_name and model_name != name:
+            return f'{source} holds {name} weights, not {model_name}'
+        return None
     if '://' in source or os.path.isdir(source):
         return None
     if not os.path.isfile(source):
@@ -95,11 +120,12 @@ def check_source(source: str, model_name: Optional[str] = None, step: str = 'lat
 
 def load(source: str, model_name: Optional[str] = None, *, step: str = 'latest', ema: bool = False,
          overrides: Optional[Mapping[str, Any]] = None, log: Optional[Callable[[str], None]] = None) -> Weights:
-    """The weights at ``source`` (a workdir or a weights file; see the module docstring).
+    """The weights at ``source`` (a workdir, a weights file or ``'pretrained:NAME'``; see the
+    module docstring).
 
     ``model_name``: needed for PyTorch files, checked against what the others hold.
-    ``overrides``: architecture overrides to read a PyTorch file with (its class count is read
-    from the file). ``log``: where a damaged workdir step is reported (default: stderr).
+    ``overrides``: architecture overrides to read a PyTorch file or published weights with (the
+    class count is the file's). ``log``: where a damaged workdir step is reported (default: stderr).
     """
     found = _read(source, model_name, step, ema, overrides, log)
     if model_name and model_name != found.model_name:
@@ -113,6 +139,10 @@ def _read(source: str, model_name: Optional[str], step: str, ema: bool, override
     if problem:
         raise FileNotFoundError(problem) if problem.startswith('no such') else ConversionError(problem)
     log = log or (lambda line: print(f'warning: {line}', file=sys.stderr, flush=True))
+    if is_pretrained(source):
+        if ema:
+            raise ConversionError(f'{source}: published weights are one set; they have no EMA copy')
+        return load_pretrained(source, **dict(overrides or {}))
     if is_workdir(source):
         return _from_workdir(source, str(step), ema, log)
     if str(step) != 'latest':
@@ -129,9 +159,61 @@ def _from_file(path: str, model_name: Optional[str], ema: bool, overrides: Dict[
         return Weights(meta['model'], meta['overrides'], variables, path)
     if not model_name:
         raise ConversionError(f'a model name is needed to read the PyTorch checkpoint {path}')
-    sd = load_state_dict(local, use_ema=ema)
+    return _from_state_dict(load_state_dict(local, use_ema=ema), model_name, overrides, path)
+
+
+def _from_state_dict(sd: Mapping[str, Any], model_name: str, overrides: Dict[str, Any], source: str) -> Weights:
+    """A PyTorch state_dict (numpy arrays) as ``model_name`` with ``overrides``; the class count is
+    the state_dict's."""
     overrides = {**overrides, 'num_classes': sd['classifier.weight'].shape[0] if 'classifier.weight' in sd else 0}
-    return Weights(model_name, overrides, torch_to_flax(sd, model_name, **overrides), path)
+    return Weights(model_name, overrides, torch_to_flax(sd, model_name, **overrides), source)
+
+
+def load_pretrained(name: str, *, rng: Any = 0, **overrides: Any) -> Weights:
+    """Published weights by name: timm's ``model.safetensors`` for the registered hub id
+    (``'ghostnetv2_100'``, ``'ghostnetv2_100.in1k'``, either with or without ``'pretrained:'``),
+    from ``huggingface_hub``'s cache (downloaded into it where missing; ``HF_HOME``, ``HF_HUB_CACHE``
+    and ``HF_HUB_OFFLINE`` honoured), converted to Flax variables. No torch is needed.
+
+    ``overrides``: ``create_model``'s. ``num_classes`` other than the published 1000 gives a **new,
+    randomly initialised classifier head** (the model's own initialisation, from ``rng``: a PRNG key
+    or an int seed), every other weight the published one: a model to fine-tune;
+    ``num_classes=0``: no head (the model gives the pooled features). ``dtype``, ``drop_rate`` and
+    ``depthwise_impl`` only say how the model runs (``Weights.model(...)`` takes them); other
+    architecture overrides must fit the published weights.
+
+    Errors (each one line): an unknown or unpublished name (ValueError naming the published
+    weights); the file neither cached nor reachable (``hub.NotCached``, a FileNotFoundError saying
+    where the file goes, or how to read a downloaded copy with ``load(FILE, model_name)``);
+    ``huggingface_hub`` not installed (``hub.MissingDependency``).
+    """
+    model_name, _ = hub.resolve(name)
+    create_model(model_name, **overrides)   # unknown overrides fail here, before any download
+    if overrides.get('fold_bn'):
+        raise ValueError('fold_bn: published weights are the training form; load them, then '
+                         'ghostnetv2_jax.fold_batchnorm(model, variables)')
+    arch = {k: v for k, v in overrides.items() if k not in RUNTIME_OVERRIDES + ('num_classes', 'fold_bn')}
+    _, _, path = hub.download(name)
+    w = _from_state_dict(load_state_dict(path), model_name, arch, hub.source(name))
+    num_classes = overrides.get('num_classes')
+    if num_classes is None or int(num_classes) == w.overrides['num_classes']:
+        return w
+    key = jax.random.PRNGKey(int(rng)) if isinstance(rng, (int, np.integer)) else rng
+    return _with_new_head(w, int(num_classes), key)
+
+
+def _with_new_head(w: Weights, num_classes: int, rng: jax.Array) -> Weights:
+    """``w`` with a new classifier of ``num_classes`` (none for 0), initialised as the model
+    initialises its own (its head alone is run), fitted by ``load_into``'s rules."""
+    overrides = {**w.overrides, 'num_classes': num_classes}
+    model = create_model(w.model_name, **overrides)
+    fresh = jax.eval_shape(lambda: init_variables(model, jax.random.PRNGKey(0), 64))
+    if num_classes:
+        channels = w.variables['params']['conv_head']['kernel'].shape[-2]   # forward_features' width
+        head = model.init({'params': rng}, jnp.zeros((1, 1, 1, channels)), method=model.forward_head)
+        fresh['params']['classifier'] = head['params']['classifier']
+    variables = _fit(w.variables, fresh, keep_fresh_head=True, describe=f'{w.source} as {w.model_name}')
+    return dataclasses.replace(w, overrides=overrides, variables=jax.device_get(variables))
 
 
 def _from_workdir(workdir: str, step: str, ema: bool, log: Callable[[str], None]) -> Weights:
@@ -175,18 +257,31 @@ def load_into(source: str, model_name: str, overrides: Mapping[str, Any], fresh:
     """The weights at ``source`` fitted to ``fresh`` (a new model's initial variables): every leaf
     must exist with the same shape, except the classifier, which keeps its fresh initialisation
     when the class count differs (``keep_fresh_head=False``: an error, as for a distillation
-    teacher). ``role`` names the setting the source came from in errors; ``overrides`` are the
-    architecture overrides used to read PyTorch files."""
-    if not is_workdir(source) and '://' not in source and not os.path.exists(source):
-        raise ConversionError(f'{role}: no such checkpoint file: {source}')
+    teacher). ``source``: anything ``load`` reads, ``'pretrained:NAME'`` included. ``role`` names
+    the setting the source came from in errors; ``overrides`` are the architecture overrides used
+    to read PyTorch files and published weights."""
+    if not is_workdir(source) and not is_pretrained(source) and '://' not in source and not os.path.exists(source):
+        try:   # a published name written without its prefix
+            hub.resolve(source)
+            hint = f" (published weights by name are written '{PRETRAINED}{source}')"
+        except ValueError:
+            hint = ''
+        raise ConversionError(f'{role}: no such checkpoint file: {source}{hint}')
     loaded = _read(source, model_name, step, ema, {k: v for k, v in overrides.items() if k != 'num_classes'},
                    None).variables
+    return _fit(loaded, fresh, keep_fresh_head=keep_fresh_head, describe=f'{role} {source} does not fit {model_name}')
+
+
+def _fit(loaded: Mapping[str, Any], fresh: Dict[str, Any], *, keep_fresh_head: bool, describe: str) -> Dict[str, Any]:
+    """``load_into``'s rule: ``loaded`` in ``fresh``'s structure and dtypes, every leaf present with
+    its shape, the classifier ``fresh``'s where the class count differs (or ``fresh`` has none)."""
     want, have = _flat(fresh), _flat({k: loaded.get(k, {}) for k in ('params', 'batch_stats')})
     is_head = lambda k: k.startswith('params/classifier/')
-    head_differs = any(is_head(k) and k in have and have[k].shape != v.shape for k, v in want.items())
+    head_differs = (any(is_head(k) and k in have and have[k].shape != v.shape for k, v in want.items())
+                    or (any(map(is_head, have)) and not any(map(is_head, want))))
     problems = []
     missing = sorted(k for k in want if k not in have and not (head_differs and is_head(k)))
-    unexpected = sorted(k for k in have if k not in want)
+    unexpected = sorted(k for k in have if k not in want and not (head_differs and keep_fresh_head and is_head(k)))
     shapes = sorted(f'{k} {tuple(have[k].shape)} vs {tuple(want[k].shape)}' for k in want
                     if k in have and not is_head(k) and have[k].shape != want[k].shape)
     if missing:
@@ -196,10 +291,11 @@ def load_into(source: str, model_name: str, overrides: Mapping[str, Any], fresh:
     if shapes:
         problems.append(f'shape mismatch {shapes[:3]}{" ..." if len(shapes) > 3 else ""}')
     if head_differs and not keep_fresh_head:
-        head = next(k for k in want if is_head(k) and k in have and have[k].shape != want[k].shape)
-        problems.append(f'classifier {head} {tuple(have[head].shape)} vs {tuple(want[head].shape)}')
+        head = next((k for k in want if is_head(k) and k in have and have[k].shape != want[k].shape), None)
+        problems.append(f'classifier {head} {tuple(have[head].shape)} vs {tuple(want[head].shape)}' if head
+                        else 'classifier: the model has none')
     if problems:
-        raise ConversionError(f'{role} {source} does not fit {model_name}: ' + '; '.join(problems))
+        raise ConversionError(f'{describe}: ' + '; '.join(problems))
     merged = {k: (want[k] if head_differs and is_head(k) else jnp.asarray(have[k], want[k].dtype)) for k in want}
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(fresh), [merged[k] for k in _flat(fresh)])
 

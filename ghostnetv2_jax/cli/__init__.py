@@ -1,7 +1,7 @@
 """The command line: ``ghostnetv2-jax COMMAND ...`` (or ``python -m ghostnetv2_jax COMMAND ...``).
 
   summary   params and MACs of registered models
-  convert   weights (PyTorch file, training workdir) -> a Flax variables .safetensors
+  convert   weights (PyTorch file, training workdir, published name) -> a Flax variables .safetensors
   export    weights (variables file, training workdir, PyTorch file) -> a state_dict timm loads
   parity    side-by-side numbers against timm, stage by stage; exit 1 over tolerance
   train     train a config (configs/*.py) in a workdir, resuming from its checkpoints

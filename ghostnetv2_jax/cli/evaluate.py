@@ -1,10 +1,13 @@
-"""``ghostnetv2-jax evaluate --checkpoint SOURCE [--dataset D] ...``: top-1 / top-5 of weights.
+"""``ghostnetv2-jax evaluate --checkpoint SOURCE [--dataset D] ...``: top-1 / top-5 of weights
+(or ``--pretrained NAME`` for published weights in place of ``--checkpoint``).
 
   # a training workdir (its latest checkpoint; --step best|latest|N; --ema for the EMA weights)
   ghostnetv2-jax evaluate --checkpoint WORKDIR --ema --step best
   # converted weights (convert) or a PyTorch file (authors' .pth.tar, timm .pth; with --model)
   ghostnetv2-jax evaluate --checkpoint ghostnetv2_100.safetensors --dataset imagenet2012 --data_dir gs://BUCKET/tensorflow_datasets
   ghostnetv2-jax evaluate --checkpoint ck_ghostnetv2_10.pth.tar --model ghostnetv2_100
+  # published weights by name (timm's, through the Hugging Face cache; HF_HUB_OFFLINE=1: the cache alone)
+  ghostnetv2-jax evaluate --pretrained ghostnetv2_100 --dataset imagenet2012 --data_dir gs://BUCKET/tensorflow_datasets
 
 Preprocessing is the model's eval preprocessing: for a workdir the data settings it trained with,
 otherwise the registered model's (224 px, crop 0.875, bicubic, ImageNet mean/std); the
@@ -16,7 +19,7 @@ import json
 import sys
 from typing import List, Optional
 
-from ghostnetv2_jax.cli.common import Parser, add_weights_arguments, check_weights_arguments
+from ghostnetv2_jax.cli.common import Parser, add_weights_arguments, check_weights_arguments, load_weights
 
 
 def build_parser() -> Parser:
@@ -42,8 +45,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     check_weights_arguments(args)
     from absl import logging
     logging.set_verbosity(logging.WARNING)
-    from ghostnetv2_jax import evaluate, weights
-    w = weights.load(args.source, args.model, step=args.step, ema=args.ema)
+    from ghostnetv2_jax import evaluate
+    w = load_weights(args)
     data = evaluate.data_config(w, dataset=args.dataset, data_dir=args.data_dir, eval_split=args.split,
                                 image_size=args.image_size, crop_pct=args.crop_pct,
                                 interpolation=args.interpolation)

@@ -3,6 +3,7 @@ names and probabilities.
 
   ghostnetv2-jax predict --checkpoint ghostnetv2_100.safetensors cat.jpg dog.png
   ghostnetv2-jax predict --checkpoint WORKDIR --ema --step best --top 3 --json photos/*.jpg
+  ghostnetv2-jax predict --pretrained ghostnetv2_100 cat.jpg    # timm's published weights by name
 
 Images are preprocessed as the model is evaluated (a workdir's data settings, else the registered
 model's). An image that cannot be read is one ``error: IMAGE: why`` line on stderr; the others are
@@ -14,7 +15,7 @@ import json
 import sys
 from typing import List, Optional
 
-from ghostnetv2_jax.cli.common import Parser, add_weights_arguments, check_weights_arguments, usage_error
+from ghostnetv2_jax.cli.common import Parser, add_weights_arguments, check_weights_arguments, load_weights, usage_error
 
 
 def build_parser() -> Parser:
@@ -35,7 +36,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         usage_error(f'--batch-size must be at least 1, got {args.batch_size}')
     check_weights_arguments(args)
     from ghostnetv2_jax import classify
-    classifier = classify.load_classifier(args.source, args.model, args.ema, args.step)
+    classifier = classify.classifier_of(load_weights(args))
     failed: List[str] = []
 
     def on_error(path: str, error: BaseException) -> None:

@@ -77,7 +77,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if not distill.teacher_checkpoint:
             raise ValueError(f'config.distill.teacher {distill.teacher!r} needs its weights: set '
                              '--config.distill.teacher_checkpoint to a .safetensors (convert), a PyTorch '
-                             'file or a workdir')
+                             "file, a workdir or published weights ('pretrained:NAME')")
+    for field, source, model, step in (('init_from', config.init_from, config.model, config.init_from_step),
+                                       ('distill.teacher_checkpoint', distill.teacher_checkpoint,
+                                        distill.teacher, distill.teacher_step)):
+        if source and weights.is_pretrained(source):   # a wrong published name fails before any data is read
+            problem = weights.check_source(source, model or None, str(step))
+            if problem:
+                raise ValueError(f'config.{field}: {problem}')
 
 
 # ----------------------------------------------------------------------------- steps
