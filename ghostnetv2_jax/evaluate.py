@@ -29,6 +29,24 @@ def data_config(weights: Weights, **overrides: Any) -> ml_collections.ConfigDict
     return data
 
 
+def first_images(data: ml_collections.ConfigDict, count: int, split: Optional[str] = None):
+    """(images, labels): the first ``count`` images of ``data``'s eval split (or ``split``),
+    preprocessed for evaluation, as NumPy arrays on this host."""
+    import numpy as np
+    from ghostnetv2_jax.data.pipeline import create_split
+    batch = min(count, 250)
+    s = create_split(data, split=split or data.eval_split, train=False, global_batch=batch, seed=0)
+    images, labels, have = [], [], 0
+    for b in s.iterator:
+        keep = np.asarray(b['mask'], bool) if 'mask' in b else np.ones(len(b['labels']), bool)
+        images.append(np.asarray(b['images'], np.float32)[keep])
+        labels.append(np.asarray(b['labels'])[keep])
+        have += int(keep.sum())
+        if have >= count:
+            break
+    return np.concatenate(images)[:count], np.concatenate(labels)[:count]
+
+
 def evaluate(weights: Weights, data: Optional[ml_collections.ConfigDict] = None, batch_size: int = 250,
              dtype: str = 'float32') -> Dict[str, Any]:
     """Loss, top-1 and top-5 (%) and the count of images of ``data``'s eval split (default:

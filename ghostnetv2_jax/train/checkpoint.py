@@ -54,12 +54,15 @@ class _QuietBackgroundSaveFailures(logging_std.Filter):
     """Drops the ERROR records (each with a traceback) that orbax's background save threads log
     when a save fails, e.g. four for one full disk: the same failure reaches ``Checkpoints.wait``
     (or ``save``), which raises it as one ``CheckpointSaveError`` line. Other orbax records pass,
-    and all of them do at debug verbosity (``--verbosity=1``)."""
+    and all of them do at debug verbosity (``--verbosity=1``). Also dropped: the warning that a
+    directory opened read-only (reading a workdir's weights) is read-only."""
 
     def filter(self, record: logging_std.LogRecord) -> bool:
-        if record.levelno < logging_std.ERROR or logging.get_verbosity() >= logging.DEBUG:
+        if logging.get_verbosity() >= logging.DEBUG or f'{os.sep}orbax{os.sep}checkpoint{os.sep}' not in record.pathname:
             return True
-        if f'{os.sep}orbax{os.sep}checkpoint{os.sep}' not in record.pathname:
+        if record.levelno == logging_std.WARNING:
+            return not record.getMessage().startswith('Given directory is read only')
+        if record.levelno < logging_std.ERROR:
             return True
         return not (record.exc_info or 'fail' in record.getMessage().lower())
 
@@ -105,10 +108,11 @@ class Checkpoints:
                                                           keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
             best_fn=best_fn, best_mode='max', read_only=read_only, create=not read_only,
+            save_interval_steps=0 if read_only else 1,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
+        logging.get_absl_logger().addFilter(_QUIET)   # a failed save is one line (CheckpointSaveError)
         self.manager = ocp.CheckpointManager(self.directory, item_names=('state', 'meta'), options=options)
         self._pending: List[int] = []   # saved steps not yet checked on disk (see wait)
-        logging.get_absl_logger().addFilter(_QUIET)   # a failed save is one line (CheckpointSaveError)
         sys.unraisablehook = _quiet_closed_loop_callbacks
 
     def latest_step(self) -> Optional[int]:
