@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install check: a non-editable `pip install "<checkout>[train]"` into a fresh virtualenv gives a
+# Install check: a non-editable `pip install "<checkout>[train,deploy]"` into a fresh virtualenv gives a
 # package that imports, predicts and trains from outside the checkout (.ci/install_smoke.py).
 # Everything lives in a temporary directory that is removed on exit.
 #
@@ -34,9 +34,9 @@ pip_args=(--quiet --disable-pip-version-check --no-compile)   # no .pyc for all 
 if [[ "${CHECK_INSTALL_UNPINNED:-0}" != 1 ]]; then
     pip_args+=(--constraint "${CHECK_INSTALL_CONSTRAINTS:-$checkout/requirements.txt}")
 fi
-echo "check_install: pip install \"$checkout[train]\" (non-editable) into a fresh $("$python" -V) venv"
+echo "check_install: pip install \"$checkout[train,deploy]\" (non-editable) into a fresh $("$python" -V) venv"
 # (the machine's extra file indexes make pip warn once per package they lack: noise, dropped)
-"$tmp/venv/bin/python" -m pip install "${pip_args[@]}" "$src[train]" 2>&1 |
+"$tmp/venv/bin/python" -m pip install "${pip_args[@]}" "$src[train,deploy]" 2>&1 |
     { grep -v "is ignored: it is neither a file nor a directory" || true; }
 echo "check_install: installed in $((SECONDS - start)) s"
 

@@ -1,4 +1,4 @@
-"""Smoke test of a non-editable ``pip install ".[train]"`` (run by .ci/check_install.sh).
+"""Smoke test of a non-editable ``pip install ".[train,deploy]"`` (run by .ci/check_install.sh).
 
 Run from a directory outside the checkout with the fresh virtualenv's python::
 
@@ -8,7 +8,8 @@ Run from a directory outside the checkout with the fresh virtualenv's python::
     the benchmark module, and the package comes from site-packages, not from the checkout;
 (b) ``jax.jit(runtime.predict_fn(model))`` gives ``model.apply``'s logits;
 (c) one training step through the command line on configs/tiny.py exits 0;
-(d) the ghostnetv2-jax console script runs a command.
+(d) the ghostnetv2-jax console script runs a command;
+(e) the trained workdir exports to ONNX with the deploy extra alone (no runtime to check it in).
 """
 import os
 import pathlib
@@ -77,6 +78,14 @@ def main(checkout: pathlib.Path, workdir: pathlib.Path) -> int:
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.startswith('ghostnet_050:'), proc.stderr[-3000:]
     step(f'(d) the ghostnetv2-jax console script: {proc.stdout.strip()}', t0)
+
+    t0 = time.time()
+    dst = workdir / 'model.onnx'
+    proc = subprocess.run([str(script), 'export', '--src', str(workdir / 'train'), '--dst', str(dst)],
+                          cwd=str(workdir), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and dst.stat().st_size > 0, proc.stderr[-3000:]
+    assert 'not checked: ONNX Runtime is not installed' in proc.stdout, proc.stdout
+    step(f'(e) export with the deploy extra: {proc.stdout.strip().splitlines()[-1]}', t0)
     return 0
 
 
