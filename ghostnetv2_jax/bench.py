@@ -1,18 +1,22 @@
 """Side-by-side speed of this project and timm, measured in one run.
 
-``python -m ghostnetv2_jax bench [--models ghostnetv2_100] [--batches 1,32,128] [--modes infer,train]
-[--dtypes float32,bfloat16] [--impls native,shift,xla] [--layouts nchw,channels_last] [--out DIR] ...``
+``python -m ghostnetv2_jax bench [--models ghostnetv2_100] [--batches 1,32,128] [--modes infer,train,deploy]
+[--dtypes float32,bfloat16] [--impls native,shift,xla] [--layouts nchw,channels_last]
+[--runtimes onnxruntime,openvino] [--out DIR] ...``
 
-Every contender (this project with one depthwise implementation and dtype, or timm in one memory
-layout) runs in its own worker process; the contenders of one group are timed in alternating
-rounds. Inference times ``jax.jit(runtime.predict_fn(model))`` of the eval model and
-(``--deploy``, default) of the BN-folded one against timm's ``model.eval()`` under
-``torch.inference_mode``; training times the trainer's own step against timm's equivalent, both
-set up from ``--train-config``. ``--malloc retain`` (default) makes glibc keep freed memory
-mapped in every worker, timm's included (RETAIN_TUNABLES); ``--malloc system`` keeps glibc's
-default. The report goes to ``--out`` as ``bench.json`` and ``bench.md``: img/s (batch / median
-iteration time) and the ratio over the best timm layout. The method in full, and the results:
-docs/benchmarks.md.
+Every contender (this project with one depthwise implementation and dtype, timm in one memory
+layout, or an ONNX file in a deployment runtime) runs in its own worker process; the contenders
+of one group are timed in alternating rounds. Inference times
+``jax.jit(runtime.predict_fn(model))`` of the eval model and (``--deploy``, default) of the
+BN-folded one against timm's ``model.eval()`` under ``torch.inference_mode``; training times the
+trainer's own step against timm's equivalent, both set up from ``--train-config``. ``--modes
+deploy`` (not in the default modes) times this project's ONNX export (``export.to_bytes``) against
+timm's ``torch.onnx.export`` of the same weights in ONNX Runtime and OpenVINO (``--runtimes``),
+float32. ``--malloc retain`` (default) makes glibc keep freed memory mapped in every worker,
+timm's included (RETAIN_TUNABLES); ``--malloc system`` keeps glibc's default. The report goes to
+``--out`` as ``bench.json`` and ``bench.md``: img/s (batch / median iteration time) and the ratio
+over the best timm layout (over timm's ONNX in the same runtime for the deploy mode). The method
+in full, and the results: docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -25,11 +29,16 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-MODES = ('infer', 'train')
+MODES = ('infer', 'train', 'deploy')
+DEFAULT_MODES = ('infer', 'train')
 DTYPES = ('float32', 'bfloat16')
 JAX_IMPLS = ('auto', 'native', 'shift', 'xla')
 XLA_OPTIONS = ('project', 'default')
 TORCH_LAYOUTS = ('nchw', 'channels_last')
+# The deploy mode: each runtime runs this project's ONNX export ('ours') and timm's ('timm').
+RUNTIMES = ('onnxruntime', 'openvino')
+DEPLOY_VARIANTS = ('ours', 'timm')
+DEPLOY_TOLERANCE = 1e-4   # ours vs timm's ONNX logits, relative to the largest: the same network
 # The train mode times the recipe's step (configs/, in the repository); --train-config another.
 DEFAULT_TRAIN_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                     'configs', 'imagenet_ghostnetv2_100.py')
@@ -39,8 +48,9 @@ IMAGENET_TRAIN_EXAMPLES = 1281167   # the schedule's steps per epoch at the benc
 # ----------------------------------------------------------------------------- the plan
 @dataclasses.dataclass(frozen=True)
 class Contender:
-    framework: str            # 'jax' | 'torch'
-    variant: str              # depthwise impl (jax), 'deploy' (jax, folded BN), or memory layout (torch)
+    framework: str            # 'jax' | 'torch' | a deployment runtime ('onnxruntime', 'openvino')
+    variant: str              # depthwise impl (jax), 'deploy' (jax, folded BN), memory layout (torch),
+                              # or whose ONNX file a runtime runs ('ours' | 'timm')
     dtype: str
     xla_options: str = 'project'  # jax: this project's compiler options ('project') or XLA's ('default')
     chunk: str = 'auto'           # jax inference: batch chunking (ghostnetv2_jax.runtime), 'auto' or N
@@ -65,6 +75,11 @@ def plan(args) -> List[Group]:
     for model in args.models:
         for batch in args.batches:
             for mode in args.modes:
+                if mode == 'deploy':     # float32 ONNX files, whatever --dtypes says
+                    variants = DEPLOY_VARIANTS if args.torch else ('ours',)
+                    cs = [Contender(rt, v, 'float32') for rt in args.runtimes for v in variants]
+                    groups.append(Group(model, batch, mode, tuple(cs)))
+                    continue
                 cs = []
                 for dtype in args.dtypes:
                     chunks = args.chunks if mode == 'infer' else ['auto']
@@ -298,6 +313,134 @@ class _TorchRunner:
                 'torch': self.torch.__version__, 'timm': timm.__version__}
 
 
+# The deploy mode's runtime settings, the same for both ONNX files. OpenVINO: one stream for one
+# synchronous request (the latency hint) and float32 arithmetic (on CPUs with bf16 instructions
+# its default precision is bf16); the model reshaped to the group's static batch.
+OPENVINO_CONFIG = {'PERFORMANCE_HINT': 'LATENCY', 'INFERENCE_PRECISION_HINT': 'f32'}
+
+
+def _deploy_import(module: str, why: str):
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise Skip(f'{module} is not installed ({why})') from None
+
+
+def deploy_weights(model_name: str):
+    """timm's ``model_name`` as timm initialises it (seed 0), with BatchNorm's statistics and
+    affine set from seed 1 so that folding them is not the identity, in eval mode: the weights
+    both ONNX files of the deploy mode hold."""
+    torch = _deploy_import('torch', "timm's weights and torch.onnx.export")
+    timm = _deploy_import('timm', "timm's weights and torch.onnx.export")
+    if model_name not in timm.list_models():
+        raise Skip(f'timm {timm.__version__} has no {model_name}')
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, pretrained=False)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+                m.weight.copy_(1 + 0.1 * torch.randn(n, generator=g))
+                m.bias.copy_(0.1 * torch.randn(n, generator=g))
+    return model.eval()
+
+
+def onnx_ours(timm_model, model_name: str, size: int) -> bytes:
+    """This project's ONNX export (BN folded; NHWC 'images') of ``timm_model``'s weights."""
+    from ghostnetv2_jax import convert, export
+    from ghostnetv2_jax.models.registry import create_model
+    sd = {k: v.detach().numpy() for k, v in timm_model.state_dict().items()}
+    variables = convert.torch_to_flax(sd, model_name)
+    return export.to_bytes('.onnx', create_model(model_name), variables, (size, size))
+
+
+def onnx_timm(timm_model, size: int) -> bytes:
+    """timm's model in its deploy form (``timm.utils.reparameterize_model``: GhostNetV3's branches
+    merged, a no-op for V1/V2) through torch's TorchScript ONNX exporter (our exporter's opset,
+    constant folding, which folds BatchNorm into the convs; a dynamic batch; NCHW 'images'): what a
+    timm user ships."""
+    import io
+    import warnings
+    import torch
+    from timm.utils import reparameterize_model
+    from ghostnetv2_jax.export.onnx import OPSET
+    timm_model = reparameterize_model(timm_model)     # a copy
+    f = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter('ignore')      # the exporter's deprecation notices
+        torch.onnx.export(timm_model, (torch.zeros(1, 3, size, size),), f, input_names=['images'],
+                          output_names=['logits'], dynamic_axes={'images': {0: 'batch'}, 'logits': {0: 'batch'}},
+                          opset_version=OPSET, do_constant_folding=True, dynamo=False)
+    return f.getvalue()
+
+
+class _DeployRunner:
+    """One ONNX file in a deployment runtime: this project's export (NHWC input) or timm's
+    (NCHW input), both of ``deploy_weights``; the export and the session are set-up, not timed."""
+
+    def __init__(self, spec: Dict[str, Any]):
+        import numpy as np
+        runtime, variant, size = spec['framework'], spec['variant'], spec['size']
+        if spec['dtype'] != 'float32':
+            raise Skip('the ONNX exports are float32')
+        _deploy_import('onnx', 'the ONNX exports')
+        rt = _deploy_import(runtime, f'the {runtime} contenders')
+        model = deploy_weights(spec['model'])
+        t0 = time.perf_counter()
+        blob = onnx_ours(model, spec['model'], size) if variant == 'ours' else onnx_timm(model, size)
+        self.export_s = time.perf_counter() - t0
+        # The same images for both files, each in the layout its users feed.
+        images = np.random.default_rng(0).standard_normal((spec['batch'], size, size, 3)).astype(np.float32)
+        self.images = images if variant == 'ours' else np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+        threads = spec['threads']
+        t0 = time.perf_counter()
+        if runtime == 'onnxruntime':
+            options = rt.SessionOptions()     # graph optimisation: ORT_ENABLE_ALL, its default
+            options.intra_op_num_threads = threads
+            session = rt.InferenceSession(blob, options, providers=['CPUExecutionProvider'])
+            feed = {session.get_inputs()[0].name: self.images}
+            self._run = lambda: session.run(None, feed)[0]
+            self.info = {'runtime': f'onnxruntime {rt.__version__}', 'threads': threads,
+                         'graph_optimization': str(options.graph_optimization_level)}
+        else:
+            core = rt.Core()
+            ov_model = core.read_model(blob)
+            ov_model.reshape({ov_model.inputs[0].get_any_name(): list(self.images.shape)})
+            compiled = core.compile_model(ov_model, 'CPU', {**OPENVINO_CONFIG, 'INFERENCE_NUM_THREADS': threads})
+            request = compiled.create_infer_request()
+
+            def run():
+                request.infer({0: self.images})
+                return request.get_output_tensor(0).data
+            self._run = run
+            props = {k: compiled.get_property(k) for k in ('INFERENCE_NUM_THREADS', 'PERFORMANCE_HINT',
+                                                            'INFERENCE_PRECISION_HINT', 'NUM_STREAMS',
+                                                            'ENABLE_CPU_PINNING')}
+            self.info = {'runtime': f'openvino {rt.__version__}',   # as compiled: f32, not bf16
+                         **{k: v.get_type_name() if hasattr(v, 'get_type_name') else str(v) for k, v in props.items()}}
+        self.compile_s = time.perf_counter() - t0
+        import onnx
+        import collections
+        nodes = onnx.load_from_string(blob).graph.node
+        self.info.update(onnx_nodes=len(nodes), onnx_ops=dict(collections.Counter(n.op_type for n in nodes).most_common()),
+                         onnx_bytes=len(blob), export_s=self.export_s)
+        # The logits of the timed images, for the parent to compare ours with timm's.
+        self.logits = np.array(self._run(), np.float32)
+
+    def step(self) -> None:
+        self._run()
+
+    def memory(self) -> Dict[str, float]:
+        return {}
+
+    def describe(self) -> Dict[str, Any]:
+        return {'backend': 'cpu', **self.info, 'logits': self.logits.tolist()}
+
+
 def _minor_faults() -> int:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -326,7 +469,7 @@ def worker_main() -> int:
             if msg['cmd'] == 'setup':
                 spec = msg['spec']
                 policy = _malloc_policy()
-                runner = (_JaxRunner if spec['framework'] == 'jax' else _TorchRunner)(spec)
+                runner = {'jax': _JaxRunner, 'torch': _TorchRunner}.get(spec['framework'], _DeployRunner)(spec)
                 _release_free_heap()
                 rss_before = _rss_mb()
                 first = _timed(runner.step, 1)[0]
@@ -458,6 +601,7 @@ def _median(xs: Sequence[float]) -> float:
 def run_group(group: Group, args, log) -> List[Dict[str, Any]]:
     """Set the group's contenders up one by one, then time them in alternating rounds."""
     live, results = [], []
+    logits: Dict[Contender, Any] = {}
     try:
         for c in group.contenders:
             spec = dict(framework=c.framework, variant=c.variant, dtype=c.dtype, xla_options=c.xla_options,
@@ -471,6 +615,8 @@ def run_group(group: Group, args, log) -> List[Dict[str, Any]]:
                 log(f'  {c.label}: skipped ({info["skipped"]})')
                 w.close()
                 continue
+            if 'logits' in info:
+                logits[c] = info.pop('logits')
             res = dict(label=c.label, framework=c.framework, variant=c.variant, dtype=c.dtype,
                        xla_options=c.xla_options if c.framework == 'jax' else None,
                        model=group.model, batch=group.batch, mode=group.mode, **info)
@@ -483,6 +629,7 @@ def run_group(group: Group, args, log) -> List[Dict[str, Any]]:
             comp = f'compile {info["compile_s"]:.1f}s' if info.get('compile_s') is not None else \
                 f'first call {info["first_call_s"]:.2f}s'
             log(f'  {c.label}: ready ({comp})')
+        compare_logits(results, logits, log)
         for r in range(args.rounds):
             shift = r % max(len(live), 1)
             for w, res in live[shift:] + live[:shift]:     # rotate: no contender always goes first
@@ -512,18 +659,44 @@ def run_group(group: Group, args, log) -> List[Dict[str, Any]]:
     return results
 
 
+def compare_logits(results: List[Dict[str, Any]], logits: Dict[Contender, Any], log=print) -> None:
+    """Each deploy 'ours' result gets ``logits_vs_timm``: max |ours - timm's| / max |timm's| over
+    the logits of the timed images, both ONNX files run in the same runtime."""
+    import numpy as np
+    for c, ours in logits.items():
+        ref = logits.get(dataclasses.replace(c, variant='timm'))
+        if c.variant != 'ours' or ref is None:
+            continue
+        ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+        diff = (float(np.abs(ours - ref).max() / np.abs(ref).max()) if ours.shape == ref.shape
+                else float('inf'))
+        res = next(r for r in results if r['label'] == c.label)
+        res['logits_vs_timm'] = diff
+        verdict = 'the same' if diff <= DEPLOY_TOLERANCE else f'NOT the same (allowed {DEPLOY_TOLERANCE:.0e})'
+        log(f'  {c.label}: logits {verdict} as timm\'s ONNX: max relative difference {diff:.1e}')
+
+
 # ----------------------------------------------------------------------------- report
+def _ratio_role(r: Dict[str, Any]) -> Optional[str]:
+    """'reference' (timm eager, or timm's ONNX), 'contender' (ours) or None."""
+    if r['framework'] in RUNTIMES:
+        return {'timm': 'reference', 'ours': 'contender'}.get(r.get('variant'))
+    return {'torch': 'reference', 'jax': 'contender'}.get(r['framework'])
+
+
 def add_ratios(results: List[Dict[str, Any]]) -> None:
-    """ratio_vs_timm_best = img/s / (best timm layout's img/s, same model/batch/mode/dtype)."""
+    """ratio_vs_timm_best = img/s / (best timm layout's img/s, same model/batch/mode/dtype); in the
+    deploy mode over timm's ONNX file in the same runtime."""
+    def key(r):
+        return (r['model'], r['batch'], r['mode'], r['dtype'], r['framework'] if r['framework'] in RUNTIMES else '')
     best: Dict[tuple, Dict[str, Any]] = {}
     for r in results:
-        if r['framework'] == 'torch' and 'img_per_s' in r:
-            key = (r['model'], r['batch'], r['mode'], r['dtype'])
-            if key not in best or r['img_per_s'] > best[key]['img_per_s']:
-                best[key] = r
+        if _ratio_role(r) == 'reference' and 'img_per_s' in r:
+            if key(r) not in best or r['img_per_s'] > best[key(r)]['img_per_s']:
+                best[key(r)] = r
     for r in results:
-        ref = best.get((r['model'], r['batch'], r['mode'], r['dtype']))
-        if r['framework'] == 'jax' and 'img_per_s' in r and ref is not None:
+        ref = best.get(key(r))
+        if _ratio_role(r) == 'contender' and 'img_per_s' in r and ref is not None:
             r['timm_best'] = ref['label']
             r['ratio_vs_timm_best'] = r['img_per_s'] / ref['img_per_s']
             if 'img_per_s_shared' in r and 'img_per_s_shared' in ref:
@@ -582,6 +755,20 @@ def markdown(report: Dict[str, Any]) -> str:
               'columns are img/s and the ratio over the other rounds, timm\'s included. page faults, max: '
               'the most minor page faults of one timed iteration (a re-faulted buffer costs ~2 us per '
               '4 KiB page here).', '']
+    deploy = [r for r in report['results'] if r['framework'] in RUNTIMES]
+    if deploy:
+        lines += [f'Deploy mode (contender runtime:file:dtype): float32 ONNX files, {m["torch_threads"]} threads '
+                  '(ONNX Runtime: intra-op threads, its default graph optimisation; OpenVINO: INFERENCE_NUM_THREADS, '
+                  + ', '.join(f'{k} {v}' for k, v in OPENVINO_CONFIG.items())
+                  + ', static batch); `ours` is this project\'s export (BN folded, NHWC input), `timm` '
+                  'timm\'s torch.onnx.export of the same weights (NCHW input); vs timm best is over `timm` in the '
+                  'same runtime; compile s is the session creation (ORT) or compile_model (OpenVINO).', '',
+                  '| model | batch | contender | export s | ONNX nodes | logits vs timm\'s ONNX (max rel. diff.) |',
+                  '|---|---|---|---|---|---|']
+        for r in deploy:
+            lines.append(f'| {r["model"]} | {r["batch"]} | {r["label"]} | {_fmt(r.get("export_s"))} | '
+                         f'{_fmt(r.get("onnx_nodes"), "d")} | {_fmt(r.get("logits_vs_timm"), ".1e")} |')
+        lines.append('')
     return '\n'.join(lines)
 
 
@@ -615,7 +802,7 @@ def run(args, command: str, log=print) -> Dict[str, Any]:
                     and 'img_per_s' in r:
                 ratio, shared = r.get('ratio_vs_timm_best'), r.get('ratio_vs_timm_best_shared')
                 log(f'    {r["label"]:<28} {r["img_per_s"]:8.1f} img/s'
-                    + ('' if ratio is None else f'   {ratio:.2f}x timm best ({r["timm_best"]})')
+                    + ('' if ratio is None else f'   {ratio:.2f}x {r["timm_best"]}')
                     + ('' if shared is None else f'; {shared:.2f}x over rounds on cache-sharing cores')
                     + (f'; {r["split_rounds"]} of {len(r["img_per_s_rounds"])} rounds split'
                        if r.get('split_rounds') else ''))

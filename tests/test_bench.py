@@ -263,3 +263,78 @@ def test_malloc_env_adds_the_retain_tunables_and_keeps_the_callers():
     assert env['A'] == '1'
     assert bench.malloc_env({}, 'retain')['GLIBC_TUNABLES'] == bench.RETAIN_TUNABLES
     assert 'GLIBC_TUNABLES' not in bench.malloc_env({}, 'system')
+
+
+def test_deploy_mode_times_our_onnx_against_timms_in_each_runtime(tmp_path):
+    """End to end at a tiny setting: in each runtime our export and timm's, the same logits,
+    and the ratio over timm's file in the same runtime (not over timm's eager contender)."""
+    for module in ('onnx', 'onnxruntime', 'openvino', 'torch', 'timm'):
+        pytest.importorskip(module)
+    out = tmp_path / 'bench'
+    argv = ['--models', 'ghostnet_050', '--batches', '2', '--size', '32', '--modes', 'deploy',
+            '--rounds', '1', '--repeats', '2', '--warmup', '0', '--settle', '0', '--out', str(out)]
+    assert bench_cli.main(argv) == 0
+    report = json.loads((out / 'bench.json').read_text())
+    by_label = {r['label']: r for r in report['results']}
+    assert list(by_label) == [f'{rt}:{v}:float32' for rt in bench.RUNTIMES for v in ('ours', 'timm')]
+    md = (out / 'bench.md').read_text()
+    for rt in bench.RUNTIMES:
+        ours, timm = by_label[f'{rt}:ours:float32'], by_label[f'{rt}:timm:float32']
+        for r in (ours, timm):
+            assert 'error' not in r, r.get('error')
+            assert r['mode'] == 'deploy' and len(r['times']) == 2 and r['runtime'].startswith(rt)
+            assert 'logits' not in r                 # compared in the parent, not stored
+        assert ours['timm_best'] == timm['label']
+        assert ours['ratio_vs_timm_best'] == pytest.approx(ours['img_per_s'] / timm['img_per_s'])
+        assert ours['logits_vs_timm'] <= bench.DEPLOY_TOLERANCE
+        assert 'ratio_vs_timm_best' not in timm
+        assert ours['onnx_ops']['Conv'] == timm['onnx_ops']['Conv']    # BN folded in both: convs only
+        assert 'BatchNormalization' not in ours['onnx_ops']
+        assert f'| {ours["label"]} | {ours["img_per_s"]:.1f} |' in md
+        assert f'{ours["ratio_vs_timm_best"]:.2f}x' in md
+    assert by_label['openvino:ours:float32']['INFERENCE_PRECISION_HINT'] == 'f32'
+    assert "logits vs timm's ONNX" in md
+
+
+def test_deploy_mode_is_opt_in_and_follows_runtimes_and_torch():
+    parse = bench_cli.build_parser().parse_args
+    assert parse([]).modes == ['infer', 'train']
+    (group,) = bench.plan(parse(['--batches', '1', '--modes', 'deploy', '--dtypes', 'bfloat16']))
+    assert [c.label for c in group.contenders] == [
+        'onnxruntime:ours:float32', 'onnxruntime:timm:float32', 'openvino:ours:float32', 'openvino:timm:float32']
+    (group,) = bench.plan(parse(['--batches', '1', '--modes', 'deploy', '--runtimes', 'openvino', '--no-torch']))
+    assert [c.label for c in group.contenders] == ['openvino:ours:float32']
+
+
+def test_deploy_ratios_are_over_timms_onnx_in_the_same_runtime():
+    res = [dict(framework='torch', variant='channels_last', label='torch:channels_last:float32', img_per_s=80.0),
+           dict(framework='onnxruntime', variant='timm', label='onnxruntime:timm:float32', img_per_s=100.0),
+           dict(framework='onnxruntime', variant='ours', label='onnxruntime:ours:float32', img_per_s=110.0),
+           dict(framework='openvino', variant='timm', label='openvino:timm:float32', img_per_s=200.0),
+           dict(framework='openvino', variant='ours', label='openvino:ours:float32', img_per_s=190.0)]
+    for r in res:
+        r.update(model='m', batch=32, mode='deploy', dtype='float32')
+    bench.add_ratios(res)
+    assert res[2]['timm_best'] == 'onnxruntime:timm:float32' and res[2]['ratio_vs_timm_best'] == pytest.approx(1.1)
+    assert res[4]['timm_best'] == 'openvino:timm:float32' and res[4]['ratio_vs_timm_best'] == pytest.approx(0.95)
+    assert all('ratio_vs_timm_best' not in r for r in res[:2] + res[3:4])
+
+
+def test_deploy_logits_are_compared_per_runtime():
+    c = bench.Contender('onnxruntime', 'ours', 'float32')
+    ref = [[1.0, -2.0], [0.5, 4.0]]
+    results = [dict(label=c.label), dict(label='onnxruntime:timm:float32')]
+    lines = []
+    bench.compare_logits(results, {c: [[1.0, -2.0], [0.5, 4.0 + 4e-3]],
+                                   bench.dataclasses.replace(c, variant='timm'): ref}, lines.append)
+    assert results[0]['logits_vs_timm'] == pytest.approx(1e-3) and 'logits_vs_timm' not in results[1]
+    assert 'NOT the same' in lines[0]
+
+
+def test_deploy_contender_without_its_runtime_is_skipped(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, 'openvino', None)      # import openvino raises ImportError
+    spec = dict(framework='openvino', variant='ours', dtype='float32', model='ghostnet_050', batch=1, size=32,
+                threads=1)
+    with pytest.raises(bench.Skip, match='^openvino is not installed'):
+        bench._DeployRunner(spec)

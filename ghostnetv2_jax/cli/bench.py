@@ -1,6 +1,7 @@
 """``ghostnetv2-jax bench [--models ghostnetv2_100] [--batches 1,32,128] [--modes infer,train] ...``:
 this project's inference (``predict_fn``) and the trainer's step side by side with timm's, each
-contender in its own worker process, timed in alternating rounds; the report goes to --out as
+contender in its own worker process, timed in alternating rounds; ``--modes deploy`` times this
+project's ONNX export against timm's in ONNX Runtime and OpenVINO. The report goes to --out as
 bench.json and bench.md. Method and current figures: docs/benchmarks.md.
 """
 from __future__ import annotations
@@ -9,7 +10,8 @@ import argparse
 import os
 from typing import List, Optional, Sequence
 
-from ghostnetv2_jax.bench import (DEFAULT_TRAIN_CONFIG, DTYPES, JAX_IMPLS, MODES, TORCH_LAYOUTS, XLA_OPTIONS)
+from ghostnetv2_jax.bench import (DEFAULT_MODES, DEFAULT_TRAIN_CONFIG, DTYPES, JAX_IMPLS, MODES, RUNTIMES,
+                                  TORCH_LAYOUTS, XLA_OPTIONS)
 from ghostnetv2_jax.cli.common import Parser, usage_error
 
 
@@ -35,13 +37,18 @@ def build_parser() -> Parser:
     p.add_argument('--models', type=_csv(str), default=['ghostnetv2_100'])
     p.add_argument('--batches', type=_csv(int), default=[1, 32, 128])
     p.add_argument('--size', type=int, default=224, help='square input size')
-    p.add_argument('--modes', type=_csv(str, MODES), default=list(MODES))
+    p.add_argument('--modes', type=_csv(str, MODES), default=list(DEFAULT_MODES),
+                   help="infer and train: this project's JAX against timm's eager PyTorch; deploy: this "
+                        "project's ONNX export against timm's torch.onnx.export of the same weights in "
+                        "each of --runtimes, float32 (default: infer,train)")
     p.add_argument('--dtypes', type=_csv(str, DTYPES), default=list(DTYPES))
     p.add_argument('--impls', type=_csv(str, JAX_IMPLS), default=['native', 'shift', 'xla'],
                    help="this project's depthwise implementations ('auto' = the backend's default)")
     p.add_argument('--deploy', action=argparse.BooleanOptionalAction, default=True,
                    help='also time the BN-folded inference model (ghostnetv2_jax.fold_batchnorm)')
     p.add_argument('--layouts', type=_csv(str, TORCH_LAYOUTS), default=list(TORCH_LAYOUTS))
+    p.add_argument('--runtimes', type=_csv(str, RUNTIMES), default=list(RUNTIMES),
+                   help='the deploy mode\'s runtimes, each with --threads threads')
     p.add_argument('--torch', action=argparse.BooleanOptionalAction, default=True,
                    help='time timm (without it no ratios are computed)')
     p.add_argument('--rounds', type=int, default=5, help='alternation rounds')
@@ -50,7 +57,8 @@ def build_parser() -> Parser:
     p.add_argument('--settle', type=float, default=3.0,
                    help='seconds of idle before each contender runs, so the previous one\'s spinning '
                         'worker threads are asleep')
-    p.add_argument('--threads', type=int, default=None, help='torch threads (default: usable cores)')
+    p.add_argument('--threads', type=int, default=None,
+                   help='torch threads, and ONNX Runtime\'s and OpenVINO\'s (default: usable cores)')
     p.add_argument('--malloc', choices=['retain', 'system'], default='retain',
                    help='glibc malloc policy in every worker (docs/benchmarks.md)')
     p.add_argument('--xla-options', type=_csv(str, XLA_OPTIONS), default=['project'],
