@@ -29,6 +29,7 @@ import numpy as np
 
 OPSET = 18
 _TRACE_BATCH = 2     # a batch of 2 keeps the batch axis apart from broadcast (size-1) axes
+_NCHW = (0, 3, 1, 2)  # the physical layout of an NHWC value that ONNX's Conv reads and writes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,10 +92,19 @@ def _identity(rank: int) -> Tuple[int, ...]:
     return tuple(range(rank))
 
 
+def _batch_free(c: _Const, rank: int) -> np.ndarray:
+    """``c``'s array, which must not vary along the batch axis (the graph's batch is dynamic)."""
+    a = np.asarray(c.array)
+    if a.ndim == rank and rank > 0 and a.shape[0] != 1:
+        raise NotImplementedError('ONNX export: a constant with a batch axis meets a value computed '
+                                  'from the input (the exported batch is dynamic)')
+    return a
+
+
 def _const_operand(g: _Graph, c: _Const, rank: int, perm: Tuple[int, ...], dtype) -> str:
     """A constant operand of an elementwise op on a tensor of ``rank`` in layout ``perm``:
     NumPy-broadcast to that rank (size-1 axes stay size 1), then permuted."""
-    a = np.asarray(c.array, dtype)
+    a = _batch_free(c, rank).astype(dtype)
     a = a.reshape((1,) * (rank - a.ndim) + a.shape)
     return g.const(np.transpose(a, perm))
 
@@ -205,9 +215,8 @@ class _Emitter:
         g = self.g
         rank = len(out_shape)
         tensors = [x for x in ins if isinstance(x, _Tensor)]
-        perm = tensors[0].perm
-        if tensors[0].shape != out_shape:
-            perm = _identity(rank)   # a broadcast tensor operand: work in logical layout
+        # the layout of an operand of the full shape (the other may broadcast, e.g. an SE gate)
+        perm = next((x.perm for x in tensors if x.shape == out_shape), _identity(rank))
         if name in ('max', 'min') and len(tensors) == 1:
             c = next(x for x in ins if isinstance(x, _Const))
             values = np.unique(np.asarray(c.array))
@@ -294,8 +303,10 @@ class _Emitter:
         g = self.g
         dim = eqn.params['dimension']
         perm = next(x for x in ins if isinstance(x, _Tensor)).perm
-        names = [g.layout(x, perm) if isinstance(x, _Tensor) else g.const(np.transpose(x.full(), perm))
-                 for x in ins]
+        if any(isinstance(x, _Const) for x in ins):
+            raise NotImplementedError('ONNX export: a constant concatenated to a value computed from the '
+                                      'input (the exported batch is dynamic)')
+        names = [g.layout(x, perm) for x in ins]
         return _Tensor(g.node('Concat', names, axis=perm.index(dim)), out_shape, perm)
 
     def _stack(self, eqn, ins, out_shape) -> _Tensor:
@@ -306,12 +317,10 @@ class _Emitter:
         pos = 0 if axis == 0 else shifted.index(axis - 1) + 1
         perm = tuple(shifted[:pos] + [axis] + shifted[pos:])
         axes = g.ints([pos])
-        names = []
-        for x in ins:
-            if isinstance(x, _Tensor):
-                names.append(g.node('Unsqueeze', [g.layout(x, x0.perm), axes]))
-            else:
-                names.append(g.const(np.expand_dims(np.transpose(x.full(), x0.perm), pos)))
+        if any(isinstance(x, _Const) for x in ins):
+            raise NotImplementedError('ONNX export: a constant stacked with a value computed from the '
+                                      'input (the exported batch is dynamic)')
+        names = [g.node('Unsqueeze', [g.layout(x, x0.perm), axes]) for x in ins]
         out = g.node('Concat', names, axis=pos)
         if all(isinstance(x, _Tensor) and x.name == x0.name for x in ins):
             self.repeats[out] = (x0, axis, len(ins))
@@ -436,6 +445,8 @@ def _reshape_layout(in_shape, perm, out_shape) -> Optional[Tuple[int, ...]]:
             return None
     groups.sort(key=lambda grp: where[grp[0][0]])
     order = [d for _, go in groups for d in go]
+    if len(out_shape) == 4 and [d for d in _NCHW if out_shape[d] != 1] == order:
+        return _NCHW       # size-1 axes go anywhere: where a conv wants them
     for d in range(len(out_shape)):           # size-1 axes: after their logical predecessor
         if out_shape[d] == 1:
             order.insert(0 if d == 0 else order.index(d - 1) + 1, d)
