@@ -17,7 +17,7 @@ The deployable formats fold BatchNorm into the convs (GhostNetV3: its re-paramet
 are checked before they are written: run in their runtime on random images against the model,
 at most 1e-4 apart relative to the largest logit (quantized: reported, not required). With
 --quantize, the accuracy change is measured on the first --num-images of --dataset's eval split
-(default: a workdir's own dataset). Input size: --image-size, else a workdir's eval size, else
+(default: a workdir's own dataset); int8 calibrates on as many of its training images. Input size: --image-size, else a workdir's eval size, else
 the model's (224).
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ def build_parser() -> Parser:
                    "or a tfds name; default: a workdir's dataset)")
     p.add_argument('--data_dir', '--data-dir', default=None, help='tfds data_dir (local or gs://)')
     p.add_argument('--num_images', '--num-images', type=int, default=500,
-                   help='--quantize: how many eval images measure the accuracy change (and calibrate int8)')
+                   help='--quantize: how many eval images measure the accuracy change (and training images calibrate int8)')
     p.add_argument('--platforms', default='cpu,cuda,tpu', help='.stablehlo: comma-separated platforms')
     p.add_argument('--no_fold', '--no-fold', action='store_true', help='keep BatchNorm as separate ops')
     p.add_argument('--no_check', '--no-check', action='store_true',
@@ -97,10 +97,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             data.image_size = image_size[0]
             labelled = evaluate.first_images(data, args.num_images)
-    data_for_calibration = [labelled[0]] if labelled is not None else None
+    calibration = None
+    if args.quantize == 'int8':   # images the accuracy is not measured on
+        calibration = [evaluate.first_images(data, args.num_images, split=data.train_split)[0]]
 
     blob = export.to_bytes(fmt, model, w.variables, image_size, fold=not args.no_fold, batch=args.batch,
-                           quantize=args.quantize, representative=data_for_calibration, platforms=platforms)
+                           quantize=args.quantize, representative=calibration, platforms=platforms)
     what = f'{export.FORMATS[fmt]}, {image_size[0]}x{image_size[1]}'
     if not args.no_check:
         check = export.verify(blob, fmt, model, w.variables, image_size, batch=args.batch,

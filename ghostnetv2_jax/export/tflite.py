@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import os
+import warnings
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import numpy as np
@@ -46,7 +47,9 @@ def to_tflite(fn: Callable, image_shape: Tuple[int, int, int], *, batch: int = 1
                     yield [b[i:i + batch]]
         converter.representative_dataset = calibration
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    return converter.convert()
+    with warnings.catch_warnings():   # int8: "Statistics for quantized inputs were expected": float I/O is
+        warnings.simplefilter('ignore', UserWarning)   # this exporter's choice
+        return converter.convert()
 
 
 def op_counts(flatbuffer: bytes) -> Dict[str, int]:
