@@ -340,8 +340,8 @@ def run_demo(sweep: Sweep, runs: List[Run], settings: Dict[str, Any], out: pathl
                                                overrides=to_json(r.overrides))) not in done]
     print(f'{sweep.name}: {len(runs) - len(pending)} of {len(runs)} runs already in {csv_path}', flush=True)
     if pending:
-        from ghostnetv2_jax import xla_options
-        xla_options.dispatch_cpu_synchronously()   # as the train CLI: before the backend starts
+        from ghostnetv2_jax import process
+        process.fast_cpu_defaults()   # as the train CLI: before the backend starts
         check_models({r.variant: configs[r.variant, r.seed] for r in pending})
     for run in pending:
         try:

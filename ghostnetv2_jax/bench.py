@@ -12,8 +12,11 @@ BN-folded one against timm's ``model.eval()`` under ``torch.inference_mode``; tr
 trainer's own step against timm's equivalent, both set up from ``--train-config``. ``--modes
 deploy`` (not in the default modes) times this project's ONNX export (``export.to_bytes``) against
 timm's ``torch.onnx.export`` of the same weights in ONNX Runtime and OpenVINO (``--runtimes``),
-float32. ``--malloc retain`` (default) makes glibc keep freed memory mapped in every worker,
-timm's included (RETAIN_TUNABLES); ``--malloc system`` keeps glibc's default. The report goes to
+float32. ``--apply`` (default) also times plain ``jax.jit(model.apply)``. Every worker runs in
+the environment its users' processes have (``--malloc default``): the JAX workers call
+``process.fast_cpu_defaults()`` first, as this project's commands do, and timm's change nothing;
+``--malloc retain`` adds glibc tunables that keep freed memory mapped (RETAIN_TUNABLES) to every
+worker, timm's included, a tuned variant to report beside the default. The report goes to
 ``--out`` as ``bench.json`` and ``bench.md``: img/s (batch / median iteration time) and the ratio
 over the best timm layout (over timm's ONNX in the same runtime for the deploy mode). The method
 in full, and the results: docs/benchmarks.md.
@@ -88,6 +91,8 @@ def plan(args) -> List[Group]:
                             cs += [Contender('jax', impl, dtype, opts, chunk) for impl in args.impls]
                             if args.deploy and mode == 'infer':
                                 cs.append(Contender('jax', 'deploy', dtype, opts, chunk))
+                    if getattr(args, 'apply', False) and mode == 'infer':
+                        cs.append(Contender('jax', 'apply', dtype))
                     if args.torch:
                         cs += [Contender('torch', layout, dtype) for layout in args.layouts]
                 groups.append(Group(model, batch, mode, tuple(cs)))
@@ -95,16 +100,18 @@ def plan(args) -> List[Group]:
 
 
 # ----------------------------------------------------------------------------- workers (child side)
-# glibc malloc tunables for --malloc retain: no mmap'd chunks, and never trim the heap top. They
-# are read at process start, so they go into each worker's environment; mallopt cannot set a trim
-# threshold past 2 GiB, less than a train step's temporaries at large batches. The arenas stay
-# glibc's default: capped at one, XLA's compiler threads and the step's kernels contend on its
-# lock. Measurements: docs/benchmarks.md.
+# glibc malloc tunables for --malloc retain (every worker, timm's included): no mmap'd chunks, and
+# never trim the heap top; read at process start, so they go into each worker's environment. The
+# JAX workers have the same policy by default, set at run time as this project's commands set it
+# (process.fast_cpu_defaults: mallopt). Measurements: docs/benchmarks.md.
 RETAIN_TUNABLES = 'glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776'
 
 
+MALLOC_POLICIES = ('default', 'retain')
+
+
 def malloc_env(env: Dict[str, str], policy: str) -> Dict[str, str]:
-    """``env`` with the glibc tunables of ``policy`` ('retain' or 'system') added."""
+    """``env`` with the glibc tunables of ``policy`` ('retain'; 'default': none) added."""
     if policy == 'retain':
         env = dict(env, GLIBC_TUNABLES=':'.join(filter(None, [env.get('GLIBC_TUNABLES'), RETAIN_TUNABLES])))
     return env
@@ -118,11 +125,15 @@ def _release_free_heap() -> None:
         ctypes.CDLL('libc.so.6').malloc_trim(0)
 
 
-def _malloc_policy() -> str:
-    """What this worker runs with (its environment was set by the parent)."""
+def _malloc_policy(framework: str) -> str:
+    """What this worker runs with: the tunables its environment has (set by the parent), and for
+    JAX the run-time policy of ``process.fast_cpu_defaults``."""
     if platform.libc_ver()[0] != 'glibc':
         return 'system (no glibc)'
-    return 'retain' if RETAIN_TUNABLES in os.environ.get('GLIBC_TUNABLES', '') else 'system'
+    if RETAIN_TUNABLES in os.environ.get('GLIBC_TUNABLES', ''):
+        return 'retain (tunables)'
+    return 'retain (fast_cpu_defaults)' if framework == 'jax' else 'default'
+
 
 
 def _rss_mb() -> float:
@@ -151,7 +162,7 @@ def train_config(spec: Dict[str, Any]):
     config = module.get_config()
     config.model, config.batch_size, config.dtype = spec['model'], spec['batch'], spec['dtype']
     config.grad_accum_steps = 1
-    if spec['framework'] == 'jax' and spec['variant'] != 'deploy':
+    if spec['framework'] == 'jax' and spec['variant'] not in ('deploy', 'apply'):
         config.model_overrides.depthwise_impl = spec['variant']
     return config
 
@@ -163,14 +174,14 @@ class _JaxRunner:
         import jax
         import jax.numpy as jnp
         import numpy as np
-        from ghostnetv2_jax import xla_options
+        from ghostnetv2_jax import process, xla_options
         from ghostnetv2_jax.models.registry import create_model
         from ghostnetv2_jax.train.state import init_variables
-        xla_options.dispatch_cpu_synchronously()   # before the backend starts, as the trainer does
+        process.fast_cpu_defaults()   # before the backend starts, as this project's commands do
         self.jax = jax
         self.chunk = None
         dtype = jnp.bfloat16 if spec['dtype'] == 'bfloat16' else jnp.float32
-        impl = 'auto' if spec['variant'] == 'deploy' else spec['variant']
+        impl = 'auto' if spec['variant'] in ('deploy', 'apply') else spec['variant']
         if impl == 'native' and jax.default_backend() != 'cpu':
             raise Skip(f"the native depthwise kernels are CPU-only (backend: {jax.default_backend()})")
         rng = np.random.default_rng(0)
@@ -205,8 +216,11 @@ class _JaxRunner:
             self.chunk = runtime.resolve_chunk(chunk, jax.default_backend())
             self.variables, self.images = variables, images
             t0 = time.perf_counter()
-            fn = jax.jit(runtime.predict_fn(model, chunk),
-                         compiler_options=xla_options.compiler_options(train=False) if project else None)
+            if spec['variant'] == 'apply':   # what a user writes first: no predict_fn, XLA's options
+                fn = jax.jit(model.apply)
+            else:
+                fn = jax.jit(runtime.predict_fn(model, chunk),
+                             compiler_options=xla_options.compiler_options(train=False) if project else None)
             self.compiled = fn.lower(variables, images).compile()
         self.compile_s = time.perf_counter() - t0
         self.train = spec['mode'] == 'train'
@@ -468,14 +482,13 @@ def worker_main() -> int:
         try:
             if msg['cmd'] == 'setup':
                 spec = msg['spec']
-                policy = _malloc_policy()
                 runner = {'jax': _JaxRunner, 'torch': _TorchRunner}.get(spec['framework'], _DeployRunner)(spec)
                 _release_free_heap()
                 rss_before = _rss_mb()
                 first = _timed(runner.step, 1)[0]
                 warm = _timed(runner.step, spec['warmup'])
                 reply = {'compile_s': runner.compile_s, 'first_call_s': first, 'warmup_s': warm,
-                         'malloc': policy, **runner.describe()}
+                         'malloc': _malloc_policy(spec['framework']), **runner.describe()}
             elif msg['cmd'] == 'run':
                 faults: List[int] = []
                 reply = {'times': _timed(runner.step, msg['n'], faults), 'faults': faults}
@@ -497,7 +510,7 @@ def worker_main() -> int:
 
 # ----------------------------------------------------------------------------- workers (parent side)
 class Worker:
-    def __init__(self, framework: str, xla_flags: str, malloc: str = 'retain'):
+    def __init__(self, framework: str, xla_flags: str, malloc: str = 'default'):
         env = malloc_env(dict(os.environ), malloc)
         if framework == 'jax':
             env['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'   # leave GPU memory to the torch worker

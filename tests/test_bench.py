@@ -22,13 +22,15 @@ def test_smoke_run_writes_json_and_markdown_with_ratios(tmp_path):
     assert report['machine']['usable_cpus'] == len(os.sched_getaffinity(0)) == report['machine']['torch_threads']
     assert report['config']['rounds'] == 2 and report['command'].startswith('ghostnetv2-jax bench')
     by_label = {r['label']: r for r in report['results']}
-    assert set(by_label) == {'jax:native:float32', 'torch:nchw:float32', 'torch:channels_last:float32'}
+    assert set(by_label) == {'jax:native:float32', 'jax:apply:float32', 'torch:nchw:float32',
+                             'torch:channels_last:float32'}   # apply: plain jax.jit(model.apply)
     for r in by_label.values():
         assert 'error' not in r, r.get('error')
         assert len(r['times']) == 2 and len(r['img_per_s_rounds']) == 2     # 2 rounds x 1 repeat
         assert r['img_per_s'] == pytest.approx(2 / r['median_s'])
         assert r['memory']['maxrss_mb'] > 0 and r['memory']['peak_added_mb'] >= 0
-        assert r['malloc'] == 'retain'           # the workers got the glibc tunables
+        # each worker as its users run it: JAX with this project's commands' policy, timm with glibc's
+        assert r['malloc'] == ('retain (fast_cpu_defaults)' if r['label'].startswith('jax') else 'default')
         assert [len(f) for f in r['round_faults']] == [len(t) for t in r['round_times']]   # per iteration
         assert r['faults_max'] == max(f for fs in r['round_faults'] for f in fs) >= 0
     jax_res = by_label['jax:native:float32']
@@ -58,9 +60,10 @@ def test_plan_alternates_every_contender_of_a_group():
     groups = bench.plan(args)
     assert [(g.batch, g.mode) for g in groups] == [(1, 'infer'), (1, 'train'), (32, 'infer'), (32, 'train')]
     infer = [c.label for c in groups[0].contenders]
-    assert infer == ['jax:shift:float32', 'jax:xla:float32', 'jax:deploy:float32',
+    assert infer == ['jax:shift:float32', 'jax:xla:float32', 'jax:deploy:float32', 'jax:apply:float32',
                      'torch:nchw:float32', 'torch:channels_last:float32']
-    assert 'jax:deploy:float32' not in [c.label for c in groups[1].contenders]   # inference only
+    train = [c.label for c in groups[1].contenders]
+    assert 'jax:deploy:float32' not in train and 'jax:apply:float32' not in train   # inference only
 
 
 def test_plan_adds_xla_default_contenders_on_request():
@@ -76,7 +79,8 @@ def test_plan_times_inference_chunkings_on_request_and_train_once():
         ['--batches', '8', '--dtypes', 'float32', '--impls', 'native', '--chunks', 'auto,0', '--no-torch'])
     infer, train = bench.plan(args)
     assert [c.label for c in infer.contenders] == [
-        'jax:native:float32', 'jax:deploy:float32', 'jax:native+chunk0:float32', 'jax:deploy+chunk0:float32']
+        'jax:native:float32', 'jax:deploy:float32', 'jax:native+chunk0:float32', 'jax:deploy+chunk0:float32',
+        'jax:apply:float32']   # plain jax.jit(model.apply): once, it has no chunking
     assert [c.label for c in train.contenders] == ['jax:native:float32']   # a train step is never chunked
 
 
@@ -262,7 +266,7 @@ def test_malloc_env_adds_the_retain_tunables_and_keeps_the_callers():
     assert env['GLIBC_TUNABLES'] == 'glibc.malloc.tcache_count=0:' + bench.RETAIN_TUNABLES
     assert env['A'] == '1'
     assert bench.malloc_env({}, 'retain')['GLIBC_TUNABLES'] == bench.RETAIN_TUNABLES
-    assert 'GLIBC_TUNABLES' not in bench.malloc_env({}, 'system')
+    assert 'GLIBC_TUNABLES' not in bench.malloc_env({}, 'default')
 
 
 def test_deploy_mode_times_our_onnx_against_timms_in_each_runtime(tmp_path):

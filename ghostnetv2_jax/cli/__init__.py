@@ -38,6 +38,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f'error: unknown command {command!r}; expected one of {", ".join(COMMANDS)} (see {PROG} --help)',
               file=sys.stderr)
         return 2
+    from ghostnetv2_jax import process
+    process.fast_cpu_defaults()   # before any computation: every command runs with them
     module = importlib.import_module(f'ghostnetv2_jax.cli.{command}')
     try:
         return int(module.main(rest) or 0)

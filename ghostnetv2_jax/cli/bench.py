@@ -10,7 +10,7 @@ import argparse
 import os
 from typing import List, Optional, Sequence
 
-from ghostnetv2_jax.bench import (DEFAULT_MODES, DEFAULT_TRAIN_CONFIG, DTYPES, JAX_IMPLS, MODES, RUNTIMES,
+from ghostnetv2_jax.bench import (DEFAULT_MODES, DEFAULT_TRAIN_CONFIG, DTYPES, JAX_IMPLS, MALLOC_POLICIES, MODES, RUNTIMES,
                                   TORCH_LAYOUTS, XLA_OPTIONS)
 from ghostnetv2_jax.cli.common import Parser, usage_error
 
@@ -44,6 +44,8 @@ def build_parser() -> Parser:
     p.add_argument('--dtypes', type=_csv(str, DTYPES), default=list(DTYPES))
     p.add_argument('--impls', type=_csv(str, JAX_IMPLS), default=['native', 'shift', 'xla'],
                    help="this project's depthwise implementations ('auto' = the backend's default)")
+    p.add_argument('--apply', action=argparse.BooleanOptionalAction, default=True,
+                   help='infer: also time plain jax.jit(model.apply) (no predict_fn)')
     p.add_argument('--deploy', action=argparse.BooleanOptionalAction, default=True,
                    help='also time the BN-folded inference model (ghostnetv2_jax.fold_batchnorm)')
     p.add_argument('--layouts', type=_csv(str, TORCH_LAYOUTS), default=list(TORCH_LAYOUTS))
@@ -59,8 +61,10 @@ def build_parser() -> Parser:
                         'worker threads are asleep')
     p.add_argument('--threads', type=int, default=None,
                    help='torch threads, and ONNX Runtime\'s and OpenVINO\'s (default: usable cores)')
-    p.add_argument('--malloc', choices=['retain', 'system'], default='retain',
-                   help='glibc malloc policy in every worker (docs/benchmarks.md)')
+    p.add_argument('--malloc', choices=list(MALLOC_POLICIES), default='default',
+                   help="default: each worker as its users' processes run (JAX: this project's "
+                        "fast_cpu_defaults, as its commands call it); retain: glibc tunables keeping "
+                        "freed memory in every worker, timm's included (docs/benchmarks.md)")
     p.add_argument('--xla-options', type=_csv(str, XLA_OPTIONS), default=['project'],
                    help="JAX contenders compiled with this project's compiler options "
                         "(ghostnetv2_jax.xla_options) and/or with XLA's defaults")

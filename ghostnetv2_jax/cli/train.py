@@ -34,9 +34,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         usage_error(str(error))
     from absl import logging
     logging.set_verbosity(args.verbosity)   # orbax and absl are chatty at INFO
-    from ghostnetv2_jax import xla_options
+    from ghostnetv2_jax import process
     from ghostnetv2_jax.train import sharding
-    xla_options.dispatch_cpu_synchronously()   # one train step's temporaries at a time on CPU
+    process.fast_cpu_defaults()   # before the backend starts: one step's temporaries, kept for the next
     sharding.initialize_distributed(config.distributed, config.coordinator_address, config.num_processes,
                                     config.process_id)   # before anything touches a backend
     from ghostnetv2_jax.train import trainer
