@@ -2,7 +2,7 @@
 
   summary   params and MACs of registered models
   convert   weights (PyTorch file, training workdir, published name) -> a Flax variables .safetensors
-  export    weights (variables file, training workdir, PyTorch file) -> a state_dict timm loads
+  export    weights (any source, or a published name) -> ONNX, LiteRT, StableHLO or a state_dict timm loads
   parity    side-by-side numbers against timm, stage by stage; exit 1 over tolerance
   train     train a config (configs/*.py) in a workdir, resuming from its checkpoints
   evaluate  top-1 / top-5 of weights on a dataset
