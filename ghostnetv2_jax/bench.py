@@ -32,6 +32,8 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+from ghostnetv2_jax import process
+
 MODES = ('infer', 'train', 'deploy')
 DEFAULT_MODES = ('infer', 'train')
 DTYPES = ('float32', 'bfloat16')
@@ -115,14 +117,6 @@ def malloc_env(env: Dict[str, str], policy: str) -> Dict[str, str]:
     if policy == 'retain':
         env = dict(env, GLIBC_TUNABLES=':'.join(filter(None, [env.get('GLIBC_TUNABLES'), RETAIN_TUNABLES])))
     return env
-
-
-def _release_free_heap() -> None:
-    """Hand memory freed so far (e.g. the compiler's) back to the OS: with --malloc retain it
-    would otherwise stay resident for the whole run, next to every other contender's."""
-    if platform.libc_ver()[0] == 'glibc':
-        import ctypes
-        ctypes.CDLL('libc.so.6').malloc_trim(0)
 
 
 def _malloc_policy(framework: str) -> str:
@@ -483,7 +477,7 @@ def worker_main() -> int:
             if msg['cmd'] == 'setup':
                 spec = msg['spec']
                 runner = {'jax': _JaxRunner, 'torch': _TorchRunner}.get(spec['framework'], _DeployRunner)(spec)
-                _release_free_heap()
+                process.release_free_heap()   # the compiler's memory: with memory retained it would stay resident
                 rss_before = _rss_mb()
                 first = _timed(runner.step, 1)[0]
                 warm = _timed(runner.step, spec['warmup'])

@@ -455,15 +455,19 @@ def _reshape_layout(in_shape, perm, out_shape) -> Optional[Tuple[int, ...]]:
     return tuple(order)
 
 
-def _fuse_conv_bias(g: _Graph) -> None:
-    """Conv -> Add(per-channel constant) becomes one Conv with a bias, where the Conv's output
-    has no other consumer."""
-    inits = {t.name: t for t in g.initializers}
+def _index(g: _Graph):
+    """(initializers by name, the number of uses of each tensor name, the node producing each)."""
     uses: Dict[str, int] = {}
     for n in g.nodes:
         for i in n.input:
             uses[i] = uses.get(i, 0) + 1
-    producer = {n.output[0]: n for n in g.nodes}
+    return {t.name: t for t in g.initializers}, uses, {n.output[0]: n for n in g.nodes}
+
+
+def _fuse_conv_bias(g: _Graph) -> None:
+    """Conv -> Add(per-channel constant) becomes one Conv with a bias, where the Conv's output
+    has no other consumer."""
+    inits, uses, producer = _index(g)
     drop = set()
     for n in g.nodes:
         if n.op_type != 'Add' or len(n.input) != 2:
@@ -486,12 +490,7 @@ def _fuse_conv_bias(g: _Graph) -> None:
 
 def _merge_resizes(g: _Graph) -> None:
     """Resize(axis a) -> Resize(axis b), the first used once: one Resize over both axes."""
-    inits = {t.name: t for t in g.initializers}
-    uses: Dict[str, int] = {}
-    for n in g.nodes:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
-    producer = {n.output[0]: n for n in g.nodes}
+    inits, uses, producer = _index(g)
     attr = lambda n, k: next(a for a in n.attribute if a.name == k)
     for n in g.nodes:
         first = producer.get(n.input[0]) if n.op_type == 'Resize' else None
