@@ -93,7 +93,7 @@ def plan(args) -> List[Group]:
                             cs += [Contender('jax', impl, dtype, opts, chunk) for impl in args.impls]
                             if args.deploy and mode == 'infer':
                                 cs.append(Contender('jax', 'deploy', dtype, opts, chunk))
-                    if getattr(args, 'apply', False) and mode == 'infer':
+                    if args.apply and mode == 'infer':
                         cs.append(Contender('jax', 'apply', dtype))
                     if args.torch:
                         cs += [Contender('torch', layout, dtype) for layout in args.layouts]
