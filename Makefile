@@ -15,6 +15,7 @@ $(VENV)/.runtime: requirements.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	-$(PY) -c 'import sys; from ghostnetv2_jax.kernels.build import main; sys.exit(main())'  # optional
+	-$(PY) -m ghostnetv2_jax.data.native  # optional: the input pipeline's native ops
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt

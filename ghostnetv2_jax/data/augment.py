@@ -26,6 +26,7 @@ import math
 import re
 from typing import Callable, Dict, Sequence, Tuple, Union
 
+from ghostnetv2_jax.data import native
 from ghostnetv2_jax.data._tf import tf
 
 Key = tf.Tensor            # int tensor of shape [2]
@@ -113,10 +114,14 @@ def _resize_pass(image: tf.Tensor, size, method: str) -> tf.Tensor:
 
 
 def resize(image: tf.Tensor, size: Sequence, method: str) -> tf.Tensor:
-    """uint8 -> uint8 antialiased resize to ``size`` (h, w) in Pillow's order: a horizontal
-    pass, rounded and clipped to uint8, then a vertical one (so cubic overshoot is clipped
-    between the passes, as in PIL's resample, which torchvision and timm use)."""
+    """uint8 -> uint8 antialiased resize to ``size`` (h, w), as PIL's resample (which
+    torchvision and timm use): the native op (``data.native``, bit-exact) where available;
+    otherwise TF's kernels in Pillow's pass order (a horizontal pass, rounded and clipped to
+    uint8, then a vertical one, so cubic overshoot is clipped between the passes), within one
+    grey level of Pillow where it runs the passes in that order."""
     size = tf.cast(size, tf.int32)
+    if method in native.RESIZE_FILTERS and native.available():
+        return native.resize(image, size, method)
     if method == 'nearest':
         return _resize_pass(image, size, method)
     wide = _resize_pass(image, tf.stack([tf.shape(image)[0], size[1]]), method)
@@ -214,40 +219,41 @@ def sharpness(image: tf.Tensor, factor) -> tf.Tensor:
 
 
 def _apply_lut(image: tf.Tensor, luts: tf.Tensor) -> tf.Tensor:
-    """Per-channel look-up: ``luts`` is int32 [3, 256]."""
+    """Per-channel look-up: ``luts`` is int32 [3, 256] (the native op where available)."""
+    if native.available():
+        return native.apply_lut(image, luts)
     x = tf.cast(image, tf.int32)
     flat = x + tf.constant([0, 256, 512], tf.int32)
     return tf.cast(tf.gather(tf.reshape(luts, [-1]), flat), tf.uint8)
 
 
 def autocontrast(image: tf.Tensor) -> tf.Tensor:
-    """``ImageOps.autocontrast`` (cutoff 0): stretch each channel's [min, max] to [0, 255]."""
-    x = tf.cast(image, tf.float64)
-    lo = tf.reduce_min(x, axis=[0, 1])
-    hi = tf.reduce_max(x, axis=[0, 1])
+    """``ImageOps.autocontrast`` (cutoff 0): stretch each channel's [min, max] to [0, 255],
+    through Pillow's per-channel look-up table (float64, truncated like its ``int()``)."""
+    lo = tf.cast(tf.reduce_min(image, axis=[0, 1]), tf.float64)[:, None]
+    hi = tf.cast(tf.reduce_max(image, axis=[0, 1]), tf.float64)[:, None]
+    levels = tf.range(256, dtype=tf.float64)[None, :]
     scale = 255.0 / tf.maximum(hi - lo, 1.0)
-    stretched = tf.clip_by_value(tf.cast(tf.cast(x * scale + (-lo * scale), tf.int32), tf.float64),
-                                 0.0, 255.0)  # int() truncates toward zero, as in Pillow's LUT
-    return tf.cast(tf.where(hi > lo, stretched, x), tf.uint8)
-
-
-def _equalize_lut(channel: tf.Tensor) -> tf.Tensor:
-    """Pillow's equalize LUT for one channel (int64 arithmetic like Python's)."""
-    hist = tf.math.bincount(tf.cast(tf.reshape(channel, [-1]), tf.int32), minlength=256,
-                            maxlength=256, dtype=tf.int64)
-    nonzero = tf.boolean_mask(hist, hist > 0)
-    step = (tf.reduce_sum(nonzero) - nonzero[-1]) // 255
-    n = step // 2 + tf.cumsum(hist, exclusive=True)
-    lut = tf.clip_by_value(n // tf.maximum(step, 1), 0, 255)
-    identity = tf.range(256, dtype=tf.int64)
-    keep = (tf.size(nonzero) <= 1) | (step == 0)
-    return tf.cast(tf.where(keep, identity, lut), tf.int32)
+    stretched = tf.clip_by_value(tf.cast(tf.cast(levels * scale + (-lo * scale), tf.int32), tf.float64),
+                                 0.0, 255.0)
+    luts = tf.cast(tf.where(hi > lo, stretched, levels), tf.int32)
+    return _apply_lut(image, luts)
 
 
 def equalize(image: tf.Tensor) -> tf.Tensor:
-    """``ImageOps.equalize``: per-channel histogram equalization."""
-    luts = tf.stack([_equalize_lut(image[..., c]) for c in range(3)])
-    return _apply_lut(image, luts)
+    """``ImageOps.equalize``: per-channel histogram equalization, Pillow's look-up tables (int64
+    arithmetic like Python's), from one histogram of the three channels."""
+    channels = tf.cast(image, tf.int32) + tf.constant([0, 256, 512], tf.int32)
+    hist = tf.reshape(tf.math.bincount(tf.reshape(channels, [-1]), minlength=768, maxlength=768,
+                                       dtype=tf.int64), [3, 256])
+    present = hist > 0
+    last = 255 - tf.argmax(tf.cast(tf.reverse(present, [1]), tf.int32), axis=1, output_type=tf.int32)
+    step = (tf.reduce_sum(hist, axis=1) - tf.gather(hist, last, batch_dims=1)) // 255
+    n = (step // 2)[:, None] + tf.cumsum(hist, axis=1, exclusive=True)
+    lut = tf.clip_by_value(n // tf.maximum(step, 1)[:, None], 0, 255)
+    keep = (tf.reduce_sum(tf.cast(present, tf.int32), axis=1) <= 1) | (step == 0)
+    identity = tf.range(256, dtype=tf.int64)[None, :]
+    return _apply_lut(image, tf.cast(tf.where(keep[:, None], identity, lut), tf.int32))
 
 
 def invert(image: tf.Tensor) -> tf.Tensor:
@@ -262,17 +268,21 @@ def posterize(image: tf.Tensor, bits) -> tf.Tensor:
     return tf.bitwise.bitwise_and(image, mask)
 
 
+_LEVELS = lambda: tf.range(256, dtype=tf.int32)[None, :]   # noqa: E731  (one table row)
+
+
 def solarize(image: tf.Tensor, threshold) -> tf.Tensor:
     """``ImageOps.solarize``: invert values >= threshold (threshold 256: unchanged)."""
-    x = tf.cast(image, tf.int32)
-    return tf.cast(tf.where(x < tf.cast(threshold, tf.int32), x, 255 - x), tf.uint8)
+    x = _LEVELS()
+    lut = tf.where(x < tf.cast(threshold, tf.int32), x, 255 - x)
+    return _apply_lut(image, tf.tile(lut, [3, 1]))
 
 
 def solarize_add(image: tf.Tensor, add, threshold=128) -> tf.Tensor:
     """timm's ``solarize_add``: add to values below the threshold, saturating at 255."""
-    x = tf.cast(image, tf.int32)
-    added = tf.minimum(x + tf.cast(add, tf.int32), 255)
-    return tf.cast(tf.where(x < threshold, added, x), tf.uint8)
+    x = _LEVELS()
+    lut = tf.where(x < threshold, tf.minimum(x + tf.cast(add, tf.int32), 255), x)
+    return _apply_lut(image, tf.tile(lut, [3, 1]))
 
 
 # ----------------------------------------------------------------------------- Pillow affine ops
@@ -293,13 +303,16 @@ def affine(image: tf.Tensor, matrix: Sequence, fill: Sequence[int], method) -> t
     (a x + b y + c, d x + e y + f). Points outside the input take ``fill``. Bilinear and bicubic
     sample in float64 with neighbours clamped to the border and truncate to uint8; nearest
     uses Pillow's own paths (16.16 fixed point, or float for pure scale/translate matrices).
-    ``method`` is a name from AFFINE_METHODS or an int32 tensor indexing it.
+    ``method`` is a name from AFFINE_METHODS or an int32 tensor indexing it. Runs the native
+    op where available (``data.native``), else the same arithmetic in TF ops.
     """
     if isinstance(method, str):
         method = AFFINE_METHODS.index(method)
     matrix = tf.stack([_f64(m) for m in matrix])
-    return _affine_traced(tf.convert_to_tensor(image, tf.uint8), matrix, tf.cast(fill, tf.uint8),
-                          tf.cast(method, tf.int32))
+    args = (tf.convert_to_tensor(image, tf.uint8), matrix, tf.cast(fill, tf.uint8), tf.cast(method, tf.int32))
+    if native.available():     # the same arithmetic in C++ (data.native)
+        return tf.ensure_shape(native.affine(*args), args[0].shape)
+    return _affine_traced(*args)
 
 
 # Traced once per process and then only called: inlining the three samplers into every
@@ -585,12 +598,16 @@ class ColorJitter:
 # ----------------------------------------------------------------------------- normalize, erase
 
 def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
-    """torchvision ToTensor + Normalize: (x / 255 - mean) / std in float32."""
+    """torchvision ToTensor + Normalize: (x / 255 - mean) / std in float32 (the native op where
+    available, the same float32 operations in TF ops otherwise)."""
+    if image.dtype == tf.uint8 and native.available():
+        return native.normalize(image, mean, std)
     x = tf.cast(image, tf.float32) / 255.0
     return (x - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
-# remode -> fill of the erased box, given (key, shape [h, w, c])
+# remode -> fill of the erased box, given (key, the box's shape [h, w, c]); timm draws the
+# per-pixel noise for the box only
 ERASE_FILLS: Dict[str, Callable] = {
     'pixel': lambda key, shape: tf.random.stateless_normal(shape, seed=key),
     'rand': lambda key, shape: tf.random.stateless_normal([1, 1, shape[2]], seed=key),
@@ -625,11 +642,15 @@ class RandomErasing:
         first = tf.argmax(tf.cast(fits, tf.int32))
         h, w = tf.cast(cand_h[first], tf.int32), tf.cast(cand_w[first], tf.int32)
         top, left = _randint(k_top, shape[0] - h), _randint(k_left, shape[1] - w)
-        rows, cols = tf.range(shape[0])[:, None], tf.range(shape[1])[None, :]
-        box = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
         erase = (_uniform(k_apply) <= self.prob) & tf.reduce_any(fits)
-        fill = tf.broadcast_to(ERASE_FILLS[self.mode](k_fill, shape), shape)
-        return tf.where(box[..., None] & erase, fill, image)
+
+        def erased():   # the box's rows: left of it, the fill, right of it
+            size = tf.stack([h, w, shape[2]])
+            fill = tf.broadcast_to(ERASE_FILLS[self.mode](k_fill, size), size)
+            band = image[top:top + h]
+            band = tf.concat([band[:, :left], fill, band[:, left + w:]], axis=1)
+            return tf.concat([image[:top], band, image[top + h:]], axis=0)
+        return tf.ensure_shape(tf.cond(erase, erased, lambda: image), image.shape)
 
 
 # ----------------------------------------------------------------------------- composed chains
