@@ -9,12 +9,14 @@ Randomness is stateless: every random op takes a ``key`` (an int tensor of shape
 ``tf.random.stateless_*``) so that the same key gives the same output eagerly, in a tf.data map,
 and after a resume. Callers derive one key per example and the chain splits it per stage.
 
-The pixel ops (autocontrast, equalize, enhance blends, sharpness, posterize, solarize) and the
+The pixel ops (autocontrast, equalize, enhance blends, sharpness, posterize, solarize), the
 affine ops (rotate, shear, translate, with nearest/bilinear/bicubic sampling and a per-channel
-fill) reproduce Pillow's integer arithmetic exactly, because timm runs them on PIL images; the
-tests compare them with Pillow pixel for pixel. The RandomResizedCrop and eval resizes use TF's
-antialiased resize in PIL's two-pass order (the same kernels, not PIL's fixed-point weights), so
-they are within one grey level of torchvision rather than bit-identical.
+fill), the RandomResizedCrop and eval resizes (Pillow's fixed-point resample) and the
+normalization reproduce Pillow's and torchvision's arithmetic exactly, because timm runs them on
+PIL images; the tests compare them with Pillow pixel for pixel. The resize, the affine ops, the
+table ops and the normalization run as native TensorFlow ops (``data.native``) where a C++
+compiler is available; without one, their TensorFlow forms compute the same (the resize within
+one grey level: TF's antialiased kernels, not PIL's fixed-point weights).
 
 Known departure from timm: none in the ops; the per-example random streams are of course not
 Python's ``random``, so the same seed does not give timm's exact draws.
