@@ -1,8 +1,8 @@
 """Side-by-side speed of this project and timm, measured in one run.
 
-``python -m ghostnetv2_jax bench [--models ghostnetv2_100] [--batches 1,32,128] [--modes infer,train,deploy]
-[--dtypes float32,bfloat16] [--impls native,shift,xla] [--layouts nchw,channels_last]
-[--runtimes onnxruntime,openvino] [--out DIR] ...``
+``python -m ghostnetv2_jax bench [--models ghostnetv2_100] [--batches 1,32,128]
+[--modes infer,train,deploy,pipeline] [--dtypes float32,bfloat16] [--impls native,shift,xla]
+[--layouts nchw,channels_last] [--runtimes onnxruntime,openvino] [--pipeline-data DIR] [--out DIR] ...``
 
 Every contender (this project with one depthwise implementation and dtype, timm in one memory
 layout, or an ONNX file in a deployment runtime) runs in its own worker process; the contenders
@@ -12,7 +12,13 @@ BN-folded one against timm's ``model.eval()`` under ``torch.inference_mode``; tr
 trainer's own step against timm's equivalent, both set up from ``--train-config``. ``--modes
 deploy`` (not in the default modes) times this project's ONNX export (``export.to_bytes``) against
 timm's ``torch.onnx.export`` of the same weights in ONNX Runtime and OpenVINO (``--runtimes``),
-float32. ``--apply`` (default) also times plain ``jax.jit(model.apply)``. Every worker runs in
+float32. ``--modes pipeline`` (not in the default modes either) times input pipelines, no model:
+this project's ``data.create_split`` with the recipe's train and eval transforms against timm's
+``create_loader`` with the same ones, over a JPEG folder derived from one photograph
+(bench_pipeline.py: generated in ``--pipeline-data`` or a temporary directory, or a user's folder)
+and over the same files as tfds records; every pipeline uses all usable cores and is stopped
+between its turns, and the report gives img/s per core and cores per 1,000 img/s (``run_group``
+says what a round times). ``--apply`` (default) also times plain ``jax.jit(model.apply)``. Every worker runs in
 the environment its users' processes have (``--malloc default``): the JAX workers call
 ``process.fast_cpu_defaults()`` first, as this project's commands do, and timm's change nothing;
 ``--malloc retain`` adds glibc tunables that keep freed memory mapped (RETAIN_TUNABLES) to every
@@ -27,6 +33,7 @@ import dataclasses
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -34,7 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from ghostnetv2_jax import process
 
-MODES = ('infer', 'train', 'deploy')
+MODES = ('infer', 'train', 'deploy', 'pipeline')
 DEFAULT_MODES = ('infer', 'train')
 DTYPES = ('float32', 'bfloat16')
 JAX_IMPLS = ('auto', 'native', 'shift', 'xla')
@@ -48,20 +55,31 @@ DEPLOY_TOLERANCE = 1e-4   # ours vs timm's ONNX logits, relative to the largest:
 DEFAULT_TRAIN_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                     'configs', 'imagenet_ghostnetv2_100.py')
 IMAGENET_TRAIN_EXAMPLES = 1281167   # the schedule's steps per epoch at the benchmark's batch
+# The pipeline mode: this project's data pipeline ('ours') against timm's loader ('timm'), the
+# recipe's train transforms and the eval ones, over the JPEG folder and the same files as tfds
+# records (bench_pipeline.py). Every pipeline uses all usable cores.
+PIPELINE_VARIANTS = ('train', 'eval')
+PIPELINE_SOURCES = ('folder', 'tfds')
+PIPELINE_SKIP = 2          # untimed batches at the start of each round, after the worker resumes
 
 
 # ----------------------------------------------------------------------------- the plan
 @dataclasses.dataclass(frozen=True)
 class Contender:
-    framework: str            # 'jax' | 'torch' | a deployment runtime ('onnxruntime', 'openvino')
+    framework: str            # 'jax' | 'torch' | a deployment runtime ('onnxruntime', 'openvino') |
+                              # a pipeline's ('ours', 'timm')
     variant: str              # depthwise impl (jax), 'deploy' (jax, folded BN), memory layout (torch),
-                              # or whose ONNX file a runtime runs ('ours' | 'timm')
+                              # whose ONNX file a runtime runs ('ours' | 'timm'), or a pipeline's
+                              # transforms ('train' | 'eval')
     dtype: str
     xla_options: str = 'project'  # jax: this project's compiler options ('project') or XLA's ('default')
     chunk: str = 'auto'           # jax inference: batch chunking (ghostnetv2_jax.runtime), 'auto' or N
+    source: str = ''              # pipeline mode: what the pipeline reads ('folder' | 'tfds')
 
     @property
     def label(self) -> str:
+        if self.source:           # the pipeline mode: framework 'ours' | 'timm', variant 'train' | 'eval'
+            return f'{self.framework}:{self.variant}:{self.source}'
         suffix = '' if self.xla_options == 'project' else f'+xla-{self.xla_options}'
         suffix += '' if self.chunk == 'auto' else f'+chunk{self.chunk}'
         return f'{self.framework}:{self.variant}{suffix}:{self.dtype}'
@@ -75,11 +93,21 @@ class Group:
     contenders: tuple
 
 
+def pipeline_contenders(args) -> tuple:
+    """The pipeline mode's contenders, source by source, ours then timm's for train and eval."""
+    frameworks = ('ours', 'timm') if args.torch else ('ours',)
+    return tuple(Contender(f, v, 'float32', source=source) for source in args.pipeline_sources
+                 for v in PIPELINE_VARIANTS for f in frameworks)
+
+
 def plan(args) -> List[Group]:
+    """The groups to run: per model, batch and mode; the pipeline mode once per batch (no model)."""
     groups = []
     for model in args.models:
         for batch in args.batches:
             for mode in args.modes:
+                if mode == 'pipeline':
+                    continue
                 if mode == 'deploy':     # float32 ONNX files, whatever --dtypes says
                     variants = DEPLOY_VARIANTS if args.torch else ('ours',)
                     cs = [Contender(rt, v, 'float32') for rt in args.runtimes for v in variants]
@@ -98,6 +126,8 @@ def plan(args) -> List[Group]:
                     if args.torch:
                         cs += [Contender('torch', layout, dtype) for layout in args.layouts]
                 groups.append(Group(model, batch, mode, tuple(cs)))
+    if 'pipeline' in args.modes:
+        groups += [Group('-', batch, 'pipeline', pipeline_contenders(args)) for batch in args.batches]
     return groups
 
 
@@ -121,12 +151,12 @@ def malloc_env(env: Dict[str, str], policy: str) -> Dict[str, str]:
 
 def _malloc_policy(framework: str) -> str:
     """What this worker runs with: the tunables its environment has (set by the parent), and for
-    JAX the run-time policy of ``process.fast_cpu_defaults``."""
+    this project's workers (JAX, our pipeline) the run-time policy of ``process.fast_cpu_defaults``."""
     if platform.libc_ver()[0] != 'glibc':
         return 'system (no glibc)'
     if RETAIN_TUNABLES in os.environ.get('GLIBC_TUNABLES', ''):
         return 'retain (tunables)'
-    return 'retain (fast_cpu_defaults)' if framework == 'jax' else 'default'
+    return 'retain (fast_cpu_defaults)' if framework in ('jax', 'ours') else 'default'
 
 
 
@@ -327,7 +357,7 @@ class _TorchRunner:
 OPENVINO_CONFIG = {'PERFORMANCE_HINT': 'LATENCY', 'INFERENCE_PRECISION_HINT': 'f32'}
 
 
-def _deploy_import(module: str, why: str):
+def _import_or_skip(module: str, why: str):
     import importlib
     try:
         return importlib.import_module(module)
@@ -339,8 +369,8 @@ def deploy_weights(model_name: str):
     """timm's ``model_name`` as timm initialises it (seed 0), with BatchNorm's statistics and
     affine set from seed 1 so that folding them is not the identity, in eval mode: the weights
     both ONNX files of the deploy mode hold."""
-    torch = _deploy_import('torch', "timm's weights and torch.onnx.export")
-    timm = _deploy_import('timm', "timm's weights and torch.onnx.export")
+    torch = _import_or_skip('torch', "timm's weights and torch.onnx.export")
+    timm = _import_or_skip('timm', "timm's weights and torch.onnx.export")
     if model_name not in timm.list_models():
         raise Skip(f'timm {timm.__version__} has no {model_name}')
     torch.manual_seed(0)
@@ -395,8 +425,8 @@ class _DeployRunner:
         runtime, variant, size = spec['framework'], spec['variant'], spec['size']
         if spec['dtype'] != 'float32':
             raise Skip('the ONNX exports are float32')
-        _deploy_import('onnx', 'the ONNX exports')
-        rt = _deploy_import(runtime, f'the {runtime} contenders')
+        _import_or_skip('onnx', 'the ONNX exports')
+        rt = _import_or_skip(runtime, f'the {runtime} contenders')
         model = deploy_weights(spec['model'])
         t0 = time.perf_counter()
         blob = onnx_ours(model, spec['model'], size) if variant == 'ours' else onnx_timm(model, size)
@@ -449,6 +479,18 @@ class _DeployRunner:
         return {'backend': 'cpu', **self.info, 'logits': self.logits.tolist()}
 
 
+def _pipeline_runner(spec: Dict[str, Any]):
+    """A pipeline contender (bench_pipeline.PipelineRunner); timm's without torch or timm is skipped."""
+    from ghostnetv2_jax import bench_pipeline
+    if spec['framework'] == 'timm':
+        _import_or_skip('torch', "timm's loader")
+        _import_or_skip('timm', "timm's loader")
+    return bench_pipeline.PipelineRunner(spec)
+
+
+RUNNERS = {'jax': _JaxRunner, 'torch': _TorchRunner, 'ours': _pipeline_runner, 'timm': _pipeline_runner}
+
+
 def _minor_faults() -> int:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -466,8 +508,18 @@ def _timed(fn, n: int, faults: Optional[List[int]] = None) -> List[float]:
     return times
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL for this worker when the harness's process ends, however it ends (a frozen
+    worker could not notice; its DataLoader children, stopped in an orphaned process group, then
+    get the kernel's SIGHUP)."""
+    libc = process._libc()
+    if libc is not None and platform.system() == 'Linux':
+        libc.prctl(1, signal.SIGKILL)       # PR_SET_PDEATHSIG
+
+
 def worker_main() -> int:
     """Child process: JSON commands on stdin, one JSON reply per line on stdout."""
+    _die_with_parent()
     out = sys.stdout
     sys.stdout = sys.stderr   # library chatter must not corrupt the protocol
     runner, rss_before = None, 0.0
@@ -476,13 +528,15 @@ def worker_main() -> int:
         try:
             if msg['cmd'] == 'setup':
                 spec = msg['spec']
-                runner = {'jax': _JaxRunner, 'torch': _TorchRunner}.get(spec['framework'], _DeployRunner)(spec)
+                runner = RUNNERS.get(spec['framework'], _DeployRunner)(spec)
                 process.release_free_heap()   # the compiler's memory: with memory retained it would stay resident
                 rss_before = _rss_mb()
                 first = _timed(runner.step, 1)[0]
                 warm = _timed(runner.step, spec['warmup'])
                 reply = {'compile_s': runner.compile_s, 'first_call_s': first, 'warmup_s': warm,
                          'malloc': _malloc_policy(spec['framework']), **runner.describe()}
+            elif msg['cmd'] == 'run' and hasattr(runner, 'run_round'):   # a pipeline: one rate per round
+                reply = runner.run_round(msg['n'], msg.get('skip', 0))
             elif msg['cmd'] == 'run':
                 faults: List[int] = []
                 reply = {'times': _timed(runner.step, msg['n'], faults), 'faults': faults}
@@ -504,18 +558,40 @@ def worker_main() -> int:
 
 # ----------------------------------------------------------------------------- workers (parent side)
 class Worker:
-    def __init__(self, framework: str, xla_flags: str, malloc: str = 'default'):
+    """One contender's worker process. ``freeze``: the worker and its children (a process group
+    of their own) are stopped (SIGSTOP) between commands and continued (SIGCONT) for the next, so
+    a pipeline neither takes cores from the contender being timed nor refills its prefetch
+    buffers while it waits for its turn."""
+
+    def __init__(self, framework: str, xla_flags: str, malloc: str = 'default', freeze: bool = False):
         env = malloc_env(dict(os.environ), malloc)
         if framework == 'jax':
             env['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'   # leave GPU memory to the torch worker
             if xla_flags:
                 env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + xla_flags).strip()
+        self.freeze, self.frozen = freeze, False
         self.proc = subprocess.Popen([sys.executable, '-m', 'ghostnetv2_jax.bench', '--worker'],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                     start_new_session=freeze)
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:      # the group is gone
+            pass
+        self.frozen = sig == signal.SIGSTOP
 
     def ask(self, **msg) -> Dict[str, Any]:
         """Send one command, return the reply; a dead worker becomes an error reply, so one
         contender's crash (e.g. the kernel's OOM killer) does not end the run."""
+        if self.frozen:
+            self._signal(signal.SIGCONT)
+        reply = self._ask(msg)
+        if self.freeze and msg.get('cmd') != 'exit' and self.proc.poll() is None:
+            self._signal(signal.SIGSTOP)
+        return reply
+
+    def _ask(self, msg: Dict[str, Any]) -> Dict[str, Any]:
         line = ''
         try:
             self.proc.stdin.write(json.dumps(msg) + '\n')
@@ -532,7 +608,7 @@ class Worker:
     def close(self) -> None:
         if self.proc.poll() is None:
             try:
-                self.ask(cmd='exit')
+                self.ask(cmd='exit')     # continues a frozen worker first
             except (BrokenPipeError, OSError):
                 pass
         self.proc.wait()
@@ -605,10 +681,24 @@ def _median(xs: Sequence[float]) -> float:
     return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
 
 
+def pipeline_warmup(warmup: int, cores: int) -> int:
+    """Untimed batches after a pipeline's first: at least what its start-up fills (timm: two
+    batches per DataLoader worker in flight; tf.data: a batch per core assembled in parallel, and
+    its prefetch), so that the first round starts from a drained pipeline."""
+    return max(warmup, 2 * cores + 2)
+
+
 def run_group(group: Group, args, log) -> List[Dict[str, Any]]:
-    """Set the group's contenders up one by one, then time them in alternating rounds."""
+    """Set the group's contenders up one by one, then time them in alternating rounds.
+
+    The pipeline mode's workers are frozen between their turns (``Worker(freeze=True)``): each
+    round continues a pipeline in the state its last round left it, drained by a consumer pulling
+    as fast as it can, so no turn starts with prefetched batches or competes with another
+    pipeline. A turn skips ``PIPELINE_SKIP`` batches, then times ``--repeats``: one rate per round.
+    """
     live, results = [], []
     logits: Dict[Contender, Any] = {}
+    pipeline = group.mode == 'pipeline'
     try:
         for c in group.contenders:
             spec = dict(framework=c.framework, variant=c.variant, dtype=c.dtype, xla_options=c.xla_options,
@@ -616,7 +706,11 @@ def run_group(group: Group, args, log) -> List[Dict[str, Any]]:
                         model=group.model, batch=group.batch, mode=group.mode, size=args.size,
                         threads=args.threads, warmup=args.warmup, malloc=args.malloc,
                         train_config=args.train_config)
-            w = Worker(c.framework, args.xla_flags, args.malloc)
+            if pipeline:
+                cores = len(os.sched_getaffinity(0))
+                spec.update(source=c.source, root=args.pipeline_root, tfds_dir=args.pipeline_tfds_dir,
+                            cores=cores, warmup=pipeline_warmup(args.warmup, cores))
+            w = Worker(c.framework, args.xla_flags, args.malloc, freeze=pipeline)
             info = w.ask(cmd='setup', spec=spec)
             if 'skipped' in info:
                 log(f'  {c.label}: skipped ({info["skipped"]})')
@@ -627,6 +721,8 @@ def run_group(group: Group, args, log) -> List[Dict[str, Any]]:
             res = dict(label=c.label, framework=c.framework, variant=c.variant, dtype=c.dtype,
                        xla_options=c.xla_options if c.framework == 'jax' else None,
                        model=group.model, batch=group.batch, mode=group.mode, **info)
+            if pipeline:
+                res.update(source=c.source, cores=spec['cores'])
             results.append(res)
             if 'error' in info:
                 log(f'  {c.label}: FAILED {info["error"]}')
@@ -642,13 +738,15 @@ def run_group(group: Group, args, log) -> List[Dict[str, Any]]:
             for w, res in live[shift:] + live[:shift]:     # rotate: no contender always goes first
                 time.sleep(args.settle)
                 penalty = cross_core_penalty()
-                reply = w.ask(cmd='run', n=args.repeats)
+                reply = w.ask(cmd='run', n=args.repeats, skip=PIPELINE_SKIP if pipeline else 0)
                 if 'error' in reply:
                     res['error'] = reply['error']
                     continue
                 res.setdefault('round_times', []).append(reply['times'])
                 res.setdefault('round_faults', []).append(reply['faults'])
                 res.setdefault('cross_core', []).append(penalty)
+                if 'restarts' in reply:     # a pipeline: new iterators made in the round
+                    res.setdefault('round_restarts', []).append(reply['restarts'])
         for w, res in live:
             res['memory'] = w.ask(cmd='stats')
     finally:
@@ -661,7 +759,7 @@ def run_group(group: Group, args, log) -> List[Dict[str, Any]]:
             res['median_s'] = _median(res['times'])
             res['img_per_s'] = group.batch / res['median_s']
             res['img_per_s_rounds'] = [group.batch / t for t in res['round_medians']]
-            res['faults_max'] = max(f for fs in res['round_faults'] for f in fs)
+            res['faults_max'] = max((f for fs in res['round_faults'] for f in fs), default=None)
             _shared_rounds(res, group.batch)
     return results
 
@@ -685,17 +783,27 @@ def compare_logits(results: List[Dict[str, Any]], logits: Dict[Contender, Any], 
 
 # ----------------------------------------------------------------------------- report
 def _ratio_role(r: Dict[str, Any]) -> Optional[str]:
-    """'reference' (timm eager, or timm's ONNX), 'contender' (ours) or None."""
+    """'reference' (timm eager, timm's ONNX, timm's loader), 'contender' (ours) or None."""
     if r['framework'] in RUNTIMES:
         return {'timm': 'reference', 'ours': 'contender'}.get(r.get('variant'))
-    return {'torch': 'reference', 'jax': 'contender'}.get(r['framework'])
+    return {'torch': 'reference', 'jax': 'contender', 'timm': 'reference', 'ours': 'contender'}.get(r['framework'])
 
 
 def add_ratios(results: List[Dict[str, Any]]) -> None:
     """ratio_vs_timm_best = img/s / (best timm layout's img/s, same model/batch/mode/dtype); in the
-    deploy mode over timm's ONNX file in the same runtime."""
+    deploy mode over timm's ONNX file in the same runtime; in the pipeline mode over timm's loader
+    with the same transforms on the same source, where each result also gets img/s per core (over
+    the usable cores, which every pipeline uses), cores per 1,000 img/s and the ratio per core."""
+    for r in results:
+        if r['mode'] == 'pipeline' and 'img_per_s' in r:
+            r['img_per_s_per_core'] = r['img_per_s'] / r['cores']
+            r['cores_per_1000_img_s'] = 1000 / r['img_per_s_per_core']
+
     def key(r):
-        return (r['model'], r['batch'], r['mode'], r['dtype'], r['framework'] if r['framework'] in RUNTIMES else '')
+        where = r['framework'] if r['framework'] in RUNTIMES else ''
+        if r['mode'] == 'pipeline':
+            where = (r['variant'], r['source'])
+        return (r['model'], r['batch'], r['mode'], r['dtype'], where)
     best: Dict[tuple, Dict[str, Any]] = {}
     for r in results:
         if _ratio_role(r) == 'reference' and 'img_per_s' in r:
@@ -706,6 +814,8 @@ def add_ratios(results: List[Dict[str, Any]]) -> None:
         if _ratio_role(r) == 'contender' and 'img_per_s' in r and ref is not None:
             r['timm_best'] = ref['label']
             r['ratio_vs_timm_best'] = r['img_per_s'] / ref['img_per_s']
+            if 'img_per_s_per_core' in r:
+                r['ratio_per_core_vs_timm'] = r['img_per_s_per_core'] / ref['img_per_s_per_core']
             if 'img_per_s_shared' in r and 'img_per_s_shared' in ref:
                 r['ratio_vs_timm_best_shared'] = r['img_per_s_shared'] / ref['img_per_s_shared']
 
@@ -733,14 +843,31 @@ def markdown(report: Dict[str, Any]) -> str:
         f'- Machine: {m["cpu_model"]}, {m["usable_cpus"]} usable CPUs; torch threads {m["torch_threads"]}; '
         f'load average {report["load_start"]} at start, {report["load_end"]} at end',
         f'- Command: `{report["command"]}`',
+    ]
+    models = [r for r in report['results'] if r['mode'] != 'pipeline']
+    pipelines = [r for r in report['results'] if r['mode'] == 'pipeline']
+    if models or not pipelines:
+        lines += _model_table(report, models)
+    if pipelines:
+        lines += _pipeline_section(report, pipelines)
+    return '\n'.join(lines)
+
+
+def _ratio_text(v: Optional[float]) -> str:
+    return '-' if v is None else f'{v:.2f}x'
+
+
+def _model_table(report: Dict[str, Any], results: List[Dict[str, Any]]) -> List[str]:
+    """The inference, train and deploy modes' table and notes."""
+    m, cfg = report['machine'], report['config']
+    lines = [
         f'- Input {cfg["size"]}x{cfg["size"]}; {cfg["rounds"]} alternating rounds x {cfg["repeats"]} '
         f'iterations, {cfg["warmup"]} warm-up; malloc policy `{cfg["malloc"]}`; img/s = batch / median',
         '', '| model | batch | mode | contender | img/s | rounds min-max | vs timm best | split rounds | '
             'img/s, vs timm (shared rounds) | compile s | peak added MB | XLA MB | page faults, max |',
         '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
     ]
-    ratio_text = lambda v: '-' if v is None else f'{v:.2f}x'
-    for r in report['results']:
+    for r in results:
         if 'img_per_s' not in r:
             lines.append(f'| {r["model"]} | {r["batch"]} | {r["mode"]} | {r["label"]} | failed: '
                          f'{r.get("error", "no timing")} | | | | | | | | |')
@@ -749,10 +876,10 @@ def markdown(report: Dict[str, Any]) -> str:
         mem = r.get('memory', {})
         split = f'{r["split_rounds"]} of {len(rounds)}' if 'split_rounds' in r else '-'
         shared = ('-' if 'img_per_s_shared' not in r else
-                  f'{r["img_per_s_shared"]:.1f}, {ratio_text(r.get("ratio_vs_timm_best_shared"))}')
+                  f'{r["img_per_s_shared"]:.1f}, {_ratio_text(r.get("ratio_vs_timm_best_shared"))}')
         lines.append(
             f'| {r["model"]} | {r["batch"]} | {r["mode"]} | {r["label"]} | {r["img_per_s"]:.1f} | '
-            f'{min(rounds):.1f}-{max(rounds):.1f} | {ratio_text(r.get("ratio_vs_timm_best"))} | {split} | '
+            f'{min(rounds):.1f}-{max(rounds):.1f} | {_ratio_text(r.get("ratio_vs_timm_best"))} | {split} | '
             f'{shared} | {_fmt(r.get("compile_s"))} | {_fmt(mem.get("peak_added_mb"), ".0f")} | '
             f'{_fmt(mem.get("xla_total_mb"), ".0f")} | {_fmt(r.get("faults_max"), ",")} |')
     lines += ['', 'compile s: trace + lower + XLA compile (JAX); timm has none. peak added MB: worker '
@@ -762,7 +889,7 @@ def markdown(report: Dict[str, Any]) -> str:
               'columns are img/s and the ratio over the other rounds, timm\'s included. page faults, max: '
               'the most minor page faults of one timed iteration (a re-faulted buffer costs ~2 us per '
               '4 KiB page here).', '']
-    deploy = [r for r in report['results'] if r['framework'] in RUNTIMES]
+    deploy = [r for r in results if r['framework'] in RUNTIMES]
     if deploy:
         lines += [f'Deploy mode (contender runtime:file:dtype): float32 ONNX files, {m["torch_threads"]} threads '
                   '(ONNX Runtime: intra-op threads, its default graph optimisation; OpenVINO: INFERENCE_NUM_THREADS, '
@@ -776,7 +903,56 @@ def markdown(report: Dict[str, Any]) -> str:
             lines.append(f'| {r["model"]} | {r["batch"]} | {r["label"]} | {_fmt(r.get("export_s"))} | '
                          f'{_fmt(r.get("onnx_nodes"), "d")} | {_fmt(r.get("logits_vs_timm"), ".1e")} |')
         lines.append('')
-    return '\n'.join(lines)
+    return lines
+
+
+def _jpeg_text(stats: Dict[str, float]) -> str:
+    return (f'{stats["images"]} images, mean {stats["mean_kib"]:.1f} KiB, {stats["mean_width"]:.0f}x'
+            f'{stats["mean_height"]:.0f} px, {stats["bits_per_pixel"]:.2f} bits per pixel')
+
+
+def _pipeline_section(report: Dict[str, Any], results: List[Dict[str, Any]]) -> List[str]:
+    """The pipeline mode's table: the images, how the pipelines ran, img/s and per core."""
+    cfg, data = report['config'], report.get('pipeline', {})
+    cores = results[0].get('cores', report['machine']['usable_cpus'])
+    manifest = data.get('manifest')
+    origin = (f'generated by the harness (seed {manifest["seed"]}), all derived from one photograph '
+              f'({manifest["derived_from"]}) by random crops, flips, colour gains and noise, JPEG quality '
+              f'{manifest["quality"]}' if manifest else 'an image folder given with --pipeline-data, used as it is')
+    stats = data.get('jpeg', {})
+    lines = [
+        '', '## Input pipeline', '',
+        f'- Images: `{data.get("root", "?")}`' + (' (a temporary directory, removed at the end)'
+                                                  if data.get('temporary') else '') + f', {origin}. '
+        + '; '.join(f'{split}: {_jpeg_text(s)}' for split, s in stats.items()) + '.',
+        f'- tfds records: {data.get("tfds", "not built")}.',
+        f'- Each pipeline uses all {cores} usable cores: ours `data.create_split` with tf.data num_threads '
+        f'{cores}; timm\'s `create_loader` with {cores} DataLoader worker processes (torch 1 thread in the '
+        f'loader\'s process), the same transforms (train: the recipe\'s RandomResizedCrop with random '
+        'bilinear/bicubic, hflip 0.5, RandAugment rand-m9-mstd0.5, random erasing 0.2 pixel; eval: '
+        f'resize to size / 0.875 bicubic, centre crop); {cfg["size"]}x{cfg["size"]} float32 batches. timm\'s '
+        'train loader over the folder is its MultiEpochsDataLoader, going on into the next epoch as ours does.',
+        f'- Steady state: after the first batch, max(--warmup, 2 x cores + 2) untimed batches; every '
+        f'pipeline is stopped between its turns; a turn skips {PIPELINE_SKIP} batches, then times '
+        f'{cfg["repeats"]}; {cfg["rounds"]} alternating rounds; img/s = images / time of a round, '
+        'median over rounds; per core = img/s / usable cores. An iterator that ends (an eval pass, a '
+        'timm epoch) is replaced outside the timed time (restarts); the new pass\'s first batches are timed.',
+        '', '| batch | contender | img/s | img/s per core | rounds min-max | ours / timm per core | '
+            'cores per 1,000 img/s | batches per pass | restarts |',
+        '|---|---|---|---|---|---|---|---|---|',
+    ]
+    for r in results:
+        if 'img_per_s' not in r:
+            lines.append(f'| {r["batch"]} | {r["label"]} | failed: {r.get("error", "no timing")} | | | | | | |')
+            continue
+        rounds = r['img_per_s_rounds']
+        lines.append(
+            f'| {r["batch"]} | {r["label"]} | {r["img_per_s"]:.1f} | {r["img_per_s_per_core"]:.1f} | '
+            f'{min(rounds):.1f}-{max(rounds):.1f} | {_ratio_text(r.get("ratio_per_core_vs_timm"))} | '
+            f'{r["cores_per_1000_img_s"]:.1f} | {_fmt(r.get("epoch_batches"), "d")} | '
+            f'{sum(r.get("round_restarts", []))} |')
+    lines.append('')
+    return lines
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -792,15 +968,73 @@ def _write_report(out: str, report: Dict[str, Any]) -> None:
     _write_atomic(os.path.join(out, 'bench.md'), markdown(report))
 
 
+PIPELINE_PASS_PER_CORE = 8   # batches per pass and core under which a pass's ends weigh on its rate
+
+
+def prepare_pipeline_data(args, root: str, log=print) -> Dict[str, Any]:
+    """The pipeline mode's images in ``root`` (bench_pipeline.prepare_folder: generated,
+    reused, or a user's folder) and, with 'tfds' in ``args.pipeline_sources``, the same files as
+    tfds records; sets ``args.pipeline_root`` and ``args.pipeline_tfds_dir`` for the workers
+    (``args.pipeline_sources`` loses 'tfds' where tensorflow_datasets is missing). Returns what
+    the report says about them."""
+    from ghostnetv2_jax import bench_pipeline
+    manifest = bench_pipeline.prepare_folder(root, args.pipeline_images, log=log)
+    stats = bench_pipeline.folder_stats(root)
+    cores = len(os.sched_getaffinity(0))
+    for split, split_stats in stats.items():
+        if split_stats['images'] < max(args.batches):
+            raise bench_pipeline.PipelineDataError(
+                f'{os.path.join(root, split)} has {split_stats["images"]} images, fewer than a batch of '
+                f'{max(args.batches)}; generate more with --pipeline-images in a new --pipeline-data')
+        if split_stats['images'] < PIPELINE_PASS_PER_CORE * cores * max(args.batches):
+            log(f'  note: {split} holds {split_stats["images"] // max(args.batches)} batches of '
+                f'{max(args.batches)}, under {PIPELINE_PASS_PER_CORE} per core: the start and end of each pass '
+                'weigh on the rates of the pipelines that restart; --pipeline-images '
+                f'{PIPELINE_PASS_PER_CORE * cores * max(args.batches)} makes longer passes')
+    data = {'root': root, 'manifest': manifest, 'jpeg': stats}
+    args.pipeline_root, args.pipeline_tfds_dir = root, None
+    if 'tfds' in args.pipeline_sources:
+        try:
+            import tensorflow_datasets  # noqa: F401
+        except ImportError:
+            log('  tfds records: skipped (tensorflow_datasets is not installed)')
+            args.pipeline_sources = [s for s in args.pipeline_sources if s != 'tfds']
+            data['tfds'] = 'not built: tensorflow_datasets is not installed'
+        else:
+            args.pipeline_tfds_dir = bench_pipeline.prepare_tfds(root)
+            data['tfds'] = (f'the same JPEG files, bytes unchanged, as the prepared tfds dataset '
+                            f'`{bench_pipeline.TFDS_NAME}` (TFRecord) in `{args.pipeline_tfds_dir}`')
+    return data
+
+
 def run(args, command: str, log=print) -> Dict[str, Any]:
     """Run every group of ``args`` (the bench command's options), writing ``bench.json`` and
-    ``bench.md`` to ``args.out`` after each group; returns the report."""
+    ``bench.md`` to ``args.out`` after each group; returns the report. The pipeline mode's images
+    go to ``args.pipeline_data``, or to a temporary directory removed at the end."""
+    import shutil
+    import tempfile
     os.makedirs(args.out, exist_ok=True)
     report = {'command': command, 'config': {k: v for k, v in vars(args).items()},
               'machine': machine_info(args.threads),
               'load_start': [round(x, 2) for x in os.getloadavg()], 'results': []}
+    temporary = None
+    try:
+        if 'pipeline' in args.modes:
+            root = args.pipeline_data or tempfile.mkdtemp(prefix='ghostnetv2-bench-images-')
+            temporary = None if args.pipeline_data else root
+            log('input pipeline images:')
+            report['pipeline'] = dict(prepare_pipeline_data(args, root, log), temporary=bool(temporary))
+        _run_groups(args, report, log)
+    finally:
+        if temporary:
+            shutil.rmtree(temporary, ignore_errors=True)
+    return report
+
+
+def _run_groups(args, report: Dict[str, Any], log) -> None:
     for group in plan(args):
-        log(f'{group.model} batch {group.batch} {group.mode}:')
+        log(f'input pipelines, batch {group.batch}:' if group.mode == 'pipeline'
+            else f'{group.model} batch {group.batch} {group.mode}:')
         report['results'] += run_group(group, args, log)
         add_ratios(report['results'])
         _write_report(args.out, report)     # after every group: a later failure keeps these
@@ -809,13 +1043,13 @@ def run(args, command: str, log=print) -> Dict[str, Any]:
                     and 'img_per_s' in r:
                 ratio, shared = r.get('ratio_vs_timm_best'), r.get('ratio_vs_timm_best_shared')
                 log(f'    {r["label"]:<28} {r["img_per_s"]:8.1f} img/s'
+                    + (f' ({r["img_per_s_per_core"]:.1f} per core)' if 'img_per_s_per_core' in r else '')
                     + ('' if ratio is None else f'   {ratio:.2f}x {r["timm_best"]}')
                     + ('' if shared is None else f'; {shared:.2f}x over rounds on cache-sharing cores')
                     + (f'; {r["split_rounds"]} of {len(r["img_per_s_rounds"])} rounds split'
                        if r.get('split_rounds') else ''))
     _write_report(args.out, report)
     log(f'wrote {os.path.join(args.out, "bench.json")} and bench.md')
-    return report
 
 
 if __name__ == '__main__':   # a contender's worker process (Worker starts it)

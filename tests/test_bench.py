@@ -1,7 +1,10 @@
 """The benchmark harness: a tiny end-to-end run (JSON, markdown, ratios), the plan, the ratio
 arithmetic, the train steps it times (the trainer's and timm's), and one-line errors for bad flags."""
+import importlib.util
 import json
 import os
+import sys
+import time
 
 import jax
 import numpy as np
@@ -190,6 +193,8 @@ def test_torch_train_contender_is_timms_recipe_step():
     (['--settle', '-1'], '--settle must be >= 0'),
     (['--xla-options', 'fast'], 'expected a comma-separated list'),
     (['--chunks', 'half'], "expected 'auto' or a non-negative integer"),
+    (['--modes', 'pipeline', '--pipeline-images', '0'], '--pipeline-images must be >= 1'),
+    (['--pipeline-sources', 'lmdb'], 'expected a comma-separated list'),
     (['--modes', 'train', '--train-config', '/nonexistent/recipe.py'], '--train-config: no such file'),
 ])
 def test_bad_flags_exit_nonzero_with_one_line(argv, message, capsys, tmp_path):
@@ -244,7 +249,7 @@ def test_native_contender_is_skipped_off_cpu(monkeypatch):
         bench._JaxRunner(spec)
 
     class FakeWorker:
-        def __init__(self, *args):
+        def __init__(self, *args, **kwargs):
             self.closed = False
 
         def ask(self, **msg):
@@ -342,3 +347,183 @@ def test_deploy_contender_without_its_runtime_is_skipped(monkeypatch):
                 threads=1)
     with pytest.raises(bench.Skip, match='^openvino is not installed'):
         bench._DeployRunner(spec)
+
+
+# ----------------------------------------------------------------------------- the pipeline mode
+from ghostnetv2_jax import bench_pipeline  # noqa: E402
+
+
+def _jpeg_tables(quality):
+    import io
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new('RGB', (16, 16)).save(buf, 'JPEG', quality=quality)
+    return Image.open(buf).quantization
+
+
+def test_benchmark_folder_is_deterministic_photographs_of_the_stated_sizes(tmp_path):
+    from PIL import Image
+    manifest = bench_pipeline.generate_folder(str(tmp_path / 'a'), images=16, seed=3)
+    assert manifest['images_per_split'] == 16 and 'grace_hopper.jpg' in manifest['derived_from']
+    bench_pipeline.generate_folder(str(tmp_path / 'b'), images=8, seed=3)     # a smaller folder: a prefix
+    bench_pipeline.generate_folder(str(tmp_path / 'c'), images=8, seed=4)
+    files = sorted(p.relative_to(tmp_path / 'a') for p in (tmp_path / 'a').rglob('*.jpg'))
+    assert len(files) == 32 and {p.parts[0] for p in files} == set(bench_pipeline.SPLITS)
+    assert {p.parts[1] for p in files} == {f'c{k}' for k in range(bench_pipeline.CLASSES)}
+    quality90 = _jpeg_tables(90)
+    for rel in files:
+        with Image.open(tmp_path / 'a' / rel) as image:
+            short, long = sorted(image.size)
+            assert image.format == 'JPEG' and image.mode == 'RGB'
+            assert 300 <= short <= 500 and long <= 1.5 * short + 1
+            assert image.quantization == quality90
+    for split in bench_pipeline.SPLITS:
+        for i in range(8):        # image i depends on (seed, split, i) only
+            rel = os.path.join(split, f'c{i % 8}', f'{i:05d}.jpg')
+            first = (tmp_path / 'a' / rel).read_bytes()
+            assert (tmp_path / 'b' / rel).read_bytes() == first
+            assert (tmp_path / 'c' / rel).read_bytes() != first        # another seed
+    stats = bench_pipeline.folder_stats(str(tmp_path / 'a'))
+    for split in bench_pipeline.SPLITS:
+        paths = list((tmp_path / 'a' / split).rglob('*.jpg'))
+        sizes = [p.stat().st_size for p in paths]
+        pixels = sum(np.prod(Image.open(p).size) for p in paths)
+        assert stats[split]['images'] == 16
+        assert stats[split]['mean_kib'] == pytest.approx(np.mean(sizes) / 1024)
+        assert stats[split]['bits_per_pixel'] == pytest.approx(8 * sum(sizes) / pixels)
+        assert 300 <= min(stats[split]['mean_width'], stats[split]['mean_height']) <= 750
+
+
+def test_benchmark_folder_is_reused_or_refused(tmp_path):
+    root = str(tmp_path / 'cache')
+    assert bench_pipeline.prepare_folder(root, images=8)['images_per_split'] == 8
+    mtime = os.path.getmtime(os.path.join(root, bench_pipeline.MANIFEST))
+    assert bench_pipeline.prepare_folder(root, images=8)['images_per_split'] == 8      # reused, not rewritten
+    assert os.path.getmtime(os.path.join(root, bench_pipeline.MANIFEST)) == mtime
+    with pytest.raises(bench_pipeline.PipelineDataError, match='generated folder of 8 images per split'):
+        bench_pipeline.prepare_folder(root, images=16)
+    users = tmp_path / 'users'
+    for split in bench_pipeline.SPLITS:
+        (users / split / 'cat').mkdir(parents=True)
+    assert bench_pipeline.prepare_folder(str(users)) is None      # a user's folder, used as it is
+    (tmp_path / 'other' / 'x').mkdir(parents=True)
+    with pytest.raises(bench_pipeline.PipelineDataError, match='neither empty nor an image folder'):
+        bench_pipeline.prepare_folder(str(tmp_path / 'other'))
+
+
+def test_benchmark_images_need_matplotlib_and_say_so_in_one_line(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)
+    with pytest.raises(bench_pipeline.PipelineDataError) as err:
+        bench_pipeline.prepare_folder(str(tmp_path / 'new'))
+    assert 'matplotlib is not installed' in str(err.value) and '\n' not in str(err.value)
+
+
+def test_tfds_records_hold_the_folders_jpeg_bytes_and_our_pipeline_reads_them(tmp_path, monkeypatch):
+    from ghostnetv2_jax import process
+    monkeypatch.setattr(process, 'fast_cpu_defaults', lambda: False)   # a worker's setting, not this process's
+    root = str(tmp_path / 'f')
+    bench_pipeline.generate_folder(root, images=8)
+    data_dir = bench_pipeline.prepare_tfds(root)
+    assert bench_pipeline.prepare_tfds(root) == data_dir            # built once
+    from ghostnetv2_jax.data import sources
+    source = sources.tfds_dataset(bench_pipeline.TFDS_NAME, 'validation', data_dir)
+    assert source.num_examples == 8 and source.num_classes == bench_pipeline.CLASSES
+    files = {p.read_bytes() for p in (tmp_path / 'f' / 'validation').rglob('*.jpg')}
+    assert {r['image'].numpy() for r in source.records(0, 1)} == files
+    runner = bench_pipeline.PipelineRunner(dict(framework='ours', variant='train', source='tfds', batch=4,
+                                                size=32, cores=2, root=root, tfds_dir=data_dir))
+    reply = runner.run_round(3, skip=1)
+    assert reply['images'] == 12 and reply['times'][0] > 0 and runner.describe()['epoch_batches'] == 2
+
+
+def test_pipeline_mode_is_opt_in_and_plans_ours_and_timms_per_source_once_per_batch():
+    parse = bench_cli.build_parser().parse_args
+    assert 'pipeline' not in parse([]).modes
+    groups = bench.plan(parse(['--models', 'ghostnet_050,ghostnetv2_100', '--batches', '4,64', '--modes',
+                               'infer,pipeline', '--dtypes', 'float32', '--impls', 'native', '--no-deploy']))
+    assert [(g.model, g.batch, g.mode) for g in groups] == [
+        ('ghostnet_050', 4, 'infer'), ('ghostnet_050', 64, 'infer'), ('ghostnetv2_100', 4, 'infer'),
+        ('ghostnetv2_100', 64, 'infer'), ('-', 4, 'pipeline'), ('-', 64, 'pipeline')]
+    assert [c.label for c in groups[-1].contenders] == [
+        'ours:train:folder', 'timm:train:folder', 'ours:eval:folder', 'timm:eval:folder',
+        'ours:train:tfds', 'timm:train:tfds', 'ours:eval:tfds', 'timm:eval:tfds']
+    (group,) = bench.plan(parse(['--batches', '64', '--modes', 'pipeline', '--pipeline-sources', 'folder',
+                                 '--no-torch']))
+    assert [c.label for c in group.contenders] == ['ours:train:folder', 'ours:eval:folder']
+
+
+def test_pipeline_ratios_are_per_core_over_timms_loader_on_the_same_source():
+    res = [dict(framework='timm', variant='train', source='folder', label='timm:train:folder', img_per_s=200.0),
+           dict(framework='ours', variant='train', source='folder', label='ours:train:folder', img_per_s=300.0),
+           dict(framework='timm', variant='eval', source='folder', label='timm:eval:folder', img_per_s=800.0),
+           dict(framework='ours', variant='eval', source='folder', label='ours:eval:folder', img_per_s=600.0),
+           dict(framework='ours', variant='train', source='tfds', label='ours:train:tfds', img_per_s=250.0)]
+    for r in res:
+        r.update(model='-', batch=64, mode='pipeline', dtype='float32', cores=4)
+    bench.add_ratios(res)
+    ours_train, ours_eval, ours_tfds = res[1], res[3], res[4]
+    assert ours_train['img_per_s_per_core'] == 75.0 and ours_train['cores_per_1000_img_s'] == pytest.approx(1000 / 75)
+    assert res[0]['img_per_s_per_core'] == 50.0 and 'ratio_per_core_vs_timm' not in res[0]
+    assert ours_train['timm_best'] == 'timm:train:folder' and ours_train['ratio_per_core_vs_timm'] == 1.5
+    assert ours_eval['timm_best'] == 'timm:eval:folder' and ours_eval['ratio_per_core_vs_timm'] == 0.75
+    assert 'ratio_per_core_vs_timm' not in ours_tfds      # no timm loader on the records here
+
+
+def test_pipeline_smoke_run_reports_per_core_rates_and_the_jpegs(tmp_path):
+    """End to end at a tiny setting: a generated 16-image folder in a temporary directory (removed
+    at the end), our train and eval pipelines and timm's loader, per-core figures and the ratios."""
+    out = tmp_path / 'bench'
+    argv = ['--modes', 'pipeline', '--batches', '4', '--size', '64', '--pipeline-images', '16',
+            '--pipeline-sources', 'folder', '--rounds', '1', '--repeats', '2', '--warmup', '0', '--settle', '0',
+            '--out', str(out)]
+    assert bench_cli.main(argv) == 0
+    report = json.loads((out / 'bench.json').read_text())
+    by_label = {r['label']: r for r in report['results']}
+    has_timm = all(m in sys.modules or importlib.util.find_spec(m) for m in ('torch', 'timm'))
+    expected = ['ours:train:folder', 'timm:train:folder', 'ours:eval:folder', 'timm:eval:folder']
+    assert list(by_label) == (expected if has_timm else expected[::2])
+    cores = len(os.sched_getaffinity(0))
+    for r in by_label.values():
+        assert 'error' not in r, r.get('error')
+        assert r['cores'] == cores and len(r['times']) == 1 and r['batch'] == 4
+        assert r['img_per_s_per_core'] == pytest.approx(r['img_per_s'] / cores)
+        assert r['cores_per_1000_img_s'] == pytest.approx(1000 / r['img_per_s_per_core'])
+        assert r['split_images'] == 16 and r['epoch_batches'] == 4 and len(r['round_restarts']) == 1
+    assert by_label['ours:train:folder']['malloc'] == 'retain (fast_cpu_defaults)'
+    data = report['pipeline']
+    assert data['temporary'] and not os.path.exists(data['root'])
+    assert data['jpeg']['train']['images'] == data['jpeg']['validation']['images'] == 16
+    md = (out / 'bench.md').read_text()
+    assert '## Input pipeline' in md and 'derived from one photograph' in md and 'bits per pixel' in md
+    assert '| page faults, max |' not in md           # no model table in a pipeline-only run
+    for r in by_label.values():
+        assert f'| 4 | {r["label"]} | {r["img_per_s"]:.1f} | {r["img_per_s_per_core"]:.1f} |' in md
+    if has_timm:
+        for variant in ('train', 'eval'):
+            ours, timm = by_label[f'ours:{variant}:folder'], by_label[f'timm:{variant}:folder']
+            per_core = ours['img_per_s_per_core'] / timm['img_per_s_per_core']
+            assert ours['ratio_per_core_vs_timm'] == pytest.approx(per_core)
+            assert f'{ours["ratio_per_core_vs_timm"]:.2f}x' in md
+        assert by_label['timm:train:folder']['multi_epochs_loader'] is True
+
+
+def test_timms_pipeline_without_timm_is_skipped(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'timm', None)
+    with pytest.raises(bench.Skip, match="^timm is not installed \\(timm's loader\\)"):
+        bench._pipeline_runner(dict(framework='timm', variant='train', source='folder'))
+
+
+def test_a_frozen_worker_is_stopped_between_commands_and_exits_when_closed():
+    worker = bench.Worker('timm', '', freeze=True)
+    def state():
+        with open(f'/proc/{worker.proc.pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0]
+    assert worker.ask(cmd='noop') == {}
+    for _ in range(100):          # the signal is delivered asynchronously
+        if state() == 'T':
+            break
+        time.sleep(0.02)
+    assert state() == 'T'                                        # stopped
+    assert worker.ask(cmd='noop') == {}                          # continued for the command
+    worker.close()
+    assert worker.proc.returncode == 0

@@ -1,8 +1,10 @@
 """``ghostnetv2-jax bench [--models ghostnetv2_100] [--batches 1,32,128] [--modes infer,train] ...``:
 this project's inference (``predict_fn``) and the trainer's step side by side with timm's, each
 contender in its own worker process, timed in alternating rounds; ``--modes deploy`` times this
-project's ONNX export against timm's in ONNX Runtime and OpenVINO. The report goes to --out as
-bench.json and bench.md. Method and current figures: docs/benchmarks.md.
+project's ONNX export against timm's in ONNX Runtime and OpenVINO; ``--modes pipeline`` times this
+project's train and eval input pipelines against timm's loader with the same transforms, on a
+generated JPEG folder and the same files as tfds records (img/s per core). The report goes to --out
+as bench.json and bench.md. Method and current figures: docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ import argparse
 import os
 from typing import List, Optional, Sequence
 
-from ghostnetv2_jax.bench import (DEFAULT_MODES, DEFAULT_TRAIN_CONFIG, DTYPES, JAX_IMPLS, MALLOC_POLICIES, MODES, RUNTIMES,
-                                  TORCH_LAYOUTS, XLA_OPTIONS)
+from ghostnetv2_jax.bench import (DEFAULT_MODES, DEFAULT_TRAIN_CONFIG, DTYPES, JAX_IMPLS, MALLOC_POLICIES, MODES,
+                                  PIPELINE_SOURCES, RUNTIMES, TORCH_LAYOUTS, XLA_OPTIONS)
+from ghostnetv2_jax.bench_pipeline import DEFAULT_IMAGES
 from ghostnetv2_jax.cli.common import Parser, usage_error
 
 
@@ -40,7 +43,9 @@ def build_parser() -> Parser:
     p.add_argument('--modes', type=_csv(str, MODES), default=list(DEFAULT_MODES),
                    help="infer and train: this project's JAX against timm's eager PyTorch; deploy: this "
                         "project's ONNX export against timm's torch.onnx.export of the same weights in "
-                        "each of --runtimes, float32 (default: infer,train)")
+                        "each of --runtimes, float32; pipeline: this project's train and eval input "
+                        "pipelines against timm's loader with the same transforms, img/s per core, "
+                        "--batches images a batch, --repeats batches a round (default: infer,train)")
     p.add_argument('--dtypes', type=_csv(str, DTYPES), default=list(DTYPES))
     p.add_argument('--impls', type=_csv(str, JAX_IMPLS), default=['native', 'shift', 'xla'],
                    help="this project's depthwise implementations ('auto' = the backend's default)")
@@ -60,7 +65,8 @@ def build_parser() -> Parser:
                    help='seconds of idle before each contender runs, so the previous one\'s spinning '
                         'worker threads are asleep')
     p.add_argument('--threads', type=int, default=None,
-                   help='torch threads, and ONNX Runtime\'s and OpenVINO\'s (default: usable cores)')
+                   help='torch threads, and ONNX Runtime\'s and OpenVINO\'s (default: usable cores); '
+                        'the pipeline mode\'s pipelines use every usable core')
     p.add_argument('--malloc', choices=list(MALLOC_POLICIES), default='default',
                    help="default: each worker as its users' processes run (JAX: this project's "
                         "fast_cpu_defaults, as its commands call it); retain: glibc tunables keeping "
@@ -75,6 +81,14 @@ def build_parser() -> Parser:
     p.add_argument('--train-config', default=DEFAULT_TRAIN_CONFIG,
                    help='training config (configs/*.py) whose optimizer, schedule, label smoothing, EMA and '
                         'dropout the train mode uses (default: the ImageNet recipe of GhostNetV2 1.0x)')
+    p.add_argument('--pipeline-data', default=None, metavar='DIR',
+                   help='the pipeline mode\'s images: an image folder (DIR/train/<class>/*.jpg, '
+                        'DIR/validation/...) used as it is, or a directory to generate them in and reuse '
+                        '(default: generated in a temporary directory, removed at the end)')
+    p.add_argument('--pipeline-images', type=int, default=DEFAULT_IMAGES,
+                   help='JPEGs generated per split (train, validation) for the pipeline mode')
+    p.add_argument('--pipeline-sources', type=_csv(str, PIPELINE_SOURCES), default=list(PIPELINE_SOURCES),
+                   help='what the pipelines read: the JPEG folder and/or the same files as tfds records')
     p.add_argument('--out', default='bench_out', help='directory for bench.json and bench.md')
     return p
 
@@ -97,6 +111,11 @@ def _validate(args) -> None:
         usage_error(f'--settle must be >= 0, got {args.settle}')
     if args.threads is not None and args.threads < 1:
         usage_error(f'--threads must be >= 1, got {args.threads}')
+    if args.pipeline_images < 1:
+        usage_error(f'--pipeline-images must be >= 1, got {args.pipeline_images}')
+    if 'pipeline' in args.modes and args.pipeline_data and os.path.exists(args.pipeline_data) \
+            and not os.path.isdir(args.pipeline_data):
+        usage_error(f'--pipeline-data: not a directory: {args.pipeline_data}')
     if 'train' in args.modes and not os.path.isfile(args.train_config):
         usage_error(f'--train-config: no such file: {args.train_config} (the train mode reads the '
                          "repository's configs/)")
@@ -107,6 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _validate(args)
     args.threads = args.threads or len(os.sched_getaffinity(0))
+    args.pipeline_data = args.pipeline_data and os.path.expanduser(args.pipeline_data)
     from ghostnetv2_jax import bench
     bench.run(args, ' '.join(['ghostnetv2-jax bench'] + argv), log=lambda s: print(s, flush=True))
     return 0
