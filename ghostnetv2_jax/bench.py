@@ -952,6 +952,19 @@ def _pipeline_section(report: Dict[str, Any], results: List[Dict[str, Any]]) -> 
             f'{r["cores_per_1000_img_s"]:.1f} | {_fmt(r.get("epoch_batches"), "d")} | '
             f'{sum(r.get("round_restarts", []))} |')
     lines.append('')
+    profile = data.get('profile')
+    if profile:
+        lines += ['Where the time goes: the train chain on one thread (tf.data, one core), each row running '
+                  'every stage up to its own (`--pipeline-profile`, bench_pipeline.stage_profile); the last row '
+                  f'is `create_split` itself, batches of {report["config"]["batches"][0]} included.', '',
+                  '| stage | ms per image, cumulative | this stage |', '|---|---|---|']
+        previous = 0.0
+        for row in profile:
+            batched = row['stage'] == profile[-1]['stage']
+            own = '-' if batched else f'{row["ms_per_image"] - previous:.2f}'
+            lines.append(f'| {row["stage"]} | {row["ms_per_image"]:.2f} | {own} |')
+            previous = previous if batched else row['ms_per_image']
+        lines.append('')
     return lines
 
 
@@ -1048,6 +1061,14 @@ def _run_groups(args, report: Dict[str, Any], log) -> None:
                     + ('' if shared is None else f'; {shared:.2f}x over rounds on cache-sharing cores')
                     + (f'; {r["split_rounds"]} of {len(r["img_per_s_rounds"])} rounds split'
                        if r.get('split_rounds') else ''))
+    if 'pipeline' in args.modes and getattr(args, 'pipeline_profile', 0) > 0 and 'pipeline' in report:
+        from ghostnetv2_jax import bench_pipeline
+        log('where the time goes (one thread, cumulative):')
+        report['pipeline']['profile'] = bench_pipeline.stage_profile(report['pipeline']['root'],
+                                                                     args.pipeline_profile, args.size,
+                                                                     args.batches[0])
+        for row in report['pipeline']['profile']:
+            log(f'    {row["stage"]:<28} {row["ms_per_image"]:7.2f} ms/image')
     _write_report(args.out, report)
     log(f'wrote {os.path.join(args.out, "bench.json")} and bench.md')
 

@@ -313,3 +313,64 @@ class PipelineRunner:
 
     def describe(self) -> Dict[str, Any]:
         return dict(self.info)
+
+
+# ----------------------------------------------------------------------------- where the time goes
+PROFILE_STAGES = ('read', 'decode in the crop window', 'resize', 'flip', 'randaugment', 'normalize',
+                  'random erasing', 'batched (create_split)')
+
+
+def stage_profile(root: str, seconds: float = 3.0, size: int = 224, batch: int = 64) -> List[Dict[str, float]]:
+    """The recipe's train chain over ``root``'s train JPEGs on one thread, cumulatively: each row
+    runs every stage up to and including its own, per image (ms), so the difference between two
+    rows is one stage's cost; the last row is ``data.create_split`` itself (batches of ``batch``,
+    tf.data on one thread). Each row runs for ``seconds`` after a warm-up."""
+    from ghostnetv2_jax.data import augment, pipeline, sources
+    from ghostnetv2_jax.data._tf import tf
+    config = pipeline.DataConfig.from_config({'dataset': 'image_folder', 'data_dir': root, 'num_threads': 1,
+                                              'image_size': size})
+    transform = config.train_transform()
+    files = [str(p) for p in sources.image_folder(root, config.train_split).images]
+    stages = transform._stages
+    key = lambda i: tf.stack([tf.constant(0, tf.int64), tf.cast(i, tf.int64)])
+
+    def chain(upto: int):
+        @tf.autograph.experimental.do_not_convert
+        def example(i, path):
+            raw, k = tf.io.read_file(path), key(i)
+            if upto == 0:
+                return tf.strings.length(raw)
+            image = pipeline.decode_window(raw, lambda shape: transform.crop_window(shape, k))
+            if upto >= 2:
+                image = augment.random_interpolation_resize(image, (size, size), augment.fold_in(k, 1),
+                                                            augment.RANDOM_INTERPOLATIONS)
+            for stage, name in ((3, 'hflip'), (4, 'randaugment')):
+                if upto >= stage and stages[name] is not None:
+                    image = stages[name](image, augment.fold_in(k, augment.UINT8_STAGES[name][0]))
+            if upto >= 5:
+                image = augment.normalize(image, transform.mean, transform.std)
+            if upto >= 6 and stages['random_erasing'] is not None:
+                image = stages['random_erasing'](image, augment.fold_in(k, augment.FLOAT_STAGES['random_erasing'][0]))
+            return tf.reduce_sum(tf.cast(image[:1, :1], tf.float32))   # keep the image, return little
+        return example
+
+    def timed(iterator, per_item: int) -> float:
+        for _ in range(3):
+            next(iterator)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            next(iterator)
+            n += per_item
+        return 1e3 * (time.perf_counter() - t0) / n
+
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 1
+    options.threading.max_intra_op_parallelism = 1
+    rows = []
+    for upto, name in enumerate(PROFILE_STAGES[:-1]):
+        ds = (tf.data.Dataset.from_tensor_slices((tf.range(len(files), dtype=tf.int64), files)).repeat()
+              .map(chain(upto), num_parallel_calls=1).batch(16).with_options(options))
+        rows.append({'stage': name, 'ms_per_image': timed(iter(ds), 16)})
+    data = pipeline.create_split(config, split=config.train_split, train=True, global_batch=batch, seed=0)
+    rows.append({'stage': PROFILE_STAGES[-1], 'ms_per_image': timed(data.iterator, batch)})
+    return rows

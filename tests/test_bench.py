@@ -475,7 +475,7 @@ def test_pipeline_smoke_run_reports_per_core_rates_and_the_jpegs(tmp_path):
     out = tmp_path / 'bench'
     argv = ['--modes', 'pipeline', '--batches', '4', '--size', '64', '--pipeline-images', '16',
             '--pipeline-sources', 'folder', '--rounds', '1', '--repeats', '2', '--warmup', '0', '--settle', '0',
-            '--out', str(out)]
+            '--pipeline-profile', '0.05', '--out', str(out)]
     assert bench_cli.main(argv) == 0
     report = json.loads((out / 'bench.json').read_text())
     by_label = {r['label']: r for r in report['results']}
@@ -496,6 +496,9 @@ def test_pipeline_smoke_run_reports_per_core_rates_and_the_jpegs(tmp_path):
     md = (out / 'bench.md').read_text()
     assert '## Input pipeline' in md and 'derived from one photograph' in md and 'bits per pixel' in md
     assert '| page faults, max |' not in md           # no model table in a pipeline-only run
+    stages = [row['stage'] for row in data['profile']]
+    assert stages == list(bench_pipeline.PROFILE_STAGES) and all(row['ms_per_image'] > 0 for row in data['profile'])
+    assert 'Where the time goes' in md and '| randaugment |' in md
     for r in by_label.values():
         assert f'| 4 | {r["label"]} | {r["img_per_s"]:.1f} | {r["img_per_s_per_core"]:.1f} |' in md
     if has_timm:

@@ -87,6 +87,10 @@ def build_parser() -> Parser:
                         '(default: generated in a temporary directory, removed at the end)')
     p.add_argument('--pipeline-images', type=int, default=DEFAULT_IMAGES,
                    help='JPEGs generated per split (train, validation) for the pipeline mode')
+    p.add_argument('--pipeline-profile', type=float, default=0.0, metavar='SECONDS',
+                   help="the pipeline mode: also time the train chain stage by stage on one thread, "
+                        "SECONDS per stage (bench_pipeline.stage_profile), in the harness's own process "
+                        "after the rounds (0: not)")
     p.add_argument('--pipeline-sources', type=_csv(str, PIPELINE_SOURCES), default=list(PIPELINE_SOURCES),
                    help='what the pipelines read: the JPEG folder and/or the same files as tfds records')
     p.add_argument('--out', default='bench_out', help='directory for bench.json and bench.md')
@@ -111,6 +115,8 @@ def _validate(args) -> None:
         usage_error(f'--settle must be >= 0, got {args.settle}')
     if args.threads is not None and args.threads < 1:
         usage_error(f'--threads must be >= 1, got {args.threads}')
+    if args.pipeline_profile < 0:
+        usage_error(f'--pipeline-profile must be >= 0 seconds, got {args.pipeline_profile}')
     if args.pipeline_images < 1:
         usage_error(f'--pipeline-images must be >= 1, got {args.pipeline_images}')
     if 'pipeline' in args.modes and args.pipeline_data and os.path.exists(args.pipeline_data) \
