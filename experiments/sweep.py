@@ -27,10 +27,12 @@ import csv
 import dataclasses
 import importlib.util
 import json
+import os
 import pathlib
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -46,7 +48,7 @@ from ml_collections.config_flags import config_path  # noqa: E402
 from experiments import report  # noqa: E402
 
 COLUMNS = ('sweep', 'variant', 'seed', 'overrides', 'settings', 'base', 'params', 'macs', 'image_size',
-           'top1', 'ema_top1', 'top5', 'latency_ms', 'latency_batch', 'wall_s', 'metrics_file', 'version',
+           'num_classes', 'top1', 'ema_top1', 'top5', 'latency_ms', 'latency_batch', 'wall_s', 'metrics_file', 'version',
            'finished')
 KEY_COLUMNS = ('variant', 'seed', 'overrides', 'settings', 'base')   # what makes two runs the same run
 SWEEP_FIELDS = {'name', 'base', 'imagenet_base', 'settings', 'variants', 'seeds'}
@@ -285,13 +287,49 @@ def model_of(config: ml_collections.ConfigDict):
     return trainer.build_model(config, num_classes_of(config.data))
 
 
-def measure_model(config: ml_collections.ConfigDict, batch: int, runs: int) -> Dict[str, Any]:
-    """Params and MACs at the config's image size; median latency of ``predict_fn`` on ``batch``."""
+def measure_model(config: ml_collections.ConfigDict) -> Dict[str, Any]:
+    """Params and MACs at the config's image size, and the task's class count."""
     from experiments import measure
+    from ghostnetv2_jax.data.pipeline import num_classes_of
     model, size = model_of(config), config.data.image_size
     params, macs = measure.params_and_macs(model, size)
-    latency = measure.median_ms(measure.compiled_predict(model, batch, size), runs)
-    return dict(params=params, macs=macs, image_size=size, latency_ms=round(latency, 3), latency_batch=batch)
+    return dict(params=params, macs=macs, image_size=size, num_classes=num_classes_of(config.data))
+
+
+LATENCY_COLUMNS = ('variant', 'latency_ms', 'latency_batch', 'rounds', 'image_size', 'load_before',
+                   'load_after', 'version', 'measured')
+
+
+def measure_latencies(configs: Mapping[str, ml_collections.ConfigDict], out: pathlib.Path, batch: int,
+                      rounds: int) -> pathlib.Path:
+    """OUT/latency.csv: per variant, the median of ``rounds`` interleaved timed calls of
+    ``jax.jit(predict_fn(model))`` on ``batch`` images (the cost tables' method: each round one
+    call of every variant, rotated), measured after the sweep's runs, never while it trains. The
+    machine's load average before and after is recorded beside: on a busy machine the figures are
+    not worth keeping. Rows of variants not timed now are kept."""
+    from experiments import measure
+    load_before = round(os.getloadavg()[0], 2)
+    calls = {v: measure.compiled_predict(model_of(c), batch, c.data.image_size) for v, c in configs.items()}
+    times = measure.interleaved_ms(calls, rounds)
+    load_after = round(os.getloadavg()[0], 2)
+    path = out / 'latency.csv'
+    kept = [r for r in report.read_latency(out)[1] if r['variant'] not in configs]
+    tmp = path.with_suffix('.tmp')
+    with open(tmp, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=LATENCY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(kept)
+        for variant, config in configs.items():
+            writer.writerow(dict(variant=variant, latency_ms=round(statistics.median(times[variant]), 3),
+                                 latency_batch=batch, rounds=rounds, image_size=config.data.image_size,
+                                 load_before=load_before, load_after=load_after, version=code_version(),
+                                 measured=time.strftime('%Y-%m-%dT%H:%M:%S')))
+    os.replace(tmp, path)
+    if max(load_before, load_after) > 1.0:
+        print(f'warning: load average {max(load_before, load_after)} while timing: the latencies in {path} '
+              'are not from a quiet machine; rerun with --latency-only when nothing else runs', flush=True)
+    print(f'latency of {len(configs)} variants: {path}', flush=True)
+    return path
 
 
 def check_models(configs: Mapping[str, ml_collections.ConfigDict]) -> None:
@@ -319,8 +357,8 @@ def run_one(run: Run, config, out: pathlib.Path, common: Mapping[str, Any], args
     row = dict(common, variant=run.variant, seed=run.seed, overrides=to_json(run.overrides),
                top1=metric('top1'), ema_top1=metric('ema_top1'), top5=metric('top5'),
                wall_s=round(wall, 1), metrics_file=keep_curve(workdir, out, run),
-               finished=time.strftime('%Y-%m-%dT%H:%M:%S'),
-               **measure_model(config, args.latency_batch, args.latency_runs))
+               finished=time.strftime('%Y-%m-%dT%H:%M:%S'), latency_ms='', latency_batch='',
+               **measure_model(config))
     if not args.keep_workdirs:
         shutil.rmtree(workdir)
         for parent in (workdir.parent, workdir.parent.parent):   # runs/VARIANT, runs/ once empty
@@ -339,15 +377,21 @@ def run_demo(sweep: Sweep, runs: List[Run], settings: Dict[str, Any], out: pathl
     pending = [r for r in runs if run_key(dict(common, variant=r.variant, seed=r.seed,
                                                overrides=to_json(r.overrides))) not in done]
     print(f'{sweep.name}: {len(runs) - len(pending)} of {len(runs)} runs already in {csv_path}', flush=True)
-    if pending:
+    if args.latency_only:
+        pending = []
+    if pending or args.latency_only or not (out / 'latency.csv').exists():
         from ghostnetv2_jax import process
         process.fast_cpu_defaults()   # as the train CLI: before the backend starts
+    if pending:
         check_models({r.variant: configs[r.variant, r.seed] for r in pending})
     for run in pending:
         try:
             append_row(csv_path, run_one(run, configs[run.variant, run.seed], out, common, args))
         except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
             raise SweepError(f'{run.variant} seed {run.seed}: {" ".join(str(e).split())}') from None
+    if pending or args.latency_only or not (out / 'latency.csv').exists():
+        chosen = {r.variant: configs[r.variant, r.seed] for r in runs}     # timed together
+        measure_latencies(chosen, out, args.latency_batch, args.latency_rounds)
     report.write_report(csv_path, out)
 
 
@@ -412,7 +456,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace, Dict[
     parser.add_argument('--variants', help='comma-separated subset of the variants')
     parser.add_argument('--seeds', help="comma-separated seeds instead of the sweep's")
     parser.add_argument('--latency-batch', type=int, default=8, help='images per timed predict call')
-    parser.add_argument('--latency-runs', type=int, default=20, help='timed calls (the median is kept)')
+    parser.add_argument('--latency-rounds', type=int, default=40,
+                        help='interleaved rounds of timed calls, one per variant each (the median is kept)')
+    parser.add_argument('--latency-only', action='store_true',
+                        help='train nothing new: time every variant again (OUT/latency.csv) and rewrite the report')
     parser.add_argument('--keep-workdirs', action='store_true', help='keep checkpoints of finished runs')
     parser.add_argument('--report-only', action='store_true', help='rewrite results.md/png from OUT/results.csv')
     args, extra = parser.parse_known_args(argv)

@@ -19,8 +19,8 @@ from experiments import costs, report, sweep  # noqa: E402
 TINY = str(REPO / 'configs' / 'tiny.py')
 ATTENTION = str(REPO / 'experiments' / 'sweeps' / 'attention.py')
 ABLATIONS = str(REPO / 'experiments' / 'sweeps' / 'dfc_ablations.py')
-DEMO_ARGS = ['--sweep', ATTENTION, '--scale', 'demo', '--base', TINY, '--variants', 'dfc,none', '--seeds', '0',
-             '--config.num_train_steps=2', '--latency-batch', '2', '--latency-runs', '2']
+DEMO_ARGS = ['--sweep', ATTENTION, '--scale', 'demo', '--base', TINY, '--variants', 'dfc,none', '--seeds', '0,1',
+             '--config.num_train_steps=2', '--latency-batch', '2', '--latency-rounds', '2']
 
 
 def read_csv(path):
@@ -36,30 +36,37 @@ def error_line(capsys) -> str:
 
 @pytest.fixture(scope='module')
 def demo(tmp_path_factory):
-    """The attention sweep's dfc and none variants, one seed, 2 train steps of the tiny model."""
+    """The attention sweep's dfc and none variants, two seeds, 2 train steps of the tiny model."""
     out = tmp_path_factory.mktemp('sweep') / 'attention'
     assert sweep.main([*DEMO_ARGS, '--out', str(out)]) == 0
     return out
 
 
-def test_demo_sweep_writes_a_row_per_run_and_the_report(demo):
+def test_demo_sweep_writes_a_row_per_run_the_latencies_and_the_report(demo):
     rows = read_csv(demo / 'results.csv')
     assert tuple(rows[0]) == sweep.COLUMNS
-    assert [(r['variant'], r['seed']) for r in rows] == [('dfc', '0'), ('none', '0')]
+    assert [(r['variant'], r['seed']) for r in rows] == [('dfc', '0'), ('none', '0'), ('dfc', '1'), ('none', '1')]
     assert json.loads(rows[1]['overrides']) == {'model_overrides.attention': 'none'}
-    assert json.loads(rows[0]['settings']) == {'eval_every_epochs': 1, 'num_train_steps': 2}
-    assert {r['sweep'] for r in rows} == {'attention'} and {r['base'] for r in rows} == {'configs/tiny.py'}
+    assert json.loads(rows[0]['settings']) == {'num_train_steps': 2}
+    assert {r['sweep'] for r in rows} == {'spread_attention'} and {r['base'] for r in rows} == {'configs/tiny.py'}
     for r in rows:
         assert 0 <= float(r['top1']) <= 100 and 0 <= float(r['ema_top1']) <= 100
-        assert float(r['latency_ms']) > 0 and r['latency_batch'] == '2' and r['image_size'] == '16'
+        assert r['latency_ms'] == '' and r['image_size'] == '16' and r['num_classes'] == '10'   # timed after the runs
         assert float(r['wall_s']) > 0 and r['version']
         records = [json.loads(line) for line in (demo / r['metrics_file']).read_text().splitlines()]
         assert records[-1]['step'] == 2 and records[-1]['eval/top1'] == pytest.approx(float(r['top1']), abs=1e-4)
-    dfc, none = rows
+    dfc, none = rows[0], rows[1]
     assert int(dfc['params']) > int(none['params']) and int(dfc['macs']) > int(none['macs'])   # DFC's branch
+    latency = read_csv(demo / 'latency.csv')
+    assert [r['variant'] for r in latency] == ['dfc', 'none']
+    assert all(float(r['latency_ms']) > 0 and r['latency_batch'] == '2' and r['rounds'] == '2' for r in latency)
     assert not (demo / 'runs').exists()   # finished workdirs are removed
     md = (demo / 'results.md').read_text()
-    assert '| dfc |' in md and '| none |' in md and 'Not decidable (a single seed): none' in md
+    assert '| dfc |' in md and '| none |' in md and 'paired (2 seeds)' not in md
+    assert 'interleaved rounds' in md and 'timed after the sweep' in md
+    assert 'Stability of `dfc` over 2 seeds' in md and 'First evaluation 5 points above chance' in md
+    diff = report.differences(report.summarize(rows))[0]
+    assert diff.method == 'paired (2 seeds)' and f'{diff.mean:+.2f} [{diff.low:+.2f}, {diff.high:+.2f}]' in md
     assert (demo / 'results.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
@@ -70,28 +77,36 @@ def test_rerun_skips_finished_runs_and_report_only_rewrites(demo, monkeypatch, c
     monkeypatch.setattr(sweep, 'measure_model', no_training)
     (demo / 'results.md').unlink()
     assert sweep.main([*DEMO_ARGS, '--out', str(demo)]) == 0
-    assert '2 of 2 runs already' in capsys.readouterr().out
-    assert len(read_csv(demo / 'results.csv')) == 2 and (demo / 'results.md').exists()
+    monkeypatch.setattr(sweep, 'measure_latencies', no_training)
+    assert '4 of 4 runs already' in capsys.readouterr().out
+    assert len(read_csv(demo / 'results.csv')) == 4 and (demo / 'results.md').exists()
     (demo / 'results.png').unlink()
     assert sweep.main(['--out', str(demo), '--report-only']) == 0
     assert (demo / 'results.png').exists()
 
 
-def test_report_calls_seed_noise_from_the_numbers(tmp_path):
-    """Means and sample stds per variant, and the noise line computed from them."""
-    rows = [dict(sweep='s', variant=v, seed=s, overrides='{}', settings='{}', base='b', params=10, macs=2_000_000,
-                 image_size=40, top1=t, ema_top1='', top5='', latency_ms=1.0 + s, latency_batch=8, wall_s=3,
-                 metrics_file='', version='v', finished='')
-            for v, tops in (('ref', (90, 92)), ('close', (90.5, 91.5)), ('far', (80, 81)))
+def test_report_calls_a_difference_significant_only_where_its_interval_excludes_zero(tmp_path):
+    """Means and sample stds per variant; the difference to the first variant with its 95%
+    interval, paired by seed (t with n - 1 degrees of freedom), or Welch's without shared seeds."""
+    rows = [dict(sweep='s', variant=v, seed=s + offset, overrides='{}', settings='{}', base='b', params=10,
+                 macs=2_000_000, image_size=40, top1=t, ema_top1='', top5='', latency_ms='', latency_batch='',
+                 wall_s=3, metrics_file='', version='v', finished='')
+            for v, tops, offset in (('ref', (90, 92), 0), ('close', (90.5, 91.5), 0), ('far', (80, 81), 0),
+                                    ('other_seeds', (70, 72), 10))
             for s, t in enumerate(tops)]
     path = tmp_path / 'results.csv'
     for row in rows:
         sweep.append_row(path, row)
     md, png = report.write_report(path, tmp_path)
     text = md.read_text()
-    assert '| ref | `{}` | 2 | 91.00 ± 1.41 |' in text
-    assert 'Within seed noise: close (+0.00, noise 1.41).' in text
-    assert 'Beyond seed noise: far (-10.50, noise 1.41).' in text
+    half = 12.7062 * math.sqrt(0.5) / math.sqrt(2)           # t(0.975, 1) x sd of the paired differences / sqrt(2)
+    assert '| ref | `{}` | 2 | 91.00 ± 1.41 | reference |' in text
+    assert f'| close | `{{}}` | 2 | 91.00 ± 0.71 | +0.00 [{-half:+.2f}, {half:+.2f}] | within noise |' in text
+    assert f'| far | `{{}}` | 2 | 80.50 ± 0.71 | -10.50 [{-10.5 - half:+.2f}, {-10.5 + half:+.2f}] | significant |' in text
+    welch = report.difference(report.summarize(rows)[0], report.summarize(rows)[3])
+    assert welch.method == 'Welch' and welch.mean == pytest.approx(-20.0) and welch.verdict == 'significant'
+    assert welch.high == pytest.approx(-20.0 + 4.3027 * math.sqrt(2), abs=1e-3)   # t(0.975, 2 df)
+    assert 'Significant: far' in text and 'Within noise: close' in text
     assert png.exists()
 
 
@@ -164,3 +179,10 @@ def test_costs_table_on_a_tiny_model(tmp_path):
     assert json.loads(by_name['v1_matched']['overrides'])['width'] >= 1.0
     md = (tmp_path / 'costs.md').read_text()
     assert all(f'| {v.name} |' in md for v in costs.VARIANTS) and 'Table 10' in md
+
+
+def test_a_run_leaves_chance_at_its_first_evaluation_clear_of_it():
+    curve = [{'step': 10, 'train/loss': 2.3}, {'step': 128, 'eval/top1': 14.9}, {'step': 256, 'eval/top1': 15.2},
+             {'step': 1280, 'eval/top1': 90.0}]
+    assert report.left_chance(curve, 10) == (256, 0.2)     # chance 10%: 15% or more has left it
+    assert math.isnan(report.left_chance(curve[:2], 10)[0])

@@ -1,5 +1,5 @@
-"""Where examples come from: the embedded digits (plain or cluttered), an image folder, or a
-tfds dataset.
+"""Where examples come from: the embedded digits (plain, cluttered, or spread over a canvas
+among large fragments, generated anew every epoch), an image folder, or a tfds dataset.
 
 A source knows its size and classes and hands the pipeline *light* records
 ``{'image': raw, 'label': int32, 'name': string}`` for one host's share of the split (``name``
@@ -293,6 +293,117 @@ def cluttered_digits(split: str) -> InMemorySource:
                           tuple(str(d) for d in range(10)))
 
 
+# ----------------------------------------------------------------------------- spread digits
+
+# One digit as large as most of the canvas among large fragments of other digits: any patch a few
+# strokes wide may belong to the digit or to a fragment, so its identity needs strokes far apart,
+# brought together across the image. Every training epoch draws new canvases (digit, place and
+# clutter) from the run's order key, so a small network cannot memorise a fixed set; the
+# validation canvases are fixed. The digits (and the fragments) of each split come from that
+# split of the embedded digits, so no digit crosses splits.
+SPREAD_CANVAS = 96                     # stride 16 leaves 6x6 maps: DFC pools them to 3x3
+SPREAD_UPSCALE = 9                     # nearest-neighbour: 8x8 -> 72x72, exact grey levels
+SPREAD_FRAGMENTS = 6                   # clutter: fragments of other digits of the split
+SPREAD_FRAGMENT_SIZES = (20, 36)       # square fragment side in canvas pixels, inclusive
+SPREAD_EXAMPLES = {'train': 8192, 'validation': 4000}   # per epoch (train), fixed (validation)
+SPREAD_SEED = 0                        # the validation canvases
+
+
+@functools.lru_cache(maxsize=len(DIGITS_SPLITS))
+def _digit_bank(split: str) -> Tuple[np.ndarray, np.ndarray]:
+    """The split's digits upscaled to 72x72 grey, and their labels."""
+    images, labels, splits = _digits_arrays()
+    index = splits[split]
+    grey = images[index, :, :, 0]
+    return grey.repeat(SPREAD_UPSCALE, axis=1).repeat(SPREAD_UPSCALE, axis=2), labels[index]
+
+
+@dataclasses.dataclass(frozen=True)
+class SpreadDigits:
+    """The generated spread digits: 96x96 canvases, 10 classes. A record holds the digit's index
+    in the split's bank and a layout key; ``load`` paints the canvas from them."""
+    split: str
+    num_examples: int
+    name: str = 'spread_digits'
+    holds_paths: bool = False
+
+    @property
+    def class_names(self) -> Tuple[str, ...]:
+        return tuple(str(d) for d in range(10))
+
+    @property
+    def num_classes(self) -> int:
+        return 10
+
+    def host_num_examples(self, host_index: int, host_count: int) -> int:
+        return len(host_slice(self.num_examples, host_index, host_count))
+
+    def problems(self, host_index: int, host_count: int) -> List[Tuple[str, str]]:
+        return []
+
+    @functools.cached_property
+    def _tables(self) -> Tuple[tf.Tensor, tf.Tensor]:
+        with tf.init_scope():     # dataset inputs, not graph constants
+            bank, labels = _digit_bank(self.split)
+            return tf.constant(bank), tf.constant(labels.astype(np.int32))
+
+    def _draw(self, key: tf.Tensor, count: int) -> tf.data.Dataset:
+        """``count`` records drawn from ``key``, named by position."""
+        bank, labels = self._tables
+        k_digit, k_layout = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+        digit = tf.random.stateless_uniform([count], seed=k_digit, minval=0, maxval=tf.shape(bank)[0],
+                                            dtype=tf.int32)
+        layout = tf.random.stateless_uniform([count, 2], seed=k_layout, minval=None, maxval=None,
+                                             dtype=tf.int64)
+        names = tf.strings.join([f'{self.name}/{self.split}[', tf.strings.as_string(tf.range(count)), ']'])
+        return tf.data.Dataset.from_tensor_slices({'digit': digit, 'layout': layout,
+                                                   'label': tf.gather(labels, digit), 'name': names})
+
+    def records(self, host_index: int, host_count: int) -> tf.data.Dataset:
+        """This host's share of the fixed canvases (SPREAD_SEED), in order."""
+        index = host_slice(self.num_examples, host_index, host_count)
+        key = tf.constant([SPREAD_SEED, DIGITS_SPLITS.index(self.split)], tf.int64)
+        return self._draw(key, self.num_examples).skip(int(index[0]) if len(index) else 0).take(len(index))
+
+    def epoch_records(self, host_index: int, host_count: int,
+                      order_key: tf.Tensor) -> tf.data.Dataset:
+        """This host's share of an epoch of new canvases drawn from ``order_key``."""
+        return self._draw(order_key, self.host_num_examples(host_index, host_count))
+
+    def load(self, record: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        bank, _ = self._tables
+        side, digit, k = SPREAD_CANVAS, 8 * SPREAD_UPSCALE, SPREAD_FRAGMENTS
+        keys = tf.unstack(tf.random.experimental.stateless_split(record['layout'], 4))
+        draw = lambda key, shape, low, high: tf.random.stateless_uniform(
+            shape, seed=key, minval=low, maxval=high + 1, dtype=tf.int32)      # inclusive
+
+        def paint(canvas, patch, top, left):   # ink adds as the brighter of the two
+            h, w = tf.shape(patch)[0], tf.shape(patch)[1]
+            return tf.maximum(canvas, tf.pad(patch, [[top, side - top - h], [left, side - left - w]]))
+
+        canvas = tf.zeros([side, side], tf.uint8)
+        size = draw(keys[0], [k], *SPREAD_FRAGMENT_SIZES)
+        other = draw(keys[1], [k], 0, 1 << 20) % tf.shape(bank)[0]
+        where = draw(keys[2], [k, 4], 0, 1 << 20)
+        for f in range(k):        # the clutter, then the digit over it
+            s = size[f]
+            r, c = where[f, 0] % (digit - s + 1), where[f, 1] % (digit - s + 1)
+            canvas = paint(canvas, bank[other[f], r:r + s, c:c + s],
+                           where[f, 2] % (side - s + 1), where[f, 3] % (side - s + 1))
+        spot = draw(keys[3], [2], 0, side - digit)
+        canvas = paint(canvas, bank[record['digit']], spot[0], spot[1])
+        image = tf.ensure_shape(tf.tile(canvas[..., None], [1, 1, 3]), [side, side, 3])
+        return {'image': image, 'label': record['label'], 'name': record['name']}
+
+
+def spread_digits(split: str) -> SpreadDigits:
+    """The generated spread digits (``SpreadDigits``): 8,192 new training canvases per epoch,
+    4,000 fixed validation canvases."""
+    if split not in DIGITS_SPLITS:
+        raise DataError(f"spread_digits has splits {list(DIGITS_SPLITS)}, not {split!r}")
+    return SpreadDigits(split, SPREAD_EXAMPLES[split])
+
+
 # ----------------------------------------------------------------------------- image folder
 
 # What each format's files start with and, when complete, end with. A file whose end differs
@@ -445,6 +556,7 @@ def _tfds_opener(name, split, data_dir, image_key='image', label_key='label',
 SOURCE_KINDS: Dict[str, Callable] = {
     'digits': lambda arg, split, data_dir, **_: digits(split),
     'cluttered_digits': lambda arg, split, data_dir, **_: cluttered_digits(split),
+    'spread_digits': lambda arg, split, data_dir, **_: spread_digits(split),
     'folder': lambda arg, split, data_dir, class_split=None, **_: image_folder(
         arg or data_dir, split, class_split),
     'tfds': _tfds_opener,
@@ -453,8 +565,8 @@ SOURCE_KINDS['image_folder'] = SOURCE_KINDS['folder']
 
 
 def parse_dataset(dataset: str) -> Tuple[str, str]:
-    """'digits' | 'cluttered_digits' | 'folder:PATH' | 'image_folder' | 'tfds:NAME' | a tfds
-    NAME[:VERSION]."""
+    """'digits' | 'cluttered_digits' | 'spread_digits' | 'folder:PATH' | 'image_folder' |
+    'tfds:NAME' | a tfds NAME[:VERSION]."""
     kind, _, arg = dataset.partition(':')
     if kind in SOURCE_KINDS:
         return kind, arg
