@@ -41,8 +41,12 @@ def test_the_model_files_hold_architecture_only(path):
 
 
 def test_kernels_import_nothing_from_the_layers_or_the_models():
+    # the shared C++ build cache is the one module outside kernels/ they may use
+    allowed = ('ghostnetv2_jax.kernels', 'ghostnetv2_jax.native_build')
     for path in (PACKAGE / 'kernels').glob('*.py'):
-        bad = [m for m in _imports(path) if not m.startswith('ghostnetv2_jax.kernels')]
+        imported = _imports(path)
+        bad = [m for m in imported if not m.startswith(allowed)
+               and not (m == 'ghostnetv2_jax' and 'ghostnetv2_jax.native_build' in imported)]
         assert not bad, f'{path.name} imports {bad}'
 
 
