@@ -26,7 +26,7 @@ install: $(VENV)/.runtime
 install-dev: $(VENV)/.dev
 
 test: $(VENV)/.dev
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist worksteal tests
+	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
 
 # The newest JAX / Flax / optax / orbax (requirements-latest.txt) on Python 3.12: every test that
 # does not need torch (marked `torch`), then the non-editable install check on the same versions.
