@@ -22,8 +22,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 
 def enabled() -> bool:
@@ -96,3 +97,32 @@ def build(path: Path, sources: Sequence[Path], flags: Sequence[str], what: str) 
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+class Loader:
+    """One native library's state in this process: ``ok()`` builds (if needed) and loads it the
+    first time, through ``load`` (returns the loaded library); False when native code is off or
+    the build or load failed, with the reason in ``error()``; ``library`` once loaded."""
+
+    def __init__(self, load: Callable[[], Any]):
+        self._load, self._lock, self._state = load, threading.Lock(), {}
+
+    def ok(self) -> bool:
+        with self._lock:
+            if 'ok' not in self._state:
+                if not enabled():
+                    self._state.update(ok=False, error='disabled by GHOSTNETV2_NATIVE=0')
+                else:
+                    try:
+                        self._state.update(library=self._load(), ok=True, error=None)
+                    except Exception as e:   # no compiler, failed build, unloadable library
+                        self._state.update(ok=False, error=f'{type(e).__name__}: {e}')
+            return self._state['ok']
+
+    def error(self) -> Optional[str]:
+        """Why ``ok()`` returned False (None if it has not, or has not been called)."""
+        return self._state.get('error')
+
+    @property
+    def library(self) -> Any:
+        return self._state['library']

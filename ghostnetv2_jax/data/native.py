@@ -13,7 +13,6 @@ the environment variables; GHOSTNETV2_NATIVE=0 turns it off).
 """
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Optional
 
@@ -28,10 +27,6 @@ CXXFLAGS = ('-O3', '-march=native', '-ffp-contract=off', '-std=c++17', '-shared'
 RESIZE_FILTERS = {'box': 0, 'bilinear': 1, 'hamming': 2, 'bicubic': 3, 'lanczos': 4}
 AFFINE_METHODS = ('nearest', 'bilinear', 'bicubic')      # the op's method ids, in order
 
-_lock = threading.Lock()
-_state: dict = {}
-
-
 def library_path() -> Path:
     flags = (*CXXFLAGS, *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags())
     return native_build.library_path('gnv2_pil_ops', [SOURCE], flags, tf.__version__)
@@ -45,46 +40,39 @@ def _load():
     return tf.load_op_library(str(path))
 
 
+_loader = native_build.Loader(_load)
+
+
 def available() -> bool:
     """Build (once), load and register the ops. False if disabled or unavailable."""
-    with _lock:
-        if 'ok' not in _state:
-            if not native_build.enabled():
-                _state.update(ok=False, error='disabled by GHOSTNETV2_NATIVE=0')
-            else:
-                try:
-                    _state['ops'] = _load()
-                    _state.update(ok=True, error=None)
-                except Exception as e:   # no compiler, failed build, unloadable library
-                    _state.update(ok=False, error=f'{type(e).__name__}: {e}')
-        return _state['ok']
+    return _loader.ok()
 
 
 def load_error() -> Optional[str]:
     """Why ``available()`` returned False (None if it has not, or has not been called)."""
-    return _state.get('error')
+    return _loader.error()
 
 
 def resize(image: tf.Tensor, size, method: str) -> tf.Tensor:
     """``Image.resize((w, h), method)`` of a uint8 [h, w, c] image to ``size`` (h, w)."""
-    return _state['ops'].gnv2_pil_resize(image, tf.cast(size, tf.int32), RESIZE_FILTERS[method])
+    return _loader.library.gnv2_pil_resize(image, tf.cast(size, tf.int32), RESIZE_FILTERS[method])
 
 
 def affine(image: tf.Tensor, matrix: tf.Tensor, fill: tf.Tensor, method: tf.Tensor) -> tf.Tensor:
     """``Image.transform(size, AFFINE, matrix, method, fillcolor=fill)`` of a uint8 [h, w, c]
     image; ``method`` indexes AFFINE_METHODS (an int32 tensor)."""
-    return _state['ops'].gnv2_pil_affine(image, tf.cast(matrix, tf.float64), tf.cast(fill, tf.uint8),
+    return _loader.library.gnv2_pil_affine(image, tf.cast(matrix, tf.float64), tf.cast(fill, tf.uint8),
                                          tf.cast(method, tf.int32))
 
 
 def apply_lut(image: tf.Tensor, luts: tf.Tensor) -> tf.Tensor:
     """``Image.point``: uint8 [..., c] image through per-channel tables (int32 [c, 256])."""
-    return _state['ops'].gnv2_apply_lut(image, tf.cast(luts, tf.int32))
+    return _loader.library.gnv2_apply_lut(image, tf.cast(luts, tf.int32))
 
 
 def normalize(image: tf.Tensor, mean, std) -> tf.Tensor:
     """``(image / 255 - mean) / std`` in float32, per channel (the last axis)."""
-    return _state['ops'].gnv2_normalize(image, tf.constant(mean, tf.float32), tf.constant(std, tf.float32))
+    return _loader.library.gnv2_normalize(image, tf.constant(mean, tf.float32), tf.constant(std, tf.float32))
 
 
 def main() -> int:

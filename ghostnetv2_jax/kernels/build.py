@@ -11,7 +11,6 @@ When there is no compiler, or the build fails, ``load()`` returns False with the
 from __future__ import annotations
 
 import ctypes
-import threading
 from pathlib import Path
 from typing import List, Optional
 
@@ -36,10 +35,6 @@ HANDLERS = {  # XLA custom-call target -> exported handler symbol
     'gnv2_batchnorm_moments': 'Gnv2BatchNormMoments',
     'gnv2_batchnorm_grad_sums': 'Gnv2BatchNormGradSums',
 }
-
-_lock = threading.Lock()
-_state: dict = {}
-
 
 def sources() -> List[Path]:
     """The library's translation units (compiled together) and headers (part of the cache key)."""
@@ -68,24 +63,17 @@ def _load_and_register():
     return lib
 
 
+_loader = native_build.Loader(_load_and_register)
+
+
 def load() -> bool:
     """Build (once), load and register the kernels. False if disabled or unavailable."""
-    with _lock:
-        if 'ok' not in _state:
-            if not native_build.enabled():
-                _state.update(ok=False, error='disabled by GHOSTNETV2_NATIVE=0')
-            else:
-                try:
-                    _state['lib'] = _load_and_register()
-                    _state.update(ok=True, error=None)
-                except Exception as e:  # no compiler, failed build, unloadable library
-                    _state.update(ok=False, error=f'{type(e).__name__}: {e}')
-        return _state['ok']
+    return _loader.ok()
 
 
 def load_error() -> Optional[str]:
     """Why ``load()`` returned False (None if it has not, or has not been called)."""
-    return _state.get('error')
+    return _loader.error()
 
 
 def main() -> int:
