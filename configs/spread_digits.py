@@ -11,7 +11,7 @@ bottlenecks, DFC in blocks 2-10) at width 0.5: at 96 px its last maps are 6x6, w
 3x3, so its horizontal and vertical FCs have extent to aggregate in every attention block.
 
 Its stability over seeds, its learning curves and the wall time of one run on a 2-core CPU are
-measured in experiments/results/attention (the ``dfc`` rows; results.md).
+measured in experiments/results/spread_attention (the ``dfc`` rows; results.md).
 """
 import pathlib
 import sys
