@@ -8,7 +8,7 @@ DEMO_WORKDIR ?= /tmp/ghostnetv2_demo
 PYTHON_LATEST ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 VENV_LATEST   ?= .venv-latest
 
-.PHONY: test test-latest demo install install-dev bench clean
+.PHONY: test test-latest demo install install-dev bench clean notebook-weights
 
 $(VENV)/.runtime: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,13 @@ test-latest: $(VENV_LATEST)/.installed
 
 demo: $(VENV)/.runtime
 	$(PY) -m ghostnetv2_jax train --config configs/demo.py --workdir $(DEMO_WORKDIR)
+
+# notebooks/03's trained network: configs/spread_digits.py as committed (about 3 minutes on 2 cores), its
+# last step as a Flax variables file (2.7 MB, committed).
+NOTEBOOK_WEIGHTS_WORKDIR ?= /tmp/ghostnetv2_spread_digits
+notebook-weights: $(VENV)/.runtime
+	$(PY) -m ghostnetv2_jax train --config configs/spread_digits.py --workdir $(NOTEBOOK_WEIGHTS_WORKDIR)
+	$(PY) -m ghostnetv2_jax convert --src $(NOTEBOOK_WEIGHTS_WORKDIR) --dst notebooks/weights/spread_digits_dfc.safetensors
 
 clean:
 	rm -rf $(VENV) $(VENV_LATEST) .pytest_cache build *.egg-info
