@@ -291,6 +291,273 @@ def plot(summaries: Sequence[Summary], title: str, inputs: str, png: pathlib.Pat
     fig.savefig(png, dpi=110)
 
 
+# ----------------------------------------------------------------------------- for the notebooks
+def read_sweep(out: pathlib.Path) -> Tuple[List[Dict[str, str]], List[Summary]]:
+    """OUT's rows and per-variant summaries (latency from OUT/latency.csv where it has the
+    variant); ([], []) while OUT has no results.csv (a sweep not run yet)."""
+    path = pathlib.Path(out) / 'results.csv'
+    if not path.is_file():
+        return [], []
+    rows = read_rows(path)
+    return rows, summarize(rows, read_latency(pathlib.Path(out))[0])
+
+
+def read_curve(path: pathlib.Path) -> List[Dict[str, float]]:
+    """A run's metrics.jsonl records ([] if the file is missing)."""
+    import json
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def curves(out: pathlib.Path, rows: Sequence[Dict[str, str]], variant: str,
+           key: str = 'eval/top1') -> Tuple[List[float], List[List[float]]]:
+    """``key`` over training for every run of ``variant`` whose metrics file OUT holds: the steps
+    every such run logged it at, and one list of values per run (its seed order in the rows)."""
+    runs = []
+    for row in rows:
+        if row['variant'] == variant and row.get('metrics_file'):
+            records = [r for r in read_curve(pathlib.Path(out) / row['metrics_file']) if key in r]
+            if records:
+                runs.append({r['step']: r[key] for r in records})
+    if not runs:
+        return [], []
+    steps = sorted(set.intersection(*(set(r) for r in runs)))
+    return steps, [[r[s] for s in steps] for r in runs]
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """A paper's accuracy claim about a variant against the reference."""
+    source: str          # where the paper makes it, e.g. 'Table 5'
+    text: str            # the claim in words
+    expect: str          # the variant's top-1 against the reference's that it implies: 'lower' | 'higher' | 'similar'
+
+
+# What a comparison with a claim can say, strongest first; the verdict words are Difference's.
+AGREES = 'agrees'                    # significant, in the claimed direction
+CONTRADICTS = 'contradicts'          # significant, the other way (or at all, for a claim of similar accuracy)
+CANNOT_TELL = 'cannot tell'          # within noise where the claim is a difference
+CONSISTENT = 'consistent'            # within noise where the claim is similar accuracy
+NOT_DECIDABLE = 'not decidable'      # fewer than two seeds on a side
+NOT_RUN = 'not run yet'
+
+
+@dataclasses.dataclass
+class Comparison:
+    """One variant of a sweep against its reference and, where the paper makes one, its claim."""
+    variant: str
+    summary: Optional[Summary]           # None: not run yet
+    difference: Optional[Difference]     # None: the variant or the reference not run yet
+    claim: Optional[Claim]
+
+    @property
+    def outcome(self) -> str:
+        """NOT_RUN, NOT_DECIDABLE, or against the claim AGREES / CONTRADICTS / CANNOT_TELL /
+        CONSISTENT (without a claim: the difference's verdict, 'significant' or 'within noise')."""
+        d = self.difference
+        if self.summary is None:
+            return NOT_RUN
+        if d is None or math.isnan(d.low):
+            return NOT_DECIDABLE
+        if self.claim is None:
+            return d.verdict
+        if not d.significant:
+            return CONSISTENT if self.claim.expect == 'similar' else CANNOT_TELL
+        seen = 'higher' if d.low > 0 else 'lower'
+        return AGREES if seen == self.claim.expect else CONTRADICTS
+
+
+def compare(summaries: Sequence[Summary], reference: str, claims: Optional[Dict[str, Claim]] = None,
+            variants: Optional[Sequence[str]] = None) -> List[Comparison]:
+    """Every variant but ``reference`` (``variants``' order, e.g. the sweep file's, so that those not
+    run yet are listed too; else the summaries') against it: the 95% interval of the top-1
+    difference (``difference``) and the claim of ``claims`` about it."""
+    by_name = {s.variant: s for s in summaries}
+    ref = by_name.get(reference)
+    names = list(variants) if variants is not None else [s.variant for s in summaries]
+    names += [s.variant for s in summaries if s.variant not in names]     # rows of variants the list lacks
+    out = []
+    for name in names:
+        if name == reference:
+            continue
+        s = by_name.get(name)
+        d = difference(ref, s) if s is not None and ref is not None else None
+        out.append(Comparison(name, s, d, (claims or {}).get(name)))
+    return out
+
+
+def _relative(value: float, ref: Optional[float]) -> str:
+    if not ref or math.isnan(ref) or math.isnan(value):
+        return ''
+    return f' ({100 * (value / ref - 1):+.1f}%)'
+
+
+def comparison_table(comparisons: Sequence[Comparison], reference: str, summaries: Sequence[Summary],
+                     seeds: Optional[Sequence[int]] = None) -> str:
+    """A Markdown table: ``reference``, then every comparison, with seeds run (of ``seeds``, the
+    planned ones), params and MACs (and their change against the reference's), latency where the
+    sweep timed it, top-1, the 95% interval of the difference, the paper's claim and the outcome."""
+    name = reference
+    reference = {s.variant: s for s in summaries}.get(name)
+    planned = f' of {len(seeds)}' if seeds else ''
+    timed = any(c.summary is not None and not math.isnan(c.summary.latency_ms[0]) for c in comparisons) or (
+        reference is not None and not math.isnan(reference.latency_ms[0]))
+    head = ['| variant | seeds | params | MACs | ' + ('latency (ms) | ' if timed else '') +
+            f'top-1 (%) | minus `{name}`, 95% CI | the paper | here |',
+            '|---|---:|---:|---:|' + ('---:|' if timed else '') + '---:|---:|---|---|']
+
+    def cells(s: Optional[Summary]) -> List[str]:
+        if s is None:
+            return ['0' + planned, '-', '-'] + (['-'] if timed else []) + ['-']
+        ref_params = reference.params if reference is not None else None
+        ref_macs = reference.macs if reference is not None else None
+        return ([f'{len(s.seeds)}{planned}', f'{s.params:,}' + (_relative(s.params, ref_params) if s is not reference else ''),
+                 count(s.macs) + (_relative(s.macs, ref_macs) if s is not reference else '')]
+                + ([fmt(s.latency_ms)] if timed else []) + [fmt(s.top1)])
+
+    body = [f'| **{name}** | ' + ' | '.join(cells(reference)) + ' | reference | | ' +
+            ('' if reference is not None else NOT_RUN) + ' |']
+    for c in comparisons:
+        d = c.difference
+        interval = ('-' if d is None else f'{d.mean:+.2f} (one seed)' if math.isnan(d.low)
+                    else f'{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]')
+        claim = f'{c.claim.source}: {c.claim.text}' if c.claim else '-'
+        if c.outcome == NOT_DECIDABLE:
+            verdict = (f'`{name}` not run yet: not decidable' if d is None else 'one seed: not decidable'
+                       if len(c.summary.seeds) < 2 else f'one seed of `{name}`: not decidable')
+        else:
+            verdict = c.outcome if c.claim is None or c.outcome == NOT_RUN else f'{c.outcome} ({d.verdict})'
+        body.append(f'| {c.variant} | ' + ' | '.join(cells(c.summary)) + f' | {interval} | {claim} | {verdict} |')
+    return '\n'.join(head + body)
+
+
+def _listing(items: Sequence[Comparison], reference: str) -> str:
+    """The variants of one outcome: each with its interval, or why it has none."""
+    parts = []
+    for c in items:
+        d = c.difference
+        if c.summary is None:
+            parts.append(f'`{c.variant}`')
+        elif d is None:
+            parts.append(f'`{c.variant}` (`{reference}` not run yet)')
+        elif math.isnan(d.low):
+            one = 'its one seed' if len(c.summary.seeds) < 2 else f'one seed of `{reference}`'
+            parts.append(f'`{c.variant}` ({d.mean:+.2f} on {one})')
+        else:
+            parts.append(f'`{c.variant}` {d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]')
+    return ', '.join(parts)
+
+
+OUTCOMES = (   # the order and words of ``conclusions``
+    (AGREES, 'Significant, in the direction the paper claims (agrees)'),
+    (CONTRADICTS, 'Significant, against the paper\'s claim (contradicts)'),
+    ('significant', 'Significant (no claim of the paper to check)'),
+    (CANNOT_TELL, 'Within noise where the paper claims a difference (cannot tell: the interval holds 0, so '
+                  'it shows neither the claim nor its opposite)'),
+    (CONSISTENT, 'Within noise where the paper claims similar accuracy (consistent with the claim, not a proof '
+                 'of it: any difference inside the interval fits the data)'),
+    ('within noise', 'Within noise (no claim of the paper to check)'),
+    (NOT_DECIDABLE, 'Not decidable (no interval)'),
+    (NOT_RUN, 'Not run yet'),
+)
+
+
+def conclusions(comparisons: Sequence[Comparison], reference: str) -> str:
+    """What the intervals say, as Markdown: the variants of each outcome (``OUTCOMES``) with their
+    top-1 minus ``reference``'s and its 95% interval, only as strongly as the intervals allow."""
+    if not comparisons:
+        return 'No variant besides the reference: nothing to compare.'
+    groups: Dict[str, List[Comparison]] = {}
+    for c in comparisons:
+        groups.setdefault(c.outcome, []).append(c)
+    decidable = [c for c in comparisons if c.outcome not in (NOT_RUN, NOT_DECIDABLE)]
+    head = (f'Top-1 of each variant minus `{reference}`\'s, in points, with the 95% interval of the difference '
+            '(paired by seed; Welch where fewer than two seeds are shared); significant only where the '
+            f'interval excludes 0. {len(decidable)} of {len(comparisons)} comparisons are decidable.')
+    lines = [f'- {text}: {_listing(groups[key], reference)}.' for key, text in OUTCOMES if key in groups]
+    tail = []
+    if len(decidable) > 1:
+        tail = ['', f'Each interval is 95% on its own: if no variant differed from `{reference}`, '
+                    f'{len(decidable)} comparisons would still show about {0.05 * len(decidable):.1f} '
+                    'significant by chance, so one significant result among several is weak evidence.']
+    return '\n'.join([head, '', *lines, *tail])
+
+
+OUTCOME_COLORS = {AGREES: 'tab:green', CONTRADICTS: 'tab:red', 'significant': 'tab:purple',
+                  CANNOT_TELL: 'tab:blue', CONSISTENT: 'tab:blue', 'within noise': 'tab:blue',
+                  NOT_DECIDABLE: 'tab:orange', NOT_RUN: '0.6'}
+
+
+def draw_differences(ax, comparisons: Sequence[Comparison], summaries: Sequence[Summary], reference: str) -> None:
+    """On matplotlib axes ``ax``: each comparison's top-1 minus ``reference``'s, its seeds as dots
+    (filled: against the reference's run of the same seed; hollow: against the reference's mean,
+    where it has no such run) and the mean with its 95% interval (a diamond alone without one),
+    coloured by outcome; variants not run yet are named at 0."""
+    from matplotlib.lines import Line2D
+    ref = {s.variant: s for s in summaries}.get(reference)
+    ref_seed = dict(zip(ref.seeds, ref.top1_values)) if ref is not None else {}
+    measured = False
+    for i, c in enumerate(comparisons):
+        color = OUTCOME_COLORS.get(c.outcome, 'k')
+        if c.summary is None or ref is None:
+            ax.text(i, 0, NOT_RUN if c.summary is None else f'{reference} {NOT_RUN}', rotation=90, ha='center',
+                    va='center', fontsize=8, color='0.4')
+            continue
+        measured = True
+        seeds = list(zip(c.summary.seeds, c.summary.top1_values))
+        paired = [v - ref_seed[k] for k, v in seeds if k in ref_seed]
+        alone = [v - ref.top1[0] for k, v in seeds if k not in ref_seed]
+        ax.scatter([i] * len(paired), paired, s=14, color='0.4', zorder=2)
+        ax.scatter([i] * len(alone), alone, s=14, facecolors='none', edgecolors='0.4', zorder=2)
+        d = c.difference
+        if math.isnan(d.low):
+            ax.plot(i + 0.15, d.mean, 'D', color=color, zorder=3)
+        else:
+            ax.errorbar(i + 0.15, d.mean, yerr=[[d.mean - d.low], [d.high - d.mean]], fmt='D', color=color,
+                        capsize=5, zorder=3)
+    ax.axhline(0, color='k', lw=0.8)
+    ax.set_xticks(range(len(comparisons)), [c.variant for c in comparisons], rotation=30, ha='right')
+    ax.set_xlim(-0.7, len(comparisons) - 0.3)
+    ax.set_ylabel(f'top-1 minus {reference} (points)')
+    ax.grid(axis='y', alpha=0.3)
+    if not measured:
+        ax.set_ylim(-1, 1)
+        return
+    shown = [o for o in dict.fromkeys(c.outcome for c in comparisons) if o != NOT_RUN]
+    handles = [Line2D([], [], marker='D', ls='', color=OUTCOME_COLORS.get(o, 'k'), label=o) for o in shown]
+    handles.append(Line2D([], [], marker='o', ls='', color='0.4', markersize=4, label='a seed'))
+    ax.legend(handles=handles, fontsize=7, loc='best')
+
+
+def draw_curves(ax, out: pathlib.Path, rows: Sequence[Dict[str, str]], variants: Sequence[str],
+                key: str = 'eval/top1', reference: Optional[str] = None) -> int:
+    """On matplotlib axes ``ax``: ``key`` over training steps per variant, the mean over its seeds
+    and a band from their minimum to their maximum (``curves``); ``reference`` drawn thicker in
+    black. Returns how many variants had a curve."""
+    drawn = 0
+    for i, variant in enumerate(variants):
+        steps, runs = curves(out, rows, variant, key)
+        if not runs:
+            continue
+        color = 'k' if variant == reference else f'C{i % 10}'
+        columns = list(zip(*runs))
+        ax.plot(steps, [statistics.fmean(c) for c in columns], color=color, lw=2.2 if variant == reference else 1.2,
+                marker='o', markersize=2.5,
+                label=f'{variant} ({len(runs)} seed{"s" if len(runs) > 1 else ""})')
+        if len(runs) > 1:
+            ax.fill_between(steps, [min(c) for c in columns], [max(c) for c in columns], color=color, alpha=0.12)
+        drawn += 1
+    ax.set_xlabel('train step')
+    ax.grid(alpha=0.3)
+    if drawn:
+        ax.legend(fontsize=7, ncol=2)
+    else:
+        ax.text(0.5, 0.5, 'no runs yet', transform=ax.transAxes, ha='center', va='center', color='0.4')
+    return drawn
+
+
 def write_report(csv_path: pathlib.Path, out: pathlib.Path) -> Tuple[pathlib.Path, pathlib.Path]:
     """``out/results.md`` and ``out/results.png`` from ``csv_path``."""
     rows = read_rows(csv_path)

@@ -186,3 +186,73 @@ def test_a_run_leaves_chance_at_its_first_evaluation_clear_of_it():
              {'step': 1280, 'eval/top1': 90.0}]
     assert report.left_chance(curve, 10) == (256, 0.2)     # chance 10%: 15% or more has left it
     assert math.isnan(report.left_chance(curve[:2], 10)[0])
+
+
+def _row(variant, seed, top1, metrics_file=''):
+    return dict(sweep='s', variant=variant, seed=seed, overrides='{}', settings='{}', base='b',
+                params=1000 if variant != 'bigger' else 1100, macs=2_000_000, image_size=96, num_classes=10,
+                top1=top1, ema_top1='', top5='', latency_ms='', latency_batch='', wall_s=3,
+                metrics_file=metrics_file, version='v', finished='')
+
+
+def test_comparisons_with_the_paper_say_only_what_the_intervals_allow():
+    """Against a claim: agrees or contradicts only where the 95% interval excludes 0; within noise
+    it cannot tell (a claimed difference) or is consistent (a claimed similarity); one seed is not
+    decidable, a variant the results lack is not run yet."""
+    tops = {'ref': (90, 91, 92), 'agrees': (85, 86.5, 87), 'contradicts': (95, 96.5, 97),
+            'cannot_tell': (88, 93, 90), 'consistent': (90.5, 90, 92.5), 'unlike': (80, 81.5, 82),
+            'bigger': (85, 86.5, 87), 'one_seed': (95,)}
+    rows = [_row(v, s, t) for v, ts in tops.items() for s, t in enumerate(ts)]
+    summaries = report.summarize(rows)
+    claims = {name: report.Claim('Table X', f'claim about {name}', expect) for name, expect in
+              (('agrees', 'lower'), ('contradicts', 'lower'), ('cannot_tell', 'lower'), ('consistent', 'similar'),
+               ('unlike', 'similar'), ('one_seed', 'higher'), ('missing', 'lower'))}
+    order = ['ref', 'missing', *list(tops)[1:]]
+    comparisons = report.compare(summaries, 'ref', claims, order)
+    outcomes = {c.variant: c.outcome for c in comparisons}
+    assert outcomes == {'missing': report.NOT_RUN, 'agrees': report.AGREES, 'contradicts': report.CONTRADICTS,
+                        'cannot_tell': report.CANNOT_TELL, 'consistent': report.CONSISTENT,
+                        'unlike': report.CONTRADICTS, 'bigger': 'significant', 'one_seed': report.NOT_DECIDABLE}
+    assert [c.variant for c in comparisons] == order[1:]
+
+    table = report.comparison_table(comparisons, 'ref', summaries, seeds=(0, 1, 2))
+    assert '| **ref** | 3 of 3 | 1,000 | 2.00M | 91.00 ± 1.00 | reference |' in table
+    assert '| bigger | 3 of 3 | 1,100 (+10.0%) | 2.00M (+0.0%) |' in table
+    assert '| one_seed | 1 of 3 |' in table and '+4.00 (one seed) | Table X: claim about one_seed | one seed: not decidable |' in table
+    assert '| missing | 0 of 3 | - | - | - | - | Table X: claim about missing | not run yet |' in table
+    assert 'cannot tell (within noise)' in table and 'agrees (significant)' in table
+
+    text = report.conclusions(comparisons, 'ref')
+    assert '6 of 8 comparisons are decidable' in text
+    d = {c.variant: c.difference for c in comparisons}['agrees']
+    assert f'(agrees): `agrees` {d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}].' in text
+    assert '(contradicts): `contradicts`' in text and '`unlike`' in text.split('(contradicts): ')[1].split('\n')[0]
+    assert '- Not decidable (no interval): `one_seed` (+4.00 on its one seed).' in text
+    assert '- Not run yet: `missing`.' in text
+    assert 'about 0.3 significant by chance' in text
+
+    alone = report.compare([s for s in summaries if s.variant != 'ref'], 'ref', claims, order)
+    assert {c.outcome for c in alone} == {report.NOT_RUN, report.NOT_DECIDABLE}
+    assert '`ref` not run yet: not decidable' in report.comparison_table(alone, 'ref', summaries[1:])
+    assert '`agrees` (`ref` not run yet)' in report.conclusions(alone, 'ref')
+
+
+def test_the_notebooks_read_a_sweep_missing_or_partial_and_draw_it(tmp_path):
+    from matplotlib.figure import Figure
+    assert report.read_sweep(tmp_path / 'not_run') == ([], [])
+    (tmp_path / 'metrics').mkdir()
+    for seed, steps in ((0, (128, 256, 384)), (1, (128, 256))):        # seed 1 stopped early
+        (tmp_path / 'metrics' / f'seed{seed}.jsonl').write_text('\n'.join(
+            json.dumps({'step': s, 'eval/top1': s / 10 + seed}) for s in steps) + '\n{"step": 1, "train/loss": 2.3}\n')
+    for row in (_row('ref', 0, 90, 'metrics/seed0.jsonl'), _row('ref', 1, 91, 'metrics/seed1.jsonl'),
+                _row('other', 0, 89, 'metrics/gone.jsonl')):
+        sweep.append_row(tmp_path / 'results.csv', row)
+    rows, summaries = report.read_sweep(tmp_path)
+    assert [s.variant for s in summaries] == ['ref', 'other']
+    assert report.curves(tmp_path, rows, 'ref') == ([128, 256], [[12.8, 25.6], [13.8, 26.6]])
+    assert report.curves(tmp_path, rows, 'other') == ([], [])
+    comparisons = report.compare(summaries, 'ref', {}, ['ref', 'other', 'later'])
+    ax_diff, ax_curve = Figure().subplots(1, 2)
+    report.draw_differences(ax_diff, comparisons, summaries, 'ref')
+    assert report.draw_curves(ax_curve, tmp_path, rows, ['ref', 'other', 'later'], reference='ref') == 1
+    report.draw_differences(ax_diff, report.compare([], 'ref', {}, ['ref', 'later']), [], 'ref')
