@@ -9,11 +9,11 @@ decided by the whole digit, not by a local patch of strokes.
 
 Expected: 30-60% validation top-1 after 12 epochs (1,068 steps), in about 6-9 minutes on one
 core of a 2-core CPU, compilation included; far from saturated, and strongly seed-dependent. The
-attention sweep (experiments/results/attention, 2 seeds per variant) measured DFC at 45.1 +- 15.0%
-and no attention at 53.6 +- 8.5%: the loss stays near chance for the first epochs and the epoch at
-which it takes off varies with the seed, so seeds of one variant differ by 11-21 points. Comparing
-variants on this task needs more epochs and seeds than the demo scale gives (e.g.
-``--config.num_epochs=30`` and five seeds).
+attention sweep (2 seeds per variant; ``git show ffa0e84:experiments/results/attention/results.md``)
+measured DFC at 45.1 +- 15.0% and no attention at 53.6 +- 8.5%: the loss stays near chance for
+the first epochs and the epoch at which it takes off varies with the seed, so seeds of one variant
+differ by 11-21 points. Comparing variants on this task needs more epochs and seeds than the demo
+scale gives (e.g. ``--config.num_epochs=30`` and five seeds).
 
 The whole canvas is the input (a crop could cut the digit out; the placement already translates
 it) and nothing is flipped; otherwise the demo's recipe, for more steps.

@@ -1,10 +1,10 @@
 """Run a sweep of the paper's ablations: every (variant, seed) of a sweep file, trained and measured.
 
   python experiments/sweep.py --sweep experiments/sweeps/attention.py --scale demo \
-      --out experiments/results/attention [--config.num_epochs=2 ...]
+      --out experiments/results/spread_attention [--config.num_epochs=2 ...]
   python experiments/sweep.py --sweep experiments/sweeps/attention.py --scale imagenet \
       --out experiments/launch/attention --workdir-root gs://BUCKET/ghostnetv2_experiments/attention
-  python experiments/sweep.py --out experiments/results/attention --report-only
+  python experiments/sweep.py --out experiments/results/spread_attention --report-only
 
 A sweep file defines ``get_sweep()``, returning an ``ml_collections.ConfigDict`` (or a dict) with
 ``base`` (a training config file), ``variants`` ((name, overrides) pairs, the overrides in the
