@@ -1,7 +1,7 @@
 """Two training processes on localhost, launched as docs/training.md says (no cluster manager:
-JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), with CPU collectives: SIGKILL +
-rerun is bit-identical to a straight two-process run, and SIGTERM to one process makes both save
-the same step and exit 0."""
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), with CPU collectives: a SIGKILLed
+process makes its peer exit with one line naming the resume step, and the rerun is bit-identical
+to a straight two-process run; SIGTERM to one process makes both save the same step and exit 0."""
 import signal
 import socket
 import subprocess
@@ -84,7 +84,38 @@ def assert_same_state(a, b):
         np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
 
 
-def test_two_processes_resume_after_sigkill_bit_identical(tmp_path, compile_cache):
+def lose_process_1_after_step_k(tmp_path, workdir, *overrides, cache, seconds):
+    """Both processes train; from batch K on every batch first sleeps ``seconds``; process 1 is
+    SIGKILLed once the step-K checkpoint is committed. Process 0's (returncode, stdout, stderr)
+    and the seconds it took to exit after the kill."""
+    mark = tmp_path / f'slow-{workdir.name}'
+    procs = launch(tmp_path, workdir, *overrides, cache=cache, SLOW_AFTER=K, SLOW_SECONDS=seconds,
+                   SLOW_MARK=mark, GHOSTNETV2_PEER_TIMEOUT_S=5)
+    wait_until(lambda: mark.exists() and committed_steps(workdir) == [K], procs, f'the step-{K} checkpoint')
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    (code, out, err), _ = finish(procs, timeout=60)
+    return code, out, err, time.time() - killed
+
+
+def assert_one_line_naming_step_k(code, out, err, took):
+    """Exit 1 in seconds, one error line naming the step a rerun resumes from, no dump."""
+    assert code == 1, f'exit {code} after {took:.0f}s\n{out}\n{err[-4000:]}'
+    errors = [line for line in err.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1, err[-4000:]
+    assert errors[0].startswith('error: a peer process was lost (') and errors[0].endswith(
+        f'); rerunning the same command on every process resumes from step {K}'), errors[0]
+    for noise in ('Traceback', 'Fatal Python error', 'Extension modules', 'Check failure', '@     0x'):
+        assert noise not in err, err[-4000:]
+    assert took < 40, f'{took:.0f}s'
+
+
+def test_a_lost_idle_peer_is_one_line_and_the_rerun_resumes_bit_identical(tmp_path, compile_cache):
+    """A straight two-process run of 2K steps; the same run with the input stalled after the
+    step-K checkpoint and process 1 SIGKILLed: process 0, waiting in its input pipeline, is told by
+    the peer watchdog (its timeout 5 s here) and leaves with one line naming step K, exit 1, no
+    dump, in seconds (by os._exit: the workdir is as a SIGKILL of both leaves it). Rerunning the
+    same command on both processes resumes from step K and ends bit-identical to the straight run."""
     straight = launch(tmp_path, tmp_path / 'straight', *COMMON, cache=compile_cache)
     results = finish(straight)
     assert_all_ok(results)
@@ -92,13 +123,9 @@ def test_two_processes_resume_after_sigkill_bit_identical(tmp_path, compile_cach
     assert committed_steps(tmp_path / 'straight') == [K, 2 * K]
 
     workdir = tmp_path / 'resumed'
-    killed = launch(tmp_path, workdir, *COMMON, cache=compile_cache, SLOW_AFTER=K, SLOW_SECONDS=600)
-    try:
-        wait_until(lambda: committed_steps(workdir) == [K], killed, f'the step-{K} checkpoint')
-    finally:
-        for proc in killed:
-            proc.send_signal(signal.SIGKILL)
-        finish(killed)
+    assert_one_line_naming_step_k(*lose_process_1_after_step_k(tmp_path, workdir, *COMMON, cache=compile_cache,
+                                                               seconds=600))
+    assert committed_steps(workdir) == [K]
     results = finish(launch(tmp_path, workdir, *COMMON, cache=compile_cache))
     assert_all_ok(results)
     assert f'(step {K})' in results[0][1]
@@ -135,26 +162,9 @@ def test_a_launch_missing_the_process_count_is_one_clear_line():
     assert sharding.multihost_requested('auto', {}, num_processes=2)
 
 
-@pytest.mark.parametrize('survivor_is', ['in_a_collective', 'idle'])
-def test_a_lost_peer_is_one_line_naming_the_resume_step(tmp_path, compile_cache, survivor_is):
-    """SIGKILL process 1 after the step-K checkpoint. Process 0 either runs on into the next
-    step's all-reduce (it fails at once) or waits in its input pipeline (the peer watchdog, its
-    timeout set to 5 s here, notices): either way one line, exit 1, no dump, in seconds."""
-    workdir, mark = tmp_path / 'run', tmp_path / 'slow'
-    seconds = 0.3 if survivor_is == 'in_a_collective' else 600
-    procs = launch(tmp_path, workdir, '--config.num_train_steps=40', f'--config.checkpoint_every_steps={K}',
-                   cache=compile_cache, SLOW_AFTER=K, SLOW_SECONDS=seconds, SLOW_MARK=mark,
-                   GHOSTNETV2_PEER_TIMEOUT_S=5)
-    wait_until(lambda: mark.exists() and committed_steps(workdir) == [K], procs, f'the step-{K} checkpoint')
-    procs[1].send_signal(signal.SIGKILL)
-    killed = time.time()
-    (code, out, err), _ = finish(procs, timeout=60)
-    took = time.time() - killed
-    assert code == 1, f'exit {code} after {took:.0f}s\n{out}\n{err[-4000:]}'
-    errors = [line for line in err.splitlines() if line.startswith('error:')]
-    assert len(errors) == 1, err[-4000:]
-    assert errors[0].startswith('error: a peer process was lost (') and errors[0].endswith(
-        f'); rerunning the same command on every process resumes from step {K}'), errors[0]
-    for noise in ('Traceback', 'Fatal Python error', 'Extension modules', 'Check failure', '@     0x'):
-        assert noise not in err, err[-4000:]
-    assert took < 40, f'{took:.0f}s'
+def test_a_peer_lost_during_a_collective_is_one_line_naming_the_resume_step(tmp_path, compile_cache):
+    """Process 0 runs on into the next step's all-reduce without process 1 (it fails at once):
+    the same one line as for an idle survivor, exit 1, no dump, in seconds."""
+    assert_one_line_naming_step_k(*lose_process_1_after_step_k(
+        tmp_path, tmp_path / 'run', '--config.num_train_steps=40', f'--config.checkpoint_every_steps={K}',
+        cache=compile_cache, seconds=0.3))
