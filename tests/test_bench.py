@@ -139,8 +139,13 @@ def _train_spec(framework, variant):
 
 def test_jax_train_contender_is_the_trainers_step(monkeypatch):
     """The JAX train contender runs train.steps.make_train_step, jitted by steps.jit_train_step
-    (as the trainer jits it), on a create_state state with the recipe's optimizer and EMA."""
+    (as the trainer jits it), on a create_state state with the recipe's optimizer and EMA. (The
+    registered model on a two-row table: what is checked is how the step is made, not the model.)"""
+    from ghostnetv2_jax.models import registry
     from ghostnetv2_jax.train.state import TrainState
+    create = registry.create_model
+    monkeypatch.setattr(registry, 'create_model', lambda name, **kw: create(
+        name, cfgs=(((3, 16, 16, 0, 1),), ((3, 48, 24, 0.25, 2),)), **kw))
     made, jitted = [], []
     make, jit = steps.make_train_step, steps.jit_train_step
     monkeypatch.setattr(steps, 'make_train_step', lambda *a: made.append(a) or make(*a))
