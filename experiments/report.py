@@ -189,15 +189,25 @@ def left_chance(curve: Sequence[Dict[str, float]], num_classes: int) -> Tuple[fl
     return math.nan, math.nan
 
 
+def first_points(curve: Sequence[Dict[str, float]]) -> Tuple[Optional[Dict[str, float]], Optional[Dict[str, float]]]:
+    """The first evaluation record and the first training record after step 1 (the mean over
+    its logging window: step 1, mostly compilation, is logged alone), or None."""
+    evals = [r for r in curve if 'eval/top1' in r]
+    trains = [r for r in curve if 'train/top1' in r and r['step'] > 1]
+    return (evals[0] if evals else None), (trains[0] if trains else None)
+
+
 def stability_lines(rows: Sequence[Dict[str, str]], out: pathlib.Path) -> List[str]:
-    """The reference variant's seeds: top-1 spread, and when each run left chance."""
+    """The reference variant's seeds: top-1 spread, and when each run left chance, by the
+    validation curve (CHANCE_MARGIN points above chance) and by the training curve (the training
+    top-1 of the first logging window after step 1)."""
     ref = rows[0]['variant']
     runs = [r for r in rows if r['variant'] == ref]
     tops = [_number(r['top1']) for r in runs]
     mean, std = mean_std(tops)
     lines = [f'Stability of `{ref}` over {len(runs)} seeds: top-1 {fmt((mean, std))} (sample std {std:.2f} '
              f'points; range {min(tops):.2f}-{max(tops):.2f}).']
-    parts = []
+    parts, early = [], []
     for r in runs:
         path = out / r['metrics_file'] if r.get('metrics_file') else None
         classes = int(float(r['num_classes'])) if r.get('num_classes') else 0
@@ -205,11 +215,20 @@ def stability_lines(rows: Sequence[Dict[str, str]], out: pathlib.Path) -> List[s
             continue
         import json
         curve = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        total = max(c['step'] for c in curve)
         step, fraction = left_chance(curve, classes)
         parts.append(f'seed {r["seed"]}: ' + ('never' if math.isnan(step) else f'step {int(step)} ({100 * fraction:.0f}%)'))
+        first_eval, first_train = first_points(curve)
+        if first_eval is not None and first_train is not None:
+            early.append(f'seed {r["seed"]}: {first_eval["eval/top1"]:.1f}% validation at step {first_eval["step"]} '
+                         f'({100 * first_eval["step"] / total:.0f}%), {100 * first_train["train/top1"]:.1f}% training '
+                         f'over steps 2-{first_train["step"]}')
     if parts:
-        lines.append(f'First evaluation {CHANCE_MARGIN:.0f} points above chance (100 / classes): '
+        lines.append(f'First evaluation {CHANCE_MARGIN:.0f} points above chance ({100 / classes:.0f}%): '
                      + '; '.join(parts) + '.')
+    if early:
+        lines.append('Top-1 at the first evaluation and over the first training window (chance '
+                     f'{100 / classes:.0f}%): ' + '; '.join(early) + '.')
     return lines
 
 

@@ -188,6 +188,14 @@ def test_a_run_leaves_chance_at_its_first_evaluation_clear_of_it():
     assert math.isnan(report.left_chance(curve[:2], 10)[0])
 
 
+def test_the_first_training_window_is_the_one_after_step_one():
+    curve = [{'step': 1, 'train/top1': 0.5}, {'step': 128, 'train/top1': 0.152}, {'step': 128, 'eval/top1': 11.6},
+             {'step': 256, 'train/top1': 0.4}, {'step': 256, 'eval/top1': 55.0}]
+    first_eval, first_train = report.first_points(curve)
+    assert first_eval == {'step': 128, 'eval/top1': 11.6} and first_train == {'step': 128, 'train/top1': 0.152}
+    assert report.first_points([{'step': 1, 'train/top1': 0.5}]) == (None, None)
+
+
 def _row(variant, seed, top1, metrics_file=''):
     return dict(sweep='s', variant=variant, seed=seed, overrides='{}', settings='{}', base='b',
                 params=1000 if variant != 'bigger' else 1100, macs=2_000_000, image_size=96, num_classes=10,

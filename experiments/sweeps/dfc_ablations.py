@@ -1,10 +1,11 @@
 """The DFC switches the paper ablates (Tables 6-10), each against the released DFC (5x5 kernels,
 every attention block, on the first ghost module, 2x2 average pooling, sigmoid before nearest
-up-sampling), on the spread digits (configs/spread_digits.py: at 96 px the attention blocks 2-10
-see 24, 12 and 6 px maps, pooled to 12, 6 and 3).
+up-sampling), on the spread digits (configs/spread_digits.py: at 96 px the gates of blocks 2-3
+see 24 px maps, of blocks 4-5 12 px (block 5's gate comes before its stride-2 conv), of blocks
+6-10 6 px, pooled to 12, 6 and 3).
 
   Table 6   kernel size:          kernel_3, kernel_7 (released: 5)
-  Table 7   which blocks:         blocks_early (2-4: the 24 and 12 px maps), blocks_late (5-10: 6 px)
+  Table 7   which blocks:         blocks_early (2-4: 24 and 12 px maps), blocks_late (5-10: 12 and 6 px)
   Table 8   what is enhanced:     ghost2 (the block's output instead of the expanded features)
   Table 9   gate and up-sampling: gate_after_upsample
   Table 10  pooling, up-sampling: max_pool; bilinear, bicubic (released: nearest)
