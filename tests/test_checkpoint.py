@@ -11,43 +11,57 @@ import pytest
 from test_trainer import (assert_ok, committed_steps, compile_cache, load_meta, load_state, load_tiny,  # noqa: F401
                           run_training, start_training, wait_for)
 
-K = 3   # steps before the kill; the straight run does 2K
+# One uninterrupted run (straight_run, below) is the reference of every resume here: 6 steps,
+# checkpoints at 2, 4 and 6 (all kept), its batches logged.
+STEPS = ('--config.num_train_steps=6', '--config.checkpoint_every_steps=2', '--config.keep_checkpoints=3')
+K = 4   # the killed run's last checkpoint
 
 
 def batch_log(path: pathlib.Path) -> list:
     return path.read_text().splitlines() if path.exists() else []
 
 
-def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, compile_cache):
-    common = (f'--config.num_train_steps={2 * K}', f'--config.checkpoint_every_steps={K}')
-    straight_log, resumed_log = tmp_path / 'straight.log', tmp_path / 'resumed.log'
-    assert_ok(run_training(tmp_path, tmp_path / 'straight', *common, cache=compile_cache, TRAIN_LOG=straight_log))
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory, compile_cache):
+    """An uninterrupted 6-step run that saved steps 2, 4 and 6; its batch log beside it."""
+    tmp = tmp_path_factory.mktemp('straight')
+    assert_ok(run_training(tmp, tmp / 'run', *STEPS, cache=compile_cache, TRAIN_LOG=tmp / 'batches.log'))
+    assert committed_steps(tmp / 'run') == [2, 4, 6]
+    return tmp / 'run'
+
+
+def assert_same_state(a, b, step: int = 6) -> None:
+    want, got = load_state(a, step), load_state(b, step)
+    assert jax.tree.structure(want) == jax.tree.structure(got)
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(got)):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, compile_cache, straight_run):
+    straight_log, resumed_log = straight_run.parent / 'batches.log', tmp_path / 'resumed.log'
 
     # Killed: from batch K on the input stalls, so the run sits right after its step-K checkpoint.
     workdir = tmp_path / 'resumed'
-    proc = start_training(tmp_path, workdir, *common, cache=compile_cache, TRAIN_LOG=resumed_log,
+    proc = start_training(tmp_path, workdir, *STEPS, cache=compile_cache, TRAIN_LOG=resumed_log,
                           SLOW_AFTER=K, SLOW_SECONDS=600, SLOW_MARK=tmp_path / 'stalled')
     try:
-        wait_for(lambda: committed_steps(workdir) == [K], proc, what=f'the step-{K} checkpoint')
+        wait_for(lambda: committed_steps(workdir) == [2, K], proc, what=f'the step-{K} checkpoint')
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     assert [line.split()[0] for line in batch_log(resumed_log)] == [str(i) for i in range(K)]
 
-    result = run_training(tmp_path, workdir, *common, cache=compile_cache, TRAIN_LOG=resumed_log)
+    result = run_training(tmp_path, workdir, *STEPS, cache=compile_cache, TRAIN_LOG=resumed_log)
     assert_ok(result)
     assert f'resumed from {workdir / "checkpoints"}/{K} (step {K})' in result.stdout
 
-    # Same data, in the same order: the resumed run read batches K..2K-1 and nothing twice.
+    # Same data, in the same order: the resumed run read batches K..5 and nothing twice.
     assert batch_log(resumed_log) == batch_log(straight_log)
-    assert len(batch_log(straight_log)) == 2 * K
+    assert len(batch_log(straight_log)) == 6
     # Same state, bit for bit: params, BN statistics, optimizer state, EMA, RNG, step.
-    want, got = load_state(tmp_path / 'straight', 2 * K), load_state(workdir, 2 * K)
-    assert jax.tree.structure(want) == jax.tree.structure(got)
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(got)):
-        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
-    assert load_meta(workdir, 2 * K)['data_step'] == 2 * K
+    assert_same_state(straight_run, workdir)
+    assert load_meta(workdir, 6)['data_step'] == 6
 
 
 def test_sigterm_saves_a_loadable_checkpoint_and_exits_0(tmp_path, compile_cache):
@@ -101,9 +115,6 @@ def test_workdir_holding_another_model_is_a_clear_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------- damaged checkpoints
-DAMAGE_STEPS = ('--config.num_train_steps=6', '--config.checkpoint_every_steps=2', '--config.keep_checkpoints=3')
-
-
 def garble(step_dir: pathlib.Path) -> None:
     """Overwrite bytes in the middle of the largest array file of a step's state (a failing disk)."""
     files = [p for p in (step_dir / 'state').rglob('*') if p.is_file()]
@@ -123,41 +134,34 @@ def snapshot(root: pathlib.Path) -> dict:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob('*')) if p.is_file()}
 
 
-@pytest.fixture(scope='module')
-def straight_run(tmp_path_factory, compile_cache):
-    """An uninterrupted 6-step run that saved steps 2, 4 and 6."""
-    tmp = tmp_path_factory.mktemp('straight')
-    assert_ok(run_training(tmp, tmp / 'run', *DAMAGE_STEPS, cache=compile_cache))
-    assert committed_steps(tmp / 'run') == [2, 4, 6]
-    return tmp / 'run'
-
-
-@pytest.mark.parametrize('damage', [garble, drop_item], ids=['garbled_arrays', 'missing_item'])
-def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, compile_cache, straight_run, damage):
+def test_damaged_latest_checkpoints_fall_back_to_the_newest_that_restores(tmp_path, compile_cache, straight_run):
+    """Step 6's arrays garbled (its fingerprint differs), step 4's state item missing (it does not
+    restore): each is named, moved aside, and training goes on from step 2."""
     workdir = tmp_path / 'run'
     shutil.copytree(straight_run, workdir)
-    damage(workdir / 'checkpoints' / '6')
-    damaged = snapshot(workdir / 'checkpoints' / '6')
-
-    result = run_training(tmp_path, workdir, *DAMAGE_STEPS, cache=compile_cache)
-    assert_ok(result)
     directory = workdir / 'checkpoints'
-    assert f'checkpoint {directory}/6 cannot be restored' in result.stdout
-    assert f'checkpoint step 6 is damaged; moved to {workdir / "damaged_checkpoints" / "6"}; going on from step 4' \
-        in result.stdout
-    assert f'resumed from {directory}/4 (step 4)' in result.stdout
-    assert snapshot(workdir / 'damaged_checkpoints' / '6') == damaged   # moved aside, not deleted
-    # Steps 5 and 6 trained again from step 4: the state equals the uninterrupted run's, bit for bit.
+    garble(directory / '6')
+    drop_item(directory / '4')
+    damaged = {step: snapshot(directory / str(step)) for step in (6, 4)}
+
+    result = run_training(tmp_path, workdir, *STEPS, cache=compile_cache)
+    assert_ok(result)
+    for step in (6, 4):
+        assert f'checkpoint {directory}/{step} cannot be restored' in result.stdout
+        assert f'checkpoint step {step} is damaged; moved to {workdir / "damaged_checkpoints" / str(step)}; ' \
+            'going on from step 2' in result.stdout
+        assert snapshot(workdir / 'damaged_checkpoints' / str(step)) == damaged[step]   # moved aside, not deleted
+    assert f'resumed from {directory}/2 (step 2)' in result.stdout
+    # Steps 3 to 6 trained again from step 2: the state equals the uninterrupted run's, bit for bit.
     assert committed_steps(workdir) == [2, 4, 6]
-    want, got = load_state(straight_run, 6), load_state(workdir, 6)
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(got)):
-        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    assert_same_state(straight_run, workdir)
 
     # evaluate reads a workdir by the same rule (read only: it moves nothing).
     shutil.copytree(workdir / 'damaged_checkpoints' / '6', directory / '8')
     from ghostnetv2_jax import weights
     variables = weights.load(str(workdir)).variables
-    np.testing.assert_array_equal(jax.tree.leaves(variables['params'])[0], jax.tree.leaves(got['params'])[0])
+    np.testing.assert_array_equal(jax.tree.leaves(variables['params'])[0],
+                                  jax.tree.leaves(load_state(workdir, 6)['params'])[0])
     assert (directory / '8').exists()
 
 
@@ -167,7 +171,7 @@ def test_all_checkpoints_damaged_is_one_line_and_nothing_is_moved(tmp_path, comp
     for step in (2, 4, 6):
         garble(workdir / 'checkpoints' / str(step))
     before = snapshot(workdir)
-    result = run_training(tmp_path, workdir, *DAMAGE_STEPS, cache=compile_cache)
+    result = run_training(tmp_path, workdir, *STEPS, cache=compile_cache)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
     assert len(errors) == 1
@@ -220,7 +224,7 @@ def test_training_whose_save_fails_exits_1_naming_the_step(tmp_path, compile_cac
     mark = tmp_path / 'slow'
     # Steps 1-2 run at full speed and save step 2; from the third batch on each batch waits 2 s,
     # time to put a file where step 4's directory will go.
-    proc = start_training(tmp_path, workdir, *DAMAGE_STEPS, cache=compile_cache,
+    proc = start_training(tmp_path, workdir, *STEPS, cache=compile_cache,
                           SLOW_AFTER=2, SLOW_SECONDS=2, SLOW_MARK=mark)
     try:
         wait_for(lambda: mark.exists() and committed_steps(workdir) == [2], proc, what='the step-2 checkpoint')
