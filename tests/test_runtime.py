@@ -92,8 +92,14 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize('variant', sorted(VARIANTS))
-@pytest.mark.parametrize('hw', SIZES)
+# Every variant of DFC (and attention on ghost2) at both sizes: their difference is DFC's gate
+# path. SE, CBAM, Coordinate Attention and V1 have no DFC, and a width changes channel counts,
+# which each size exercises alike: one size each (the odd one where the attention pools maps).
+ONE_SIZE = {'se': SIZES[0], 'cbam': SIZES[1], 'coord': SIZES[1], 'v1': SIZES[0], 'width_075': SIZES[1]}
+VARIANT_SIZES = [(v, hw) for v in sorted(VARIANTS) for hw in ([ONE_SIZE[v]] if v in ONE_SIZE else SIZES)]
+
+
+@pytest.mark.parametrize('variant,hw', VARIANT_SIZES, ids=[f'{v}-{h[0]}x{h[1]}' for v, h in VARIANT_SIZES])
 def test_predict_fn_equals_the_plain_xla_model_on_the_ablation_variants(variant, hw):
     model = create_model('ghostnetv2_100', cfgs=SHORT, num_classes=10, attention_blocks=(1, 2, 3, 4),
                          **VARIANTS[variant])
@@ -174,23 +180,29 @@ def test_predict_fn_exports_for_other_platforms_without_cpu_custom_calls(platfor
     assert 'stablehlo.convolution' in text
 
 
-@pytest.mark.parametrize('chunk', [4, 5, 11, 16, 0, None])
-def test_chunked_logits_match_the_whole_batch_with_and_without_a_remainder(chunk):
+@pytest.fixture(scope='module')
+def whole_batch():
+    """_setup()'s model, variables and 11 images, and the model's logits over the whole batch."""
     model, variables, images = _setup()
     ref = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+    assert float(jnp.abs(ref).max()) > 0.1
+    return model, variables, images, ref
+
+
+@pytest.mark.parametrize('chunk', [4, 5, 11, 16, 0, None])
+def test_chunked_logits_match_the_whole_batch_with_and_without_a_remainder(whole_batch, chunk):
+    model, variables, images, ref = whole_batch
     got = jax.jit(runtime.predict_fn(model, chunk))(variables, images)
     chex.assert_shape(got, ref.shape)
-    assert float(jnp.abs(ref).max()) > 0.1
     assert rel_err(got, ref) <= TOLERANCE
 
 
-def test_chunked_folded_model_and_feature_maps_match():
-    model, variables, images = _setup()
+def test_chunked_folded_model_and_feature_maps_match(whole_batch):
+    model, variables, images, ref = whole_batch
     dmodel, dvars = runtime.fold_batchnorm(model, variables)
-    ref = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
     assert rel_err(jax.jit(runtime.predict_fn(dmodel, 4))(dvars, images), ref) <= TOLERANCE
     feats = jax.jit(runtime.predict_fn(model, 4, method='forward_intermediates'))(variables, images)
-    ref_feats = model.apply(variables, images, train=False, method='forward_intermediates')
+    ref_feats = jax.jit(lambda v, x: model.apply(v, x, train=False, method='forward_intermediates'))(variables, images)
     chex.assert_trees_all_equal_shapes(feats, ref_feats)
     assert len(feats[1]) == 2   # TINY's maps at strides 2 and 4
     for got, want in zip(jax.tree.leaves(feats), jax.tree.leaves(ref_feats)):
@@ -199,10 +211,11 @@ def test_chunked_folded_model_and_feature_maps_match():
 
 def test_forward_features_and_forward_head_compose_to_the_logits_and_the_old_flags_are_gone():
     model, variables, images = _setup(batch=3, size=64)
-    logits = model.apply(variables, images, train=False)
-    maps = model.apply(variables, images, train=False, method='forward_features')
+    apply = jax.jit(model.apply, static_argnames=('train', 'method'))
+    logits = apply(variables, images, train=False)
+    maps = apply(variables, images, train=False, method='forward_features')
     chex.assert_shape(maps, (3, 16, 16, 72))   # TINY's last map before pooling (stride 4, 72 wide)
-    assert rel_err(model.apply(variables, maps, train=False, method='forward_head'), logits) <= TOLERANCE
+    assert rel_err(apply(variables, maps, train=False, method='forward_head'), logits) <= TOLERANCE
     head = jax.jit(runtime.predict_fn(model, 2, method='forward_head', pre_logits=True))(variables, maps)
     chex.assert_shape(head, (3, 1280))
     chunked_maps = jax.jit(runtime.predict_fn(model, 1, method=GhostNet.forward_features))(variables, images)
