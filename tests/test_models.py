@@ -228,6 +228,11 @@ def test_attention_blocks_and_position_switches():
     assert dfc['conv']['kernel'].shape == (1, 1, 960, 160)   # from ghost2's input to its output width
 
 
+# LLVM -O0 for programs run once to see that they run (as xla_options.run_once compiles a model's
+# initialisation): the same operations, a fraction of the compile (the RNG-heavy init most).
+O0 = {'xla_backend_optimization_level': 0}
+
+
 @pytest.mark.parametrize('name', ['se', 'cbam', 'coord', 'none'])
 def test_ghostnetv2_with_each_attention_variant_runs(name):
     full = create_model('ghostnetv2_100', attention=name, num_classes=7)
@@ -236,9 +241,9 @@ def test_ghostnetv2_with_each_attention_variant_runs(name):
     # network compiles for tens of seconds and adds no other kind of site
     model = create_model('ghostnetv2_100', attention=name, num_classes=7, cfgs=GHOSTNET_CFGS[:4])
     x = jnp.ones((2, 64, 64, 3))
-    v = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+    v = jax.jit(model.init, compiler_options=O0)(jax.random.PRNGKey(0), x)
     logits, _ = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'],
-                                                 rngs={'dropout': jax.random.PRNGKey(1)}))(v, x)
+                                                 rngs={'dropout': jax.random.PRNGKey(1)}), compiler_options=O0)(v, x)
     assert logits.shape == (2, 7) and logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
     assert (len(_attention_sites(v)) == 2) == (name != 'none')
 
@@ -265,10 +270,11 @@ def test_bf16_compute_stays_within_documented_tolerance_of_fp32():
 def test_dropout_is_active_only_in_train_mode():
     model = create_model('ghostnet_050', drop_rate=0.5, num_classes=5, cfgs=GHOSTNET_CFGS[:2])
     x = jax.random.normal(jax.random.PRNGKey(3), (2, 32, 32, 3))  # not constant: BN would zero it
-    v = jax.jit(model.init)(jax.random.PRNGKey(0), x)
-    train = jax.jit(lambda v, r: model.apply(v, x, train=True, mutable=['batch_stats'], rngs={'dropout': r})[0])
+    v = jax.jit(model.init, compiler_options=O0)(jax.random.PRNGKey(0), x)
+    train = jax.jit(lambda v, r: model.apply(v, x, train=True, mutable=['batch_stats'], rngs={'dropout': r})[0],
+                    compiler_options=O0)
     assert not np.allclose(train(v, jax.random.PRNGKey(1)), train(v, jax.random.PRNGKey(2)))
-    ev = jax.jit(lambda v: model.apply(v, x))
+    ev = jax.jit(lambda v: model.apply(v, x), compiler_options=O0)
     np.testing.assert_array_equal(ev(v), ev(v))
 
 
