@@ -123,10 +123,13 @@ def test_safetensors_checkpoint_converts_without_torch(tmp_path, ref):
 
 
 def test_export_cli_writes_a_state_dict_timm_loads(tmp_path, variables):
+    """A torch.save file through ``python -m``; safetensors through the command's main in this process."""
+    from ghostnetv2_jax.cli import main
     weights.save_variables(str(tmp_path / 'v.safetensors'), variables, NAME)
+    r = cli('export', '--src', str(tmp_path / 'v.safetensors'), '--dst', str(tmp_path / 'model.pth'))
+    assert r.returncode == 0, r.stderr
+    assert main(['export', '--src', str(tmp_path / 'v.safetensors'), '--dst', str(tmp_path / 'model.safetensors')]) == 0
     for dst in ('model.pth', 'model.safetensors'):
-        r = cli('export', '--src', str(tmp_path / 'v.safetensors'), '--dst', str(tmp_path / dst))
-        assert r.returncode == 0, r.stderr
         sd = convert.load_state_dict(str(tmp_path / dst))
         timm.create_model(NAME).load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
 
@@ -161,6 +164,8 @@ def test_parity_cli_reports_every_stage_and_passes(tmp_path):
     assert r.stdout.count('stage ') == 9 and 'logits' in r.stdout and 'PASS' in r.stdout
 
 
-def test_parity_cli_fails_over_tolerance():
-    r = cli('parity', '--model', 'ghostnet_050', '--size', '64', '--tolerance', '1e-12')
-    assert r.returncode == 1 and 'FAIL' in r.stdout
+def test_parity_cli_fails_over_tolerance(capsys):
+    """The command's main in this process (the run above is the one through ``python -m``)."""
+    from ghostnetv2_jax.cli import main
+    assert main(['parity', '--model', 'ghostnet_050', '--size', '64', '--tolerance', '1e-12']) == 1
+    assert 'FAIL' in capsys.readouterr().out
