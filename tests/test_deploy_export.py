@@ -14,7 +14,7 @@ import pytest
 
 from conftest import randomized_variables, rel_err
 from ghostnetv2_jax import create_model, export, weights
-from test_trainer import REPO, compile_cache, run_training, train_env  # noqa: F401
+from test_trainer import REPO, TINY_RUN_STEPS, compile_cache, tiny_run, train_env  # noqa: F401
 
 onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
@@ -42,11 +42,11 @@ def one_line_error(result: subprocess.CompletedProcess, code=1) -> str:
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory, compile_cache):
-    """The tiny recipe (GhostNetV2 with DFC, SE, 16 px digits) trained three steps, with an EMA."""
-    root = tmp_path_factory.mktemp('deploy')
-    ok(run_training(root, root / 'run', '--config.num_train_steps=3', cache=compile_cache))
-    return root / 'run'
+def trained(tiny_run):
+    """The tiny recipe (GhostNetV2 with DFC, SE, 16 px digits) trained three steps, with an EMA:
+    the session's shared run (read only)."""
+    assert TINY_RUN_STEPS == 3
+    return tiny_run
 
 
 def _variables(model, images):

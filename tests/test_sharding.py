@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 
 from ghostnetv2_jax.train import sharding
-from test_trainer import assert_ok, compile_cache, load_state, run_training  # noqa: F401
+from test_trainer import TINY_RUN_STEPS, assert_ok, compile_cache, load_state, run_training, tiny_run  # noqa: F401
 
-STEPS = 3
+STEPS = TINY_RUN_STEPS
 
 
-def test_eight_devices_equal_one_device(tmp_path, compile_cache):
+def test_eight_devices_equal_one_device(tmp_path, compile_cache, tiny_run):
     """Same config, same data: after a few steps params and BN statistics agree to fp32 rounding.
 
     BatchNorm computes batch statistics with a mean over the batch axis; with the batch sharded
@@ -17,13 +17,11 @@ def test_eight_devices_equal_one_device(tmp_path, compile_cache):
     activations, hence the gradients and the running variances, would differ by far more than
     rounding (the check below on batch_stats would fail at the first step).
     """
-    overrides = (f'--config.num_train_steps={STEPS}',)
-    one, eight = tmp_path / 'one', tmp_path / 'eight'
-    r8 = run_training(tmp_path, eight, *overrides, cache=compile_cache, devices=8)
+    eight = tmp_path / 'eight'
+    r8 = run_training(tmp_path, eight, f'--config.num_train_steps={STEPS}', cache=compile_cache, devices=8)
     assert_ok(r8)
     assert 'on 8 devices' in r8.stdout
-    assert_ok(run_training(tmp_path, one, *overrides, cache=compile_cache))
-    a, b = load_state(one, STEPS), load_state(eight, STEPS)
+    a, b = load_state(tiny_run, STEPS), load_state(eight, STEPS)   # one device: the session's shared run
     for name in ('params', 'batch_stats', 'ema_params', 'ema_batch_stats'):
         for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a[name])[0], jax.tree.leaves(b[name])):
             np.testing.assert_allclose(y, x, rtol=2e-5, atol=2e-6, err_msg=f'{name}{jax.tree_util.keystr(path)}')

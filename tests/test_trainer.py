@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,25 +76,51 @@ sys.exit(main(['train'] + sys.argv[1:]))
 
 
 def _source_digest() -> str:
+    """The package, the configs the tests train and the versions that write a workdir."""
+    import flax
+    import jaxlib
+    import orbax.checkpoint
     files = sorted((REPO / 'ghostnetv2_jax').rglob('*.py')) + [REPO / 'configs' / 'default.py', pathlib.Path(TINY)]
-    return hashlib.sha1(b''.join(f.read_bytes() for f in files)).hexdigest()[:16]
+    versions = f'{sys.version} {jax.__version__} {jaxlib.__version__} {flax.__version__} {orbax.checkpoint.__version__}'
+    return hashlib.sha1(b''.join(f.read_bytes() for f in files) + versions.encode()).hexdigest()[:16]
+
+
+TINY_RUN_STEPS = 3   # the shared tiny run's length (tiny_run)
+
+
+def _cache_dir(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.getbasetemp().parent / 'ghostnetv2_train_xla_cache'
+
+
+def _tiny_run_dir(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.getbasetemp().parent / 'ghostnetv2_tiny_runs' / _source_digest()
 
 
 @pytest.fixture(scope='session')
 def compile_cache(tmp_path_factory) -> str:
     """One XLA cache for every training subprocess of the session (xdist workers included),
     warmed by one tiny run before any test uses it: otherwise every test that starts at once
-    compiles the same train step side by side on the same two cores."""
-    path = tmp_path_factory.getbasetemp().parent / 'ghostnetv2_train_xla_cache'
+    compiles the same train step side by side on the same two cores. The warm-up run is the
+    tiny recipe trained TINY_RUN_STEPS steps, kept for the tests that read one (tiny_run)."""
+    path = _cache_dir(tmp_path_factory)
     path.mkdir(exist_ok=True)
-    warm = path / f'warm-{_source_digest()}'
+    run, warm = _tiny_run_dir(tmp_path_factory), path / f'warm-{_source_digest()}'
     with open(path / 'lock', 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)          # the other worker waits for the warm-up
-        if not warm.exists():
+        if not (warm.exists() and run.exists()):
+            shutil.rmtree(run, ignore_errors=True)   # a run cut short
             scratch = tmp_path_factory.mktemp('warmup')
-            assert_ok(run_training(scratch, scratch / 'run', '--config.num_train_steps=1', cache=str(path)))
+            assert_ok(run_training(scratch, run, f'--config.num_train_steps={TINY_RUN_STEPS}', cache=str(path)))
             warm.touch()
     return str(path)
+
+
+@pytest.fixture(scope='session')
+def tiny_run(compile_cache, tmp_path_factory) -> pathlib.Path:
+    """The workdir of the tiny recipe trained TINY_RUN_STEPS steps (with an EMA; one evaluation,
+    at the end), made once for the session by compile_cache's warm-up. Shared: read it, copy it,
+    never write into it."""
+    return _tiny_run_dir(tmp_path_factory)
 
 
 def train_env(cache: str, devices: int = 1, **extra: str) -> Dict[str, str]:
