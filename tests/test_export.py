@@ -49,6 +49,7 @@ def test_default_model_exports_for_gpu_and_tpu_without_cpu_custom_calls(program)
     for platform in ('cuda', 'tpu'):
         text = jax.export.export(fn, platforms=[platform])(*args).mlir_module()
         assert 'gnv2_' not in text, platform
+        assert 'stablehlo.convolution' in text, platform     # the depthwise convs are XLA's there
     # lowered for this CPU, the same program runs the native kernels
     assert 'gnv2_' in fn.lower(*args).as_text()
 
