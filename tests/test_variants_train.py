@@ -20,7 +20,6 @@ if str(REPO) not in sys.path:   # experiments/ is a folder of the checkout, not 
     sys.path.insert(0, str(REPO))
 
 from experiments import sweep  # noqa: E402
-from ghostnetv2_jax import xla_options  # noqa: E402
 from ghostnetv2_jax.train import optim, state as state_lib, steps, trainer  # noqa: E402
 
 TINY = str(REPO / 'configs' / 'tiny.py')
@@ -84,10 +83,12 @@ def test_variant_trains_and_its_loss_falls(sweep_name, variant):
              'labels': rng.integers(0, 10, BATCH).astype(np.int32)}
     schedule = optim.create_learning_rate_schedule(config, steps_per_epoch=STEPS, num_epochs=1)
     tx = optim.create_optimizer(config, schedule)
-    # the initial state as the trainer makes it: compiled once at LLVM -O0 (xla_options.run_once)
-    train_state = xla_options.run_once(lambda r: state_lib.create_state(
-        state_lib.init_variables(model, r, size), tx, jax.random.PRNGKey(1), use_ema=False), jax.random.PRNGKey(0))
-    train_step = steps.jit_train_step(steps.make_train_step(model, tx, schedule, config))
+    variables = state_lib.init_variables(model, jax.random.PRNGKey(0), size)
+    train_state = state_lib.create_state(variables, tx, jax.random.PRNGKey(1), use_ema=False)
+    # the trainer's step function, donating its state; at LLVM -O0 rather than the project's
+    # options (the same operations, half the compile; xla_options' own tests check those)
+    train_step = jax.jit(steps.make_train_step(model, tx, schedule, config), donate_argnums=0,
+                         compiler_options={'xla_backend_optimization_level': 0})
     losses = []
     for _ in range(STEPS):
         train_state, metrics = train_step(train_state, batch)
