@@ -24,7 +24,8 @@ TOLERANCE = 1e-5
 
 # Parity of the fused runtime: the unchanged tolerance of the project's parity tests.
 PARITY = 1e-4
-O0 = {'xla_backend_optimization_level': 0}   # LLVM -O0: the same numbers, a fraction of the compile
+O0 = {'xla_backend_optimization_level': 0}   # LLVM -O0: the same numbers, a fraction of the compile (every
+# program here is compiled for one or two calls)
 
 
 def _setup(batch=11, size=48):
@@ -126,8 +127,8 @@ def test_modules_the_ops_do_not_implement_run_as_written():
     try:
         ghostnet.GhostModule = GeluGhostModule
         text = hlo(model)
-        ref = jax.jit(lambda v, x: model.apply(v, x))(variables, images)
-        got = jax.jit(runtime.predict_fn(model))(variables, images)
+        ref = jax.jit(lambda v, x: model.apply(v, x), compiler_options=O0)(variables, images)
+        got = jax.jit(runtime.predict_fn(model), compiler_options=O0)(variables, images)
     finally:
         ghostnet.GhostModule = original
     assert 'gnv2_ghost_module' not in text
@@ -145,7 +146,7 @@ def test_fused_ops_replace_the_modules_they_implement(folded, hw, gated):
     variables = randomized_variables(model, images[:1])
     if folded:
         model, variables = runtime.fold_batchnorm(model, variables)
-    predict = jax.jit(runtime.predict_fn(model, chunk=None))
+    predict = jax.jit(runtime.predict_fn(model, chunk=None), compiler_options=O0)
     hlo = predict.lower(variables, images).as_text()
     calls = lambda name: len(re.findall(rf'custom_call @{name}\(', hlo))
     assert calls('gnv2_ghost_module') + calls('gnv2_ghost_module_gated') == 3
@@ -154,7 +155,7 @@ def test_fused_ops_replace_the_modules_they_implement(folded, hw, gated):
     assert calls('gnv2_ghost_module_after_primary') + calls('gnv2_ghost_module_after_primary_gated') == 2
     assert calls('gnv2_ghost_module_gated') == gated   # the one DFC block's ghost1
     assert calls('gnv2_stem_conv') == 1
-    unfused = jax.jit(runtime.predict_fn(model, chunk=None, fuse=False))(variables, images)
+    unfused = jax.jit(runtime.predict_fn(model, chunk=None, fuse=False), compiler_options=O0)(variables, images)
     assert float(jnp.abs(unfused).max()) > 0.1
     assert rel_err(predict(variables, images), unfused) <= 1e-6
 
@@ -165,9 +166,9 @@ def test_stride2_block_with_a_kernel_the_fused_ops_lack_keeps_its_own_conv():
     model = create_model('ghostnetv2_100', cfgs=cfgs, attention_blocks=())
     images = _images(2, (32, 32))
     variables = randomized_variables(model, images[:1])
-    predict = jax.jit(runtime.predict_fn(model, chunk=None))
+    predict = jax.jit(runtime.predict_fn(model, chunk=None), compiler_options=O0)
     assert 'gnv2_ghost_module_strided' not in predict.lower(variables, images).as_text()
-    unfused = jax.jit(runtime.predict_fn(model, chunk=None, fuse=False))(variables, images)
+    unfused = jax.jit(runtime.predict_fn(model, chunk=None, fuse=False), compiler_options=O0)(variables, images)
     assert rel_err(predict(variables, images), unfused) <= 1e-6
 
 
@@ -179,7 +180,7 @@ def test_stride2_block_with_a_kernel_the_fused_ops_lack_keeps_its_own_conv():
 def whole_batch():
     """_setup()'s model, variables and 11 images, and the model's logits over the whole batch."""
     model, variables, images = _setup()
-    ref = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+    ref = jax.jit(lambda v, x: model.apply(v, x, train=False), compiler_options=O0)(variables, images)
     assert float(jnp.abs(ref).max()) > 0.1
     return model, variables, images, ref
 
@@ -187,7 +188,7 @@ def whole_batch():
 @pytest.mark.parametrize('chunk', [4, 5, 11, 16, 0, None])
 def test_chunked_logits_match_the_whole_batch_with_and_without_a_remainder(whole_batch, chunk):
     model, variables, images, ref = whole_batch
-    got = jax.jit(runtime.predict_fn(model, chunk))(variables, images)
+    got = jax.jit(runtime.predict_fn(model, chunk), compiler_options=O0)(variables, images)
     chex.assert_shape(got, ref.shape)
     assert rel_err(got, ref) <= TOLERANCE
 
@@ -195,9 +196,11 @@ def test_chunked_logits_match_the_whole_batch_with_and_without_a_remainder(whole
 def test_chunked_folded_model_and_feature_maps_match(whole_batch):
     model, variables, images, ref = whole_batch
     dmodel, dvars = runtime.fold_batchnorm(model, variables)
-    assert rel_err(jax.jit(runtime.predict_fn(dmodel, 4))(dvars, images), ref) <= TOLERANCE
-    feats = jax.jit(runtime.predict_fn(model, 4, method='forward_intermediates'))(variables, images)
-    ref_feats = jax.jit(lambda v, x: model.apply(v, x, train=False, method='forward_intermediates'))(variables, images)
+    assert rel_err(jax.jit(runtime.predict_fn(dmodel, 4), compiler_options=O0)(dvars, images), ref) <= TOLERANCE
+    feats = jax.jit(runtime.predict_fn(model, 4, method='forward_intermediates'),
+                    compiler_options=O0)(variables, images)
+    ref_feats = jax.jit(lambda v, x: model.apply(v, x, train=False, method='forward_intermediates'),
+                        compiler_options=O0)(variables, images)
     chex.assert_trees_all_equal_shapes(feats, ref_feats)
     assert len(feats[1]) == 2   # TINY's maps at strides 2 and 4
     for got, want in zip(jax.tree.leaves(feats), jax.tree.leaves(ref_feats)):
@@ -206,14 +209,16 @@ def test_chunked_folded_model_and_feature_maps_match(whole_batch):
 
 def test_forward_features_and_forward_head_compose_to_the_logits_and_the_old_flags_are_gone():
     model, variables, images = _setup(batch=3, size=64)
-    apply = jax.jit(model.apply, static_argnames=('train', 'method'))
+    apply = jax.jit(model.apply, static_argnames=('train', 'method'), compiler_options=O0)
     logits = apply(variables, images, train=False)
     maps = apply(variables, images, train=False, method='forward_features')
     chex.assert_shape(maps, (3, 16, 16, 72))   # TINY's last map before pooling (stride 4, 72 wide)
     assert rel_err(apply(variables, maps, train=False, method='forward_head'), logits) <= TOLERANCE
-    head = jax.jit(runtime.predict_fn(model, 2, method='forward_head', pre_logits=True))(variables, maps)
+    head = jax.jit(runtime.predict_fn(model, 2, method='forward_head', pre_logits=True),
+                   compiler_options=O0)(variables, maps)
     chex.assert_shape(head, (3, 1280))
-    chunked_maps = jax.jit(runtime.predict_fn(model, 1, method=GhostNet.forward_features))(variables, images)
+    chunked_maps = jax.jit(runtime.predict_fn(model, 1, method=GhostNet.forward_features),
+                           compiler_options=O0)(variables, images)
     assert rel_err(chunked_maps, maps) <= TOLERANCE
     for old_flag in ({'part': 'features'}, {'features_only': True}):
         with pytest.raises(TypeError, match='unexpected keyword'):
@@ -275,7 +280,7 @@ def test_chunking_is_for_one_device_only():
 def test_eval_step_sums_are_the_same_chunked():
     model, variables, images = _setup()
     batch = {'images': images, 'labels': jnp.arange(11) % 10, 'mask': jnp.ones(11).at[-2:].set(0)}
-    ref = jax.jit(make_eval_step(model))(variables, batch)
-    got = jax.jit(make_eval_step(model, 4))(variables, batch)
+    ref = jax.jit(make_eval_step(model), compiler_options=O0)(variables, batch)
+    got = jax.jit(make_eval_step(model, 4), compiler_options=O0)(variables, batch)
     assert float(got['count']) == 9.0
     chex.assert_trees_all_close(got, ref, rtol=TOLERANCE)
