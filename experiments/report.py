@@ -245,7 +245,7 @@ def latency_method(rows: Sequence[Dict[str, str]], latency_rows: Sequence[Dict[s
         return (f'median of {r["rounds"]} interleaved rounds (one call of every variant per round) of '
                 f'`jax.jit(predict_fn(model))` on {latency_inputs(latency_rows)}, this machine\'s CPU, timed after '
                 f'the sweep\'s runs ({r["measured"]}, code `{r["version"]}`; load average {r["load_before"]} before, '
-                f'{r["load_after"]} after)')
+                f'{r["load_after"]} after, the timing\'s own threads included)')
     return (f'median of timed `jax.jit(predict_fn(model))` calls on this machine\'s CPU, on {latency_inputs(rows)}, '
             'right after each run')
 

@@ -306,7 +306,8 @@ def measure_latencies(configs: Mapping[str, ml_collections.ConfigDict], out: pat
     ``jax.jit(predict_fn(model))`` on ``batch`` images (the cost tables' method: each round one
     call of every variant, rotated), measured after the sweep's runs, never while it trains. The
     machine's load average before and after is recorded beside: on a busy machine the figures are
-    not worth keeping. Rows of variants not timed now are kept."""
+    not worth keeping (the load after includes the timing's own threads; the load before says
+    whether anything else ran). Rows of variants not timed now are kept."""
     from experiments import measure
     load_before = round(os.getloadavg()[0], 2)
     calls = {v: measure.compiled_predict(model_of(c), batch, c.data.image_size) for v, c in configs.items()}
@@ -325,8 +326,8 @@ def measure_latencies(configs: Mapping[str, ml_collections.ConfigDict], out: pat
                                  load_before=load_before, load_after=load_after, version=code_version(),
                                  measured=time.strftime('%Y-%m-%dT%H:%M:%S')))
     os.replace(tmp, path)
-    if max(load_before, load_after) > 1.0:
-        print(f'warning: load average {max(load_before, load_after)} while timing: the latencies in {path} '
+    if load_before > 1.0:    # the load after counts this timing's own threads
+        print(f'warning: load average {load_before} when timing began: the latencies in {path} '
               'are not from a quiet machine; rerun with --latency-only when nothing else runs', flush=True)
     print(f'latency of {len(configs)} variants: {path}', flush=True)
     return path
