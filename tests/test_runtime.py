@@ -38,9 +38,9 @@ def _images(batch, hw, seed=0):
     return jnp.asarray(np.random.default_rng(seed).standard_normal((batch, *hw, 3)), jnp.float32)
 
 
-def _check_runtime(model, hw, batch=3):
-    """predict_fn of the eval and of the BN-folded model against the plain-XLA model's logits,
-    and the fused ops were used."""
+def _check_runtime(model, hw, batch=3, folded=True):
+    """predict_fn of the eval and (``folded``) of the BN-folded model against the plain-XLA
+    model's logits, and the fused ops were used."""
     images = _images(batch, hw)
     variables = randomized_variables(model, images[:1])
     xla_model = model.clone(depthwise_impl='xla')
@@ -49,9 +49,10 @@ def _check_runtime(model, hw, batch=3):
     predict = jax.jit(runtime.predict_fn(model), compiler_options=O0)
     assert 'gnv2_ghost_module' in predict.lower(variables, images).as_text()
     assert rel_err(predict(variables, images), ref) <= PARITY
-    dmodel, dvars = runtime.fold_batchnorm(model, variables)
-    folded = jax.jit(runtime.predict_fn(dmodel), compiler_options=O0)(dvars, images)
-    assert rel_err(folded, ref) <= PARITY
+    if folded:
+        dmodel, dvars = runtime.fold_batchnorm(model, variables)
+        got = jax.jit(runtime.predict_fn(dmodel), compiler_options=O0)(dvars, images)
+        assert rel_err(got, ref) <= PARITY
 
 
 SIZES = [(64, 96), (97, 71)]   # even, and odd non-square (DFC's gate is then not a whole up-sampling)
@@ -63,7 +64,10 @@ FUSED_MODELS = [name for name in list_models() if get_spec(name).version != 'v3'
 
 
 # Every model at one of the two sizes (in turn), the released V2 at both: a width changes channel
-# counts, which each size exercises alike; the sizes' difference is DFC's gate path.
+# counts, which each size exercises alike; the sizes' difference is DFC's gate path. The BN-folded
+# form on the released V2 (both sizes): every variant below is checked folded too, on a table with
+# every kind of block, V1 and another width among them, and modules narrower and wider than the
+# fused primary conv's limit (cpu_fusion.FUSED_PRIMARY_MAX_CHANNELS).
 MODEL_SIZES = [(name, SIZES[i % 2]) for i, name in enumerate(FUSED_MODELS)] + \
     [('ghostnetv2_100', hw) for hw in SIZES if ('ghostnetv2_100', hw) not in
      [(name, SIZES[i % 2]) for i, name in enumerate(FUSED_MODELS)]]
@@ -71,7 +75,7 @@ MODEL_SIZES = [(name, SIZES[i % 2]) for i, name in enumerate(FUSED_MODELS)] + \
 
 @pytest.mark.parametrize('name,hw', MODEL_SIZES, ids=[f'{n}-{h[0]}x{h[1]}' for n, h in MODEL_SIZES])
 def test_predict_fn_equals_the_plain_xla_model_on_every_registered_model(name, hw):
-    _check_runtime(create_model(name, num_classes=10), hw)
+    _check_runtime(create_model(name, num_classes=10), hw, folded=name == 'ghostnetv2_100')
 
 
 # A short table with every kind of block (stride-2 blocks with 3x3 and 5x5 kernels, SE, identity
