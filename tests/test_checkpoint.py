@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from test_trainer import (assert_ok, committed_steps, compile_cache, load_meta, load_state, load_tiny,  # noqa: F401
-                          run_training, start_training, wait_for)
+from test_trainer import (TINY_RUN, assert_ok, committed_steps, compile_cache, load_meta, load_state,  # noqa: F401
+                          load_tiny, run_training, start_training, tiny_run, wait_for)
 
 # One uninterrupted run (straight_run, below) is the reference of every resume here: 6 steps,
 # checkpoints at 2, 4 and 6 (all kept), its batches logged.
-STEPS = ('--config.num_train_steps=6', '--config.checkpoint_every_steps=2', '--config.keep_checkpoints=3')
+STEPS = TINY_RUN
 K = 4   # the killed run's last checkpoint
 
 
@@ -22,12 +22,11 @@ def batch_log(path: pathlib.Path) -> list:
 
 
 @pytest.fixture(scope='module')
-def straight_run(tmp_path_factory, compile_cache):
-    """An uninterrupted 6-step run that saved steps 2, 4 and 6; its batch log beside it."""
-    tmp = tmp_path_factory.mktemp('straight')
-    assert_ok(run_training(tmp, tmp / 'run', *STEPS, cache=compile_cache, TRAIN_LOG=tmp / 'batches.log'))
-    assert committed_steps(tmp / 'run') == [2, 4, 6]
-    return tmp / 'run'
+def straight_run(tiny_run):
+    """An uninterrupted 6-step run that saved steps 2, 4 and 6, its batch log beside it: the
+    session's shared tiny run (read only)."""
+    assert committed_steps(tiny_run) == [2, 4, 6]
+    return tiny_run
 
 
 def assert_same_state(a, b, step: int = 6) -> None:

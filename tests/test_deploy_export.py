@@ -43,9 +43,8 @@ def one_line_error(result: subprocess.CompletedProcess, code=1) -> str:
 
 @pytest.fixture(scope='module')
 def trained(tiny_run):
-    """The tiny recipe (GhostNetV2 with DFC, SE, 16 px digits) trained three steps, with an EMA:
-    the session's shared run (read only)."""
-    assert TINY_RUN_STEPS == 3
+    """The tiny recipe (GhostNetV2 with DFC, SE, 16 px digits) trained six steps, with an EMA
+    (checkpoints at 2, 4 and 6): the session's shared run (read only)."""
     return tiny_run
 
 
@@ -175,13 +174,14 @@ def test_bad_input_is_one_line_and_overwrites_nothing(trained, tmp_path, compile
     (empty / 'config.json').write_text(json.dumps({}))
     assert 'checkpoint' in one_line_error(cli('export', '--src', str(empty), '--dst', str(dst), cache=compile_cache))
 
-    # a damaged step: the only checkpoint's files emptied
+    # a damaged step: every checkpoint's files emptied
     damaged = tmp_path / 'damaged'
     subprocess.run(['cp', '-r', str(trained), str(damaged)], check=True)
     for root, _, files in os.walk(damaged / 'checkpoints'):
         for f in files:
             open(os.path.join(root, f), 'wb').close()
-    one_line_error(cli('export', '--src', str(damaged), '--step', '3', '--dst', str(dst), cache=compile_cache))
+    one_line_error(cli('export', '--src', str(damaged), '--step', str(TINY_RUN_STEPS), '--dst', str(dst),
+                       cache=compile_cache))
 
     # a file of another model
     other = tmp_path / 'other.safetensors'

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from ghostnetv2_jax.train import sharding
-from test_trainer import TINY_RUN_STEPS, assert_ok, compile_cache, load_state, run_training, tiny_run  # noqa: F401
+from test_trainer import (TINY_RUN, TINY_RUN_STEPS, assert_ok, compile_cache, load_state,  # noqa: F401
+                          run_training, tiny_run)
 
 STEPS = TINY_RUN_STEPS
 
@@ -18,7 +19,7 @@ def test_eight_devices_equal_one_device(tmp_path, compile_cache, tiny_run):
     rounding (the check below on batch_stats would fail at the first step).
     """
     eight = tmp_path / 'eight'
-    r8 = run_training(tmp_path, eight, f'--config.num_train_steps={STEPS}', cache=compile_cache, devices=8)
+    r8 = run_training(tmp_path, eight, *TINY_RUN, cache=compile_cache, devices=8)
     assert_ok(r8)
     assert 'on 8 devices' in r8.stdout
     a, b = load_state(tiny_run, STEPS), load_state(eight, STEPS)   # one device: the session's shared run

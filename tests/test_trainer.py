@@ -85,7 +85,10 @@ def _source_digest() -> str:
     return hashlib.sha1(b''.join(f.read_bytes() for f in files) + versions.encode()).hexdigest()[:16]
 
 
-TINY_RUN_STEPS = 3   # the shared tiny run's length (tiny_run)
+# The shared tiny run (tiny_run): 6 steps, checkpoints at 2, 4 and 6, all kept; its batches logged.
+TINY_RUN_STEPS = 6
+TINY_RUN = (f'--config.num_train_steps={TINY_RUN_STEPS}', '--config.checkpoint_every_steps=2',
+            '--config.keep_checkpoints=3')
 
 
 def _cache_dir(tmp_path_factory) -> pathlib.Path:
@@ -93,6 +96,7 @@ def _cache_dir(tmp_path_factory) -> pathlib.Path:
 
 
 def _tiny_run_dir(tmp_path_factory) -> pathlib.Path:
+    """Where the shared tiny run lives: its workdir ``run`` and its batch log ``batches.log``."""
     return tmp_path_factory.getbasetemp().parent / 'ghostnetv2_tiny_runs' / _source_digest()
 
 
@@ -101,26 +105,28 @@ def compile_cache(tmp_path_factory) -> str:
     """One XLA cache for every training subprocess of the session (xdist workers included),
     warmed by one tiny run before any test uses it: otherwise every test that starts at once
     compiles the same train step side by side on the same two cores. The warm-up run is the
-    tiny recipe trained TINY_RUN_STEPS steps, kept for the tests that read one (tiny_run)."""
+    tiny recipe trained with the TINY_RUN flags, kept for the tests that read one (tiny_run)."""
     path = _cache_dir(tmp_path_factory)
     path.mkdir(exist_ok=True)
-    run, warm = _tiny_run_dir(tmp_path_factory), path / f'warm-{_source_digest()}'
+    root, warm = _tiny_run_dir(tmp_path_factory), path / f'warm-{_source_digest()}'
     with open(path / 'lock', 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)          # the other worker waits for the warm-up
-        if not (warm.exists() and run.exists()):
-            shutil.rmtree(run, ignore_errors=True)   # a run cut short
+        if not (warm.exists() and (root / 'run').exists()):
+            shutil.rmtree(root, ignore_errors=True)   # a run cut short
+            root.mkdir(parents=True)
             scratch = tmp_path_factory.mktemp('warmup')
-            assert_ok(run_training(scratch, run, f'--config.num_train_steps={TINY_RUN_STEPS}', cache=str(path)))
+            assert_ok(run_training(scratch, root / 'run', *TINY_RUN, cache=str(path),
+                                   TRAIN_LOG=root / 'batches.log'))
             warm.touch()
     return str(path)
 
 
 @pytest.fixture(scope='session')
 def tiny_run(compile_cache, tmp_path_factory) -> pathlib.Path:
-    """The workdir of the tiny recipe trained TINY_RUN_STEPS steps (with an EMA; one evaluation,
-    at the end), made once for the session by compile_cache's warm-up. Shared: read it, copy it,
-    never write into it."""
-    return _tiny_run_dir(tmp_path_factory)
+    """The workdir of the tiny recipe trained with the TINY_RUN flags (6 steps, checkpoints 2, 4
+    and 6, an EMA, one evaluation at the end; its batch log is ``batches.log`` beside it), made
+    once for the session by compile_cache's warm-up. Shared: read it, copy it, never write into it."""
+    return _tiny_run_dir(tmp_path_factory) / 'run'
 
 
 def train_env(cache: str, devices: int = 1, **extra: str) -> Dict[str, str]:
