@@ -79,9 +79,9 @@ def test_predict_fn_equals_the_plain_xla_model_on_every_registered_model(name, h
 
 
 # A short table with every kind of block (stride-2 blocks with 3x3 and 5x5 kernels, SE, identity
-# and projection shortcuts), so that each ablation variant compiles quickly.
-SHORT = (((3, 16, 16, 0, 1),), ((3, 48, 24, 0, 2),), ((5, 72, 40, 0.25, 2),), ((3, 120, 40, 0, 1),),
-         ((5, 240, 80, 0.25, 2),))
+# and projection shortcuts; ghost modules narrower and wider than the fused primary conv's limit),
+# so that each ablation variant compiles quickly.
+SHORT = (((3, 16, 16, 0, 1),), ((3, 48, 24, 0, 2),), ((5, 72, 40, 0.25, 2),), ((3, 120, 40, 0, 1),))
 VARIANTS = {
     'se': dict(attention='se'),
     'cbam': dict(attention='cbam'),
@@ -106,7 +106,7 @@ VARIANT_SIZES = [(v, hw) for v in sorted(VARIANTS) for hw in ([ONE_SIZE[v]] if v
 
 @pytest.mark.parametrize('variant,hw', VARIANT_SIZES, ids=[f'{v}-{h[0]}x{h[1]}' for v, h in VARIANT_SIZES])
 def test_predict_fn_equals_the_plain_xla_model_on_the_ablation_variants(variant, hw):
-    model = create_model('ghostnetv2_100', cfgs=SHORT, num_classes=10, attention_blocks=(1, 2, 3, 4),
+    model = create_model('ghostnetv2_100', cfgs=SHORT, num_classes=10, attention_blocks=(1, 2, 3),
                          **VARIANTS[variant])
     _check_runtime(model, hw)
 
