@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ghostnetv2_jax.convert import ConversionError
+from ghostnetv2_jax.xla_options import run_once
 from ghostnetv2_jax.weights import save_variables
 from ghostnetv2_jax.train import steps
 from ghostnetv2_jax.train.state import create_state
@@ -88,7 +89,8 @@ def test_distilled_training_on_the_tiny_config_lowers_its_loss(tmp_path, compile
     overrides = architecture_overrides(config)
     teacher = create_model(config.model, num_classes=10, **overrides)
     teacher_file = tmp_path / 'teacher.safetensors'
-    variables = jax.device_get(init_variables(teacher, jax.random.PRNGKey(3), 16))
+    # initialised as the trainer initialises a model (one program at LLVM -O0), not op by op
+    variables = jax.device_get(run_once(lambda r: init_variables(teacher, r, 16), jax.random.PRNGKey(3)))
     # a confident teacher (peaked outputs), so following it is something the student must learn
     variables['params']['classifier']['kernel'] = variables['params']['classifier']['kernel'] * 30
     save_variables(str(teacher_file), variables, config.model, overrides)
@@ -130,7 +132,8 @@ def test_a_teacher_with_other_classes_is_one_clear_error(tmp_path):
     overrides = architecture_overrides(config)
     path = tmp_path / 'teacher.safetensors'
     model = create_model(config.model, num_classes=7, **overrides)
-    save_variables(str(path), jax.device_get(init_variables(model, jax.random.PRNGKey(0), 16)), config.model, overrides)
+    variables = jax.device_get(run_once(lambda r: init_variables(model, r, 16), jax.random.PRNGKey(0)))
+    save_variables(str(path), variables, config.model, overrides)
     config.distill.teacher, config.distill.teacher_checkpoint = config.model, str(path)
     config.distill.teacher_overrides = overrides
     with pytest.raises(ConversionError, match=r'^distill.teacher_checkpoint .* does not fit ghostnetv2_100: classifier params/classifier/\w+ \(7,\) vs \(10,\)'):
