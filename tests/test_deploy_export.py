@@ -67,7 +67,7 @@ def test_a_trained_run_exports_to_onnx_tflite_and_stablehlo_within_1e4(trained, 
     w = weights.load(str(trained), step='best', ema=True)
     model = w.model()
     images = np.random.default_rng(1).standard_normal((5, 16, 16, 3)).astype(np.float32)
-    reference = np.asarray(model.apply(w.variables, images))
+    reference = np.asarray(jax.jit(model.apply)(w.variables, images))
 
     # The command runs the same steps for every format (the run's weights at the image size of its
     # data config, export.to_bytes, export.verify in the format's runtime, the file written): once,

@@ -53,7 +53,7 @@ def test_a_workdir_exports_to_a_pth_timm_loads_strictly_with_the_same_logits(tra
     w = weights.load(str(trained), step='best', ema=True)
     assert w.step == 2 and w.num_classes == 10
     images = np.random.default_rng(0).standard_normal((4, 32, 32, 3)).astype(np.float32)
-    ours = w.model().apply(w.variables, jnp.asarray(images))
+    ours = jax.jit(w.model().apply)(w.variables, jnp.asarray(images))
     with torch.no_grad():
         theirs = reference(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
     assert rel_err(ours, theirs) <= 1e-5
