@@ -73,8 +73,9 @@ def test_a_workdir_exports_to_safetensors_that_a_new_run_starts_from(trained, tm
                         ('workdir', [f'--config.init_from={trained}', '--config.init_from_step=best',
                                      '--config.init_from_ema=True'])):
         # lr 0: the new run's weights after its step are the ones it started from
-        ok(run_training(tmp_path, tmp_path / name, *TIMM_SHAPED, *start, '--config.learning_rate=0.0',
-                        '--config.num_train_steps=1', cache=compile_cache))
+        out = ok(run_training(tmp_path, tmp_path / name, *TIMM_SHAPED, *start, '--config.learning_rate=0.0',
+                              '--config.num_train_steps=1', cache=compile_cache))
+        assert f'initialised from {start[0].split("=", 1)[1]}' in out
         started = load_state(tmp_path / name, 1)['params']
         for a, b in zip(jax.tree.leaves(started), jax.tree.leaves(source)):
             np.testing.assert_array_equal(a, b, err_msg=name)
