@@ -93,11 +93,12 @@ import ghostnetv2_jax
 from ghostnetv2_jax import weights
 
 batch = np.load(sys.argv[1])
+O0 = {'xla_backend_optimization_level': 0}   # compiled for one call: LLVM -O0
 model, variables = ghostnetv2_jax.load_pretrained('ghostnetv2_100')
-logits = jax.jit(lambda v, x: model.apply(v, x))(variables, batch['images'])
+logits = jax.jit(lambda v, x: model.apply(v, x), compiler_options=O0)(variables, batch['images'])
 _, tagged = ghostnetv2_jax.load_pretrained('ghostnetv2_100.in1k')
 tuned, fresh_head = ghostnetv2_jax.load_pretrained('ghostnetv2_100', num_classes=10, rng=1)
-tuned_logits = jax.jit(lambda v, x: tuned.apply(v, x))(fresh_head, batch['images'])
+tuned_logits = jax.jit(lambda v, x: tuned.apply(v, x), compiler_options=O0)(fresh_head, batch['images'])
 w = weights.load('pretrained:ghostnetv2_100', 'ghostnetv2_100')
 flat = lambda t: {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(t)[0]}
 a, b, c = flat(variables), flat(tagged), flat(fresh_head)
