@@ -14,7 +14,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:   # experiments/ is a folder of the checkout, not an installed package
     sys.path.insert(0, str(REPO))
 
-from experiments import costs, report, sweep  # noqa: E402
+from experiments import costs, report, sweep, thunks  # noqa: E402
 
 TINY = str(REPO / 'configs' / 'tiny.py')
 ATTENTION = str(REPO / 'experiments' / 'sweeps' / 'attention.py')
@@ -179,6 +179,20 @@ def test_costs_table_on_a_tiny_model(tmp_path):
     assert json.loads(by_name['v1_matched']['overrides'])['width'] >= 1.0
     md = (tmp_path / 'costs.md').read_text()
     assert all(f'| {v.name} |' in md for v in costs.VARIANTS) and 'Table 10' in md
+
+
+def test_thunk_profile_groups_a_calls_thunks_by_kind_and_rejects_unknown_forms(tmp_path, capsys):
+    out = tmp_path / 'thunks.md'
+    assert thunks.main(['--size', '64', '--forms', 'eval', '--rounds', '1', '--calls', '2', '--out', str(out)]) == 0
+    md = out.read_text()
+    rows = [line.split(' | ') for line in md.splitlines() if line.startswith('| ') and not line.startswith('| kind')]
+    kinds = {r[0].lstrip('| ') for r in rows}
+    assert 'native op gnv2_stem_conv' in kinds and any(k.startswith('XLA ') for k in kinds)
+    assert all(int(r[1]) > 0 and float(r[2]) >= 0 for r in rows if not r[0].endswith('(the rest)'))
+    assert '642 variable arrays as arguments' in md and 'ms a call' in md
+    assert thunks.main(['--forms', 'eval,deploy']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: --forms')
 
 
 def test_a_run_leaves_chance_at_its_first_evaluation_clear_of_it():

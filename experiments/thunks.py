@@ -1,0 +1,159 @@
+"""Where the time of one ``predict_fn`` call goes on CPU: XLA's thunks by kind, from a profile.
+
+  python experiments/thunks.py [--model ghostnetv2_100] [--batch 1] [--size 224] \
+      [--forms eval,folded] [--calls 40] [--out experiments/results/thunks.md]
+
+Each form is ``jax.jit(ghostnetv2_jax.predict_fn(model))`` called as a user calls it, with the
+variables as arguments: ``eval`` is the model with its BatchNorm, ``folded`` the deploy form
+(``fold_batchnorm``). The process is set up as this project's commands set it up
+(``fast_cpu_defaults()``). For each form: the median wall time of a call (a copy compiled with
+XLA's defaults, ``--rounds`` interleaved rounds of 20 calls), then ``--calls`` calls of a copy
+compiled with XLA's per-thunk trace events on, profiled (``jax.profiler``), and its thunks
+grouped by kind: the native ops by their FFI target, YNNPACK's fusions (the 1x1 convolutions),
+XLA's dots, and XLA's own fusions by their name. The thunk executor runs one thunk after another
+at small batches, so wall time minus the thunks' sum is what the calls spend outside them
+(arguments, dispatch). Weights are random: the time of a dense network does not depend on them.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import pathlib
+import re
+import statistics
+import sys
+import tempfile
+import time
+from typing import Dict, List, Sequence, Tuple
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:   # run as a script from any cwd: the checkout's packages
+    sys.path.insert(0, str(REPO))
+
+from ghostnetv2_jax import fast_cpu_defaults  # noqa: E402
+
+FORMS = ('eval', 'folded')
+
+
+def _targets(hlo_text: str) -> Dict[str, str]:
+    """Instruction name -> custom-call target, from the compiled module's text."""
+    return {m.group(1): m.group(2) for m in
+            re.finditer(r'%?([\w.-]+) = [^\n]*custom-call\([^\n]*custom_call_target="([^"]+)"', hlo_text)}
+
+
+def kind_of(name: str, targets: Dict[str, str]) -> str:
+    """The group a thunk's trace event belongs to."""
+    if name in targets:
+        return f'native op {targets[name]}' if targets[name].startswith('gnv2_') else f'custom call {targets[name]}'
+    base = re.sub(r'\.\d+$', '', name)
+    return 'YNNPACK fusion (1x1 convolutions)' if base == 'ynn_fusion' else f'XLA {base}'
+
+
+def thunk_table(events: Sequence[dict], targets: Dict[str, str], calls: int,
+                instructions: set) -> List[Tuple[str, int, float]]:
+    """(kind, thunks per call, microseconds per call), longest first, from complete ('X') trace
+    events whose names are instructions of the compiled module."""
+    time_of: Dict[str, float] = collections.defaultdict(float)
+    count: Dict[str, int] = collections.Counter()
+    for e in events:
+        if e.get('ph') != 'X' or e.get('name') not in instructions:
+            continue
+        k = kind_of(e['name'], targets)
+        time_of[k] += e.get('dur', 0) / calls
+        count[k] += 1
+    return sorted(((k, count[k] // calls, us) for k, us in time_of.items()), key=lambda r: -r[2])
+
+
+def _instructions(hlo_text: str) -> set:
+    return set(re.findall(r'^\s*(?:ROOT )?%?([\w.-]+) = ', hlo_text, flags=re.M))
+
+
+def profile(fn, args, calls: int) -> List[dict]:
+    """The complete events of ``calls`` calls of ``fn(*args)`` under ``jax.profiler``."""
+    import jax
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(calls):
+                jax.block_until_ready(fn(*args))
+        path = sorted(glob.glob(f'{d}/**/perfetto_trace.json.gz', recursive=True))[-1]
+        with gzip.open(path) as f:
+            trace = json.load(f)
+    return trace['traceEvents'] if isinstance(trace, dict) else trace
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--model', default='ghostnetv2_100')
+    parser.add_argument('--batch', type=int, default=1)
+    parser.add_argument('--size', type=int, default=224)
+    parser.add_argument('--forms', default=','.join(FORMS))
+    parser.add_argument('--calls', type=int, default=40)
+    parser.add_argument('--rounds', type=int, default=15)
+    parser.add_argument('--out', type=pathlib.Path, default=None, help='also write the tables here (markdown)')
+    args = parser.parse_args(argv)
+    forms = [f for f in args.forms.split(',') if f]
+    if not forms or any(f not in FORMS for f in forms):
+        print(f'error: --forms takes a comma-separated subset of {",".join(FORMS)}', file=sys.stderr)
+        return 2
+    fast_cpu_defaults()
+    import jax
+    import jax.numpy as jnp
+    from experiments import measure
+    from experiments.sweep import code_version
+    from ghostnetv2_jax import create_model, fold_batchnorm, predict_fn
+
+    model = create_model(args.model)
+    variables = measure.random_variables(model, args.size)
+    images = jnp.zeros((args.batch, args.size, args.size, 3), jnp.float32)
+    compiled = {}
+    for form in forms:
+        m, v = (model, variables) if form == 'eval' else fold_batchnorm(model, variables)
+        lowered = jax.jit(predict_fn(m)).lower(v, images)
+        timed, traced = lowered.compile(), lowered.compile({'xla_cpu_enable_xprof_traceme': True})
+        jax.block_until_ready(timed(v, images))
+        jax.block_until_ready(traced(v, images))
+        compiled[form] = (timed, traced, v, len(jax.tree_util.tree_leaves(v)))
+    walls: Dict[str, List[float]] = {f: [] for f in forms}
+    for r in range(args.rounds):
+        for form in forms[r % len(forms):] + forms[:r % len(forms)]:
+            timed, _, v, _ = compiled[form]
+            ts = []
+            for _ in range(20):
+                t = time.perf_counter()
+                jax.block_until_ready(timed(v, images))
+                ts.append(time.perf_counter() - t)
+            walls[form].append(statistics.median(ts))
+
+    lines = [f'`predict_fn({args.model})`, batch {args.batch}, {args.size}x{args.size}, float32, '
+             f'{jax.device_count()} CPU device(s); code `{code_version()}`; load average before '
+             f'the profiles {os.getloadavg()[0]:.2f}.', '']
+    for form in forms:
+        timed, traced, v, leaves = compiled[form]
+        text = traced.as_text()
+        rows = thunk_table(profile(traced, (v, images), args.calls), _targets(text), args.calls, _instructions(text))
+        wall = 1e6 * statistics.median(walls[form])
+        total = sum(us for _, _, us in rows)
+        lines += [f'**{form}** ({leaves} variable arrays as arguments): {wall / 1e3:.2f} ms a call '
+                  f'(median of {args.rounds} rounds); thunks {total / 1e3:.2f} ms in '
+                  f'{sum(n for _, n, _ in rows)} thunks; outside them {max(wall - total, 0) / 1e3:.2f} ms.', '',
+                  '| kind | thunks per call | us per call | share of the thunks |', '|---|---:|---:|---:|']
+        lines += [f'| {k} | {n} | {us:.0f} | {100 * us / total:.0f}% |' for k, n, us in rows if us >= 0.005 * total]
+        rest = [(n, us) for k, n, us in rows if us < 0.005 * total]
+        if rest:
+            lines.append(f'| (the rest) | {sum(n for n, _ in rest)} | {sum(us for _, us in rest):.0f} | '
+                         f'{100 * sum(us for _, us in rest) / total:.0f}% |')
+        lines.append('')
+    report = '\n'.join(lines)
+    print(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report + '\n')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
