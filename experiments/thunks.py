@@ -1,7 +1,7 @@
 """Where the time of one ``predict_fn`` call goes on CPU: XLA's thunks by kind, from a profile.
 
   python experiments/thunks.py [--model ghostnetv2_100] [--batch 1] [--size 224] \
-      [--forms eval,folded] [--calls 40] [--out experiments/results/thunks.md]
+      [--forms eval,folded] [--calls 40] [--rounds 15] [--out FILE.md]
 
 Each form is ``jax.jit(ghostnetv2_jax.predict_fn(model))`` called as a user calls it, with the
 variables as arguments: ``eval`` is the model with its BatchNorm, ``folded`` the deploy form
@@ -10,9 +10,10 @@ variables as arguments: ``eval`` is the model with its BatchNorm, ``folded`` the
 XLA's defaults, ``--rounds`` interleaved rounds of 20 calls), then ``--calls`` calls of a copy
 compiled with XLA's per-thunk trace events on, profiled (``jax.profiler``), and its thunks
 grouped by kind: the native ops by their FFI target, YNNPACK's fusions (the 1x1 convolutions),
-XLA's dots, and XLA's own fusions by their name. The thunk executor runs one thunk after another
-at small batches, so wall time minus the thunks' sum is what the calls spend outside them
-(arguments, dispatch). Weights are random: the time of a dense network does not depend on them.
+XLA's dots, and XLA's own fusions by their name (control flow is not a row: its body's thunks
+are). At batch 1 the thunk executor runs one thunk after another, so wall time minus the thunks'
+sum is what a call spends outside them (arguments, dispatch, the gaps between thunks); at larger
+batches the chunks' thunks overlap. Weights are random: the time of a dense network does not depend on them.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ if str(REPO) not in sys.path:   # run as a script from any cwd: the checkout's p
 from ghostnetv2_jax import fast_cpu_defaults  # noqa: E402
 
 FORMS = ('eval', 'folded')
+# Control flow: its events enclose the thunks of its body, which are counted themselves.
+CONTROL = re.compile(r'(while|conditional|call)(\.\d+)?$')
 
 
 def _targets(hlo_text: str) -> Dict[str, str]:
@@ -60,7 +63,7 @@ def thunk_table(events: Sequence[dict], targets: Dict[str, str], calls: int,
     time_of: Dict[str, float] = collections.defaultdict(float)
     count: Dict[str, int] = collections.Counter()
     for e in events:
-        if e.get('ph') != 'X' or e.get('name') not in instructions:
+        if e.get('ph') != 'X' or e.get('name') not in instructions or CONTROL.match(e['name']):
             continue
         k = kind_of(e['name'], targets)
         time_of[k] += e.get('dur', 0) / calls
@@ -137,9 +140,11 @@ def main(argv=None) -> int:
         rows = thunk_table(profile(traced, (v, images), args.calls), _targets(text), args.calls, _instructions(text))
         wall = 1e6 * statistics.median(walls[form])
         total = sum(us for _, _, us in rows)
+        outside = (f'outside them {(wall - total) / 1e3:.2f} ms (arguments, dispatch, the gaps between thunks)'
+                   if wall >= total else 'their sum exceeds the wall time: independent thunks ran at once')
         lines += [f'**{form}** ({leaves} variable arrays as arguments): {wall / 1e3:.2f} ms a call '
                   f'(median of {args.rounds} rounds); thunks {total / 1e3:.2f} ms in '
-                  f'{sum(n for _, n, _ in rows)} thunks; outside them {max(wall - total, 0) / 1e3:.2f} ms.', '',
+                  f'{sum(n for _, n, _ in rows)} thunks; {outside}.', '',
                   '| kind | thunks per call | us per call | share of the thunks |', '|---|---:|---:|---:|']
         lines += [f'| {k} | {n} | {us:.0f} | {100 * us / total:.0f}% |' for k, n, us in rows if us >= 0.005 * total]
         rest = [(n, us) for k, n, us in rows if us < 0.005 * total]
