@@ -14,10 +14,12 @@ import csv
 import dataclasses
 import math
 import pathlib
+import re
 import statistics
 from typing import Dict, List, Optional, Sequence, Tuple
 
 MeanStd = Tuple[float, float]   # std is nan with a single value
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass
@@ -262,6 +264,36 @@ def _interval(d: Optional[Difference]) -> str:
     return f'{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]'
 
 
+def sweep_file(name: str) -> Optional[str]:
+    """The sweep file (relative to the repository) whose ``get_sweep()`` names ``name``: its
+    ``sweep.name = '...'`` line, or its file name where it sets none."""
+    for path in sorted((REPO / 'experiments' / 'sweeps').glob('*.py')):
+        m = re.search(r"^\s*sweep\.name\s*=\s*['\"]([^'\"]+)['\"]", path.read_text(), flags=re.M)
+        if (m.group(1) if m else path.stem) == name:
+            return str(path.relative_to(REPO))
+    return None
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f'{minutes // 60} h {minutes % 60} min' if minutes >= 60 else f'{minutes} min'
+
+
+def reproduce_line(rows: Sequence[Dict[str, str]], out: Optional[pathlib.Path]) -> str:
+    """The command that fills this sweep (a rerun resumes it) and the runs' wall time in all."""
+    names = sorted({r['sweep'] for r in rows})
+    files = [sweep_file(n) for n in names]
+    where = out.resolve() if out is not None else None
+    if where is not None and where.is_relative_to(REPO):
+        where = where.relative_to(REPO)
+    total = sum(_number(r['wall_s']) for r in rows if not math.isnan(_number(r['wall_s'])))
+    command = (f'`python experiments/sweep.py --sweep {files[0]}{f" --out {where}" if where else ""}`'
+               if len(files) == 1 and files[0] else None)
+    return ((f'Command: {command} (a rerun resumes it; `--latency-only` times the latency again, `--report-only` '
+             'rewrites this report). ' if command else '') +
+            f'Wall time of the {len(rows)} runs: {_duration(total)} in all (each run\'s is in the CSV\'s `wall_s`).')
+
+
 def markdown(rows: Sequence[Dict[str, str]], summaries: Sequence[Summary],
              latency_rows: Sequence[Dict[str, str]] = (), out: Optional[pathlib.Path] = None) -> str:
     diffs = {d.variant: d for d in differences(summaries)} if len(summaries) > 1 else {}
@@ -275,6 +307,7 @@ def markdown(rows: Sequence[Dict[str, str]], summaries: Sequence[Summary],
         f'# Sweep {_distinct(rows, "sweep")}', '',
         f'{len(rows)} runs. Base config: {_distinct(rows, "base")}. Settings for every run: '
         f'{_distinct(rows, "settings")}. Code: {_distinct(rows, "version")}.', '',
+        reproduce_line(rows, out), '',
         *head, *body, '',
         noise_line(summaries), '',
         *([' '.join(stability_lines(rows, out)), ''] if out is not None else []),

@@ -65,6 +65,8 @@ def test_demo_sweep_writes_a_row_per_run_the_latencies_and_the_report(demo):
     assert '| dfc |' in md and '| none |' in md and 'paired (2 seeds)' not in md
     assert 'interleaved rounds' in md and 'timed after the sweep' in md
     assert 'Stability of `dfc` over 2 seeds' in md and 'First evaluation 5 points above chance' in md
+    assert f'Command: `python experiments/sweep.py --sweep experiments/sweeps/attention.py --out {demo}`' in md
+    assert 'Wall time of the 4 runs: ' in md   # beside the table, with the command that resumes the sweep
     diff = report.differences(report.summarize(rows))[0]
     assert diff.method == 'paired (2 seeds)' and f'{diff.mean:+.2f} [{diff.low:+.2f}, {diff.high:+.2f}]' in md
     assert (demo / 'results.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
