@@ -7,7 +7,9 @@ see 24 px maps, of blocks 4-5 12 px (block 5's gate comes before its stride-2 co
   Table 6   kernel size:          kernel_3, kernel_7 (released: 5)
   Table 7   which blocks:         blocks_early (2-4: 24 and 12 px maps), blocks_late (5-10: 12 and 6 px)
   Table 8   what is enhanced:     ghost2 (the block's output instead of the expanded features)
-  Table 9   gate and up-sampling: gate_after_upsample
+  Table 9   gate and up-sampling: gate_after_upsample (with the released nearest up-sampling, the
+            released function itself: a sigmoid commutes with copying values, so this variant
+            measures float rounding's noise; the paper's question needs bilinear up-sampling)
   Table 10  pooling, up-sampling: max_pool; bilinear, bicubic (released: nearest)
 
 Each variant's ``attention_kwargs`` sets only its own switch; the others keep DFCAttention's
