@@ -1,13 +1,14 @@
 """Where the time of one ``predict_fn`` call goes on CPU: XLA's thunks by kind, from a profile.
 
   python experiments/thunks.py [--model ghostnetv2_100] [--batch 1] [--size 224] \
-      [--forms eval,folded] [--calls 40] [--rounds 15] [--out FILE.md]
+      [--forms eval,folded] [--calls 40] [--rounds 300] [--out FILE.md]
 
 Each form is ``jax.jit(ghostnetv2_jax.predict_fn(model))`` called as a user calls it, with the
 variables as arguments: ``eval`` is the model with its BatchNorm, ``folded`` the deploy form
 (``fold_batchnorm``). The process is set up as this project's commands set it up
 (``fast_cpu_defaults()``). For each form: the median wall time of a call (a copy compiled with
-XLA's defaults, ``--rounds`` interleaved rounds of 20 calls), then ``--calls`` calls of a copy
+XLA's defaults; ``--rounds`` rounds of one call of every form, ``measure.interleaved_ms``, the cost
+table's method), then ``--calls`` calls of a copy
 compiled with XLA's per-thunk trace events on, profiled (``jax.profiler``), and its thunks
 grouped by kind: the native ops by their FFI target, YNNPACK's fusions (the 1x1 convolutions),
 XLA's dots, and XLA's own fusions by their name (control flow is not a row: its body's thunks
@@ -28,7 +29,6 @@ import re
 import statistics
 import sys
 import tempfile
-import time
 from typing import Dict, List, Sequence, Tuple
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument('--size', type=int, default=224)
     parser.add_argument('--forms', default=','.join(FORMS))
     parser.add_argument('--calls', type=int, default=40)
-    parser.add_argument('--rounds', type=int, default=15)
+    parser.add_argument('--rounds', type=int, default=300)
     parser.add_argument('--out', type=pathlib.Path, default=None, help='also write the tables here (markdown)')
     args = parser.parse_args(argv)
     forms = [f for f in args.forms.split(',') if f]
@@ -120,16 +120,7 @@ def main(argv=None) -> int:
         jax.block_until_ready(timed(v, images))
         jax.block_until_ready(traced(v, images))
         compiled[form] = (timed, traced, v, len(jax.tree_util.tree_leaves(v)))
-    walls: Dict[str, List[float]] = {f: [] for f in forms}
-    for r in range(args.rounds):
-        for form in forms[r % len(forms):] + forms[:r % len(forms)]:
-            timed, _, v, _ = compiled[form]
-            ts = []
-            for _ in range(20):
-                t = time.perf_counter()
-                jax.block_until_ready(timed(v, images))
-                ts.append(time.perf_counter() - t)
-            walls[form].append(statistics.median(ts))
+    walls = measure.interleaved_ms({form: (lambda c=compiled[form]: c[0](c[2], images)) for form in forms}, args.rounds)
 
     lines = [f'`predict_fn({args.model})`, batch {args.batch}, {args.size}x{args.size}, float32, '
              f'{jax.device_count()} CPU device(s); code `{code_version()}`; load average before '
@@ -138,12 +129,12 @@ def main(argv=None) -> int:
         timed, traced, v, leaves = compiled[form]
         text = traced.as_text()
         rows = thunk_table(profile(traced, (v, images), args.calls), _targets(text), args.calls, _instructions(text))
-        wall = 1e6 * statistics.median(walls[form])
+        wall = 1e3 * statistics.median(walls[form])
         total = sum(us for _, _, us in rows)
         outside = (f'outside them {(wall - total) / 1e3:.2f} ms (arguments, dispatch, the gaps between thunks)'
                    if wall >= total else 'their sum exceeds the wall time: independent thunks ran at once')
         lines += [f'**{form}** ({leaves} variable arrays as arguments): {wall / 1e3:.2f} ms a call '
-                  f'(median of {args.rounds} rounds); thunks {total / 1e3:.2f} ms in '
+                  f'(median of {args.rounds} interleaved rounds); thunks {total / 1e3:.2f} ms in '
                   f'{sum(n for _, n, _ in rows)} thunks; {outside}.', '',
                   '| kind | thunks per call | us per call | share of the thunks |', '|---|---:|---:|---:|']
         lines += [f'| {k} | {n} | {us:.0f} | {100 * us / total:.0f}% |' for k, n, us in rows if us >= 0.005 * total]
