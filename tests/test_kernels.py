@@ -18,6 +18,7 @@ from ghostnetv2_jax import kernels
 from ghostnetv2_jax.kernels import batchnorm as kbn
 from ghostnetv2_jax.kernels import depthwise as kdw
 from ghostnetv2_jax.kernels import ghost_module as kgm
+from ghostnetv2_jax.kernels import pointwise as kpw
 from ghostnetv2_jax.kernels import stem as kstem
 from ghostnetv2_jax.layers.depthwise import depthwise_conv
 from ghostnetv2_jax.layers.helpers import resize
@@ -338,11 +339,13 @@ def test_strided_form_stores_only_the_depthwise_conv_after_the_module(x_shape, c
 
 def test_module_and_strided_forms_shard_over_the_batch_and_vmap():
     """The fused inference ops with their extra operands (primary kernel, gate, the strided
-    conv's kernel and affine) also run per device under a batch-sharded jit, and under vmap."""
+    conv's kernel and affine) and the pointwise conv also run per device under a batch-sharded
+    jit, and under vmap."""
     code = '''
         import json, jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
         from ghostnetv2_jax.kernels import ghost_module as dn
+        from ghostnetv2_jax.kernels.pointwise import pointwise
         rng = np.random.default_rng(0)
         f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
         x, w, s1, b1, k, s2, b2 = f(8, 12, 10, 16), f(1, 1, 16, 12), f(12), f(12), f(3, 3, 1, 12), f(12), f(12)
@@ -350,7 +353,8 @@ def test_module_and_strided_forms_shard_over_the_batch_and_vmap():
         strided = dn.StridedDepthwise(f(3, 3, 1, 24), f(24), f(24), (2, 2), ((1, 1), (1, 1)))
         run = jax.jit(lambda x, g: (dn.ghost_module(x, s1, b1, k, s2, b2, 24, True, gate=g, primary=w),
                                     dn.ghost_module(x, s1, b1, k, s2, b2, 24, True, gate=g, primary=w,
-                                                   strided=strided)))
+                                                   strided=strided),
+                                    pointwise(x, w[0, 0], b1, True)))
         mesh = Mesh(np.array(jax.devices()), ('data',))
         put = lambda a: jax.device_put(a, NamedSharding(mesh, P('data')))
         one, four = run(x, gate), run(put(x), put(gate))
@@ -364,7 +368,7 @@ def test_module_and_strided_forms_shard_over_the_batch_and_vmap():
     '''
     out = _run(code, XLA_FLAGS='--xla_force_host_platform_device_count=4')
     assert out['devices'] == 4 and not out['all_gather']
-    assert out['spec'] == [['data'], ['data']]
+    assert out['spec'] == [['data'], ['data'], ['data']]
     assert out['sharded'] <= 1e-6 and out['vmap'] <= 1e-6, out
 
 
@@ -425,6 +429,76 @@ def test_stem_conv_gradients_and_bad_operands():
         kstem.stem_conv(ops[0], jnp.ones((3, 3, 4, 16)), *ops[2:], *args)
     with pytest.raises(ValueError, match='non-negative padding'):
         kstem.stem_conv(*ops, (2, 2), ((-1, 1), (1, 1)))
+
+
+# ----------------------------------------------------------------------------- pointwise conv
+def _pointwise_operands(x_shape, cout, seed=0):
+    rng = np.random.default_rng(seed)
+    cin = x_shape[-1]
+    x = np.maximum(rng.standard_normal(x_shape), 0).astype(np.float32)   # a ReLU's output
+    return x, (rng.standard_normal((cin, cout)) / np.sqrt(cin)).astype(np.float32), \
+        rng.standard_normal(cout).astype(np.float32)
+
+
+# Every tile the op has: 48-channel tiles, then 32, 16, 8 and 4 channels and single ones; 7-row
+# tiles and single rows (maps of 1x1 to 13x11 pixels, one and three images); Cin below, at and
+# past one 64-channel block.
+POINTWISE_CASES = [((1, 7, 7, 160), 480), ((3, 13, 11, 24), 36), ((1, 1, 1, 96), 1000),
+                   ((2, 5, 3, 64), 101), ((1, 2, 3, 65), 7), ((1, 4, 4, 5), 20), ((1, 3, 4, 3), 1)]
+
+
+@pytest.mark.parametrize('x_shape,cout', POINTWISE_CASES)
+@pytest.mark.parametrize('relu,with_bias', [(True, True), (False, True), (False, False)])
+def test_pointwise_matches_the_matmul_with_bias_and_relu(x_shape, cout, relu, with_bias):
+    x, k, b = _pointwise_operands(x_shape, cout)
+    b = b if with_bias else None
+    got = jax.jit(lambda x, k: kpw.pointwise(x, k, b, relu))(x, k)
+    want = kpw.pointwise_reference(x, k, np.zeros(cout, np.float32) if b is None else b, relu)
+    assert got.shape == want.shape == (*x_shape[:3], cout)
+    assert float(jnp.abs(want).max()) > 0.1
+    assert rel_err(got, want) <= 1e-6
+
+
+@pytest.mark.parametrize('x_shape,cout', [
+    ((1, 7, 7, 960), 160),     # a 7x7 stage's ghost2 primary conv at 224: 960 terms per output
+    ((1, 1, 1, 960), 1280),    # conv_head
+    ((1, 1, 1, 1280), 1000),   # the classifier
+    ((4, 14, 14, 480), 112),   # a 14x14 stage's ghost2, four images
+])
+def test_pointwise_is_float32_noise_at_imagenet_reduction_lengths(x_shape, cout):
+    """Within 2x of XLA's matmul's distance from float64. Summed in one float accumulator over
+    960 input channels it was 3x XLA's; the sum is taken in blocks of 64 channels."""
+    x, k, b = _pointwise_operands(x_shape, cout)
+    exact = np.einsum('nhwc,cd->nhwd', x.astype(np.float64), k.astype(np.float64)) + b
+    got = jax.jit(kpw.pointwise)(x, k, b)
+    ref = jax.jit(lambda *o: kpw.pointwise_reference(*o, False))(x, k, b)
+    assert _l2(got, exact) <= 2 * _l2(ref, exact), (_l2(got, exact), _l2(ref, exact))
+
+
+def test_pointwise_on_one_image_gives_the_same_bits_every_call():
+    """One image's tiles go to the spinning helper threads, several images' to XLA's pool;
+    whichever thread takes a tile, every output is summed in the same order."""
+    x, k, b = _pointwise_operands((3, 14, 14, 112), 336)
+    f = jax.jit(lambda x: kpw.pointwise(x, k, b, True))
+    one = {np.asarray(f(x[:1])).tobytes() for _ in range(50)}
+    three = np.asarray(f(x))
+    assert len(one) == 1
+    assert np.frombuffer(one.pop(), np.float32).tobytes() == three[:1].tobytes()
+
+
+def test_pointwise_gradients_and_bad_operands():
+    x, k, b = _pointwise_operands((2, 3, 5, 12), 20)
+    loss = lambda f: lambda *o: jnp.sum(jnp.sin(f(*o, True)))
+    got = jax.grad(loss(kpw.pointwise), argnums=(0, 1, 2))(x, k, b)
+    ref = jax.grad(loss(kpw.pointwise_reference), argnums=(0, 1, 2))(x, k, b)
+    for g, r in zip(got, ref):
+        assert rel_err(g, r) <= 1e-5
+    with pytest.raises(ValueError, match='does not fit NHWC input'):
+        kpw.pointwise(x, jnp.ones((13, 20)), b)
+    with pytest.raises(ValueError, match='does not fit NHWC input'):
+        kpw.pointwise(x[0], k, b)
+    with pytest.raises(ValueError, match='bias'):
+        kpw.pointwise(x, k, jnp.ones((21,)))
 
 
 # ----------------------------------------------------------------------------- BatchNorm sums

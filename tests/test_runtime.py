@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 from conftest import randomized_variables, rel_err
 from ghostnetv2_jax import create_model, get_spec, list_models, runtime
 from ghostnetv2_jax.models.ghostnet import GhostNet
-from ghostnetv2_jax.runtime import chunking
+from ghostnetv2_jax.runtime import chunking, cpu_fusion
 from ghostnetv2_jax.train.trainer import make_eval_step
 
 # A V2 architecture small enough to compile quickly, with a stride-2 block, DFC attention and SE.
@@ -159,8 +159,25 @@ def test_fused_ops_replace_the_modules_they_implement(folded, hw, gated):
     assert calls('gnv2_ghost_module_after_primary') + calls('gnv2_ghost_module_after_primary_gated') == 2
     assert calls('gnv2_ghost_module_gated') == gated   # the one DFC block's ghost1
     assert calls('gnv2_stem_conv') == 1
+    # The other 1x1 convs (DFC's, SE's two, the shortcut's, the two wide ghost2 primaries, the
+    # last stage's), conv_head and the classifier: two images are at most NATIVE_POINTWISE_MAX_IMAGES.
+    assert calls('gnv2_pointwise') == 9
     unfused = jax.jit(runtime.predict_fn(model, chunk=None, fuse=False), compiler_options=O0)(variables, images)
     assert float(jnp.abs(unfused).max()) > 0.1
+    assert rel_err(predict(variables, images), unfused) <= 1e-6
+
+
+def test_a_batch_of_more_images_keeps_xlas_matmul_for_the_1x1_convs():
+    """Past NATIVE_POINTWISE_MAX_IMAGES images (a chunk of the batch, where XLA's matmul is as
+    fast), the 1x1 convs and the classifier stay XLA's dots; the ghost modules still fuse."""
+    model = create_model('ghostnetv2_100', cfgs=TINY)
+    images = _images(cpu_fusion.NATIVE_POINTWISE_MAX_IMAGES + 1, (32, 32))
+    variables = randomized_variables(model, images[:1])
+    predict = jax.jit(runtime.predict_fn(model, chunk=None), compiler_options=O0)
+    hlo = predict.lower(variables, images).as_text()
+    assert 'gnv2_pointwise' not in hlo and 'gnv2_ghost_module' in hlo
+    assert len(re.findall(r'dot_general', hlo)) == 9
+    unfused = jax.jit(runtime.predict_fn(model, chunk=None, fuse=False), compiler_options=O0)(variables, images)
     assert rel_err(predict(variables, images), unfused) <= 1e-6
 
 

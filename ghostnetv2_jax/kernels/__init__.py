@@ -6,7 +6,11 @@ Each op module holds the op and its jnp reference (what it computes, as separate
 - ``batchnorm``: training BatchNorm's moments and gradient sums, one pass each;
 - ``ghost_module``: a ghost module at inference (primary conv, both BatchNorms, cheap
   depthwise conv, concatenation, DFC gate, a following stride-2 depthwise conv) in one pass;
-- ``stem``: the few-input-channel stem conv with its BatchNorm affine and ReLU.
+- ``stem``: the few-input-channel stem conv with its BatchNorm affine and ReLU;
+- ``pointwise``: the 1x1 conv with its bias and ReLU, over every core at one image's sizes.
+
+The ops on a single image share their work with this library's helper threads, which stay awake
+between ops (``csrc/common.h``); with more images, with XLA's intra-op pool.
 
 ``build`` compiles, caches, loads and registers the library (for the CPU platform only);
 ``ffi`` calls it with batch partitioning and vmap rules. This package imports nothing from the

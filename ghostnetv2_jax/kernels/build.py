@@ -32,6 +32,7 @@ HANDLERS = {  # XLA custom-call target -> exported handler symbol
     'gnv2_ghost_module_strided': 'Gnv2GhostModuleStrided',
     'gnv2_ghost_module_strided_gated': 'Gnv2GhostModuleStridedGated',
     'gnv2_stem_conv': 'Gnv2StemConv',
+    'gnv2_pointwise': 'Gnv2Pointwise',
     'gnv2_batchnorm_moments': 'Gnv2BatchNormMoments',
     'gnv2_batchnorm_grad_sums': 'Gnv2BatchNormGradSums',
 }

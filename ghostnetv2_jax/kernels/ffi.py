@@ -52,6 +52,7 @@ TARGETS = {
         (True,) + (False,) * 6 + (True,) + (False,) * 3, _STRIDED),
     'gnv2_stem_conv': Target('n h w c, i j c d, d, d -> n p q d', (True, False, False, False),
                              ('stride_h', 'stride_w', 'pad_top', 'pad_left', 'relu')),
+    'gnv2_pointwise': Target('n h w c, c d, d -> n h w d', (True, False, False), ('relu',)),
     'gnv2_batchnorm_moments': Target('n h w c -> n t c', (True,), ()),
     'gnv2_batchnorm_grad_sums': Target('n h w c, n h w c, c -> n t c', (True, True, False), ()),
 }

@@ -7,7 +7,10 @@ ops of ``ghostnetv2_jax.kernels`` instead of module by module:
   1x1 conv for narrow inputs, and DFC's gate where it is a nearest up-sampling by whole factors);
 - in a stride-2 ``GhostBottleneck``, ghost1 together with the block's ``conv_dw`` and ``bn_dw``
   (only the strided map is stored; the block's own conv_dw and bn_dw calls then pass through);
-- the stem conv (``conv_stem``) of a ``GhostNet``.
+- the stem conv (``conv_stem``) of a ``GhostNet``;
+- on inputs of at most ``NATIVE_POINTWISE_MAX_IMAGES`` images, every 1x1 conv (stride 1, no
+  padding) and the classifier, with their biases (``kernels.pointwise``), and the wider ghost
+  modules' primary convs.
 
 Everything else runs as the model says, and so does any module whose fields the ops do not
 implement (another activation or ratio, a kernel size not compiled, other attention or DFC
@@ -32,6 +35,7 @@ from jax import lax
 
 from ghostnetv2_jax import kernels
 from ghostnetv2_jax.kernels.ghost_module import KERNEL_SIZES, StridedDepthwise, apply_strided, ghost_module
+from ghostnetv2_jax.kernels.pointwise import pointwise
 from ghostnetv2_jax.kernels.stem import stem_conv
 from ghostnetv2_jax.models.ghostnet import GhostBottleneck, GhostModule, GhostNet
 from ghostnetv2_jax.layers.attention import GATES, DFCAttention, make_attention
@@ -43,6 +47,10 @@ from ghostnetv2_jax.layers.depthwise import DepthwiseConv
 # wider matmuls are compute-bound and faster in XLA (measured at batch 32 on 2 cores).
 FUSED_PRIMARY_MAX_CHANNELS = 40
 FUSIBLE_IMPLS = ('auto', 'native')
+# 1x1 convs (and the classifier) run as the native pointwise op on inputs of fewer images than
+# this: XLA's matmul runs a single image's few hundred rows on one thread, the op on every core;
+# at a chunk of the batch (chunking.CPU_CHUNK images, two chunks at once) XLA's is as fast.
+NATIVE_POINTWISE_MAX_IMAGES = 7
 
 
 @contextlib.contextmanager
@@ -72,6 +80,32 @@ def _ghost_module_fusible(m: GhostModule, x: jax.Array, train: bool) -> bool:
     return (not train and m.ratio == 2 and (m.dw_size, m.dw_size) in KERNEL_SIZES
             and (not m.use_act or m.act is nn.relu) and m.dtype == jnp.float32 and x.dtype == jnp.float32
             and x.ndim == 4 and m.depthwise_impl in FUSIBLE_IMPLS and 'primary_conv' in _variables(m)[0])
+
+
+def _few_images(x: jax.Array) -> bool:
+    return x.shape[0] <= NATIVE_POINTWISE_MAX_IMAGES
+
+
+def _pointwise_fusible(m: nn.Conv, args, kwargs) -> bool:
+    """A 1x1 conv (stride 1, no padding, dilation or groups) on a float32 NHWC map of few images."""
+    x = args[0] if args else kwargs.get('inputs')
+    params = m.variables.get('params', {})
+    kernel = params.get('kernel')
+    one = lambda v: v is None or v == 1 or tuple(v) == (1, 1)
+    return (x is not None and kernel is not None and x.ndim == 4 and kernel.ndim == 4
+            and kernel.shape[:2] == (1, 1) and _few_images(x) and m.feature_group_count == 1
+            and x.dtype == jnp.float32 and m.dtype in (None, jnp.float32) and m.use_bias == ('bias' in params)
+            and one(m.strides) and one(m.kernel_dilation) and one(m.input_dilation)
+            and m.padding in ('VALID', 'SAME', ((0, 0), (0, 0)), [(0, 0), (0, 0)], 0))
+
+
+def _dense_fusible(m: nn.Dense, args, kwargs) -> bool:
+    """A float32 Dense layer on (batch, features) of few images."""
+    x = args[0] if args else kwargs.get('inputs')
+    params = m.variables.get('params', {})
+    return (x is not None and x.ndim == 2 and _few_images(x) and x.dtype == jnp.float32
+            and m.dtype in (None, jnp.float32) and params.get('kernel') is not None
+            and params['kernel'].ndim == 2 and m.use_bias == ('bias' in params))
 
 
 def _dfc_gate_fusible(attn: nn.Module, size) -> bool:
@@ -123,6 +157,13 @@ class _Interceptor:
             if key in self.passed_through:
                 self.passed_through.discard(key)
                 return args[0]
+        elif kind is nn.Conv and _pointwise_fusible(m, args, kwargs):
+            params = m.variables['params']
+            return pointwise(args[0] if args else kwargs['inputs'], params['kernel'][0, 0], params.get('bias'))
+        elif kind is nn.Dense and _dense_fusible(m, args, kwargs):
+            params = m.variables['params']
+            x = args[0] if args else kwargs['inputs']
+            return pointwise(x[:, None, None, :], params['kernel'], params.get('bias'))[:, 0, 0]
         elif kind is nn.Conv and m.name == 'conv_stem' and type(m.parent) is GhostNet:
             x = args[0] if args else kwargs['inputs']
             if x.dtype == jnp.float32 and m.dtype == jnp.float32 and not m.use_bias and 'kernel' in m.variables.get('params', {}):
@@ -151,7 +192,8 @@ class _Interceptor:
             if last:
                 return out
         else:
-            p = lax.dot_general(x, primary[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+            p = (pointwise(x, primary[0, 0]) if _few_images(x) else
+                 lax.dot_general(x, primary[0, 0], (((x.ndim - 1,), (0,)), ((), ()))))
             out = ghost_module(p, *ops, gate=gate)
         if attn is not None:
             out = attn.apply(attn_vars, x, out, False)
@@ -170,4 +212,4 @@ def is_fusible(model: Any) -> bool:
     return isinstance(model, GhostNet) and model.dtype == jnp.float32 and kernels.available()
 
 
-__all__ = ['fused', 'is_fusible', 'FUSED_PRIMARY_MAX_CHANNELS']
+__all__ = ['fused', 'is_fusible', 'FUSED_PRIMARY_MAX_CHANNELS', 'NATIVE_POINTWISE_MAX_IMAGES']

@@ -8,16 +8,22 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+
+#ifdef __linux__
+#include <sched.h>
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -72,8 +78,106 @@ inline int Workers(ffi::ThreadPool& pool, int64_t total, int64_t grain) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(pool.num_threads() + 1, chunks)));
 }
 
+// Threads of this library for the ops on one image, which take a few to a few hundred
+// microseconds: XLA's pool parks an idle thread, and waking one costs about as much as such an
+// op, so a parked pool gives these ops nothing. A helper spins (with `pause`) for kSpinMicros
+// after its last task, so the next op starts on it at once, then sleeps until posted to. Used
+// only for one image: with a batch, XLA runs two chunks of it at once on its own threads, and a
+// spinning third thread would take their cores (a chunk claimed by a preempted helper holds up
+// its op for a time slice).
+// A spin-wait's pause: lets the core's other hardware thread run and saves power.
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// The cores this process may run on.
+inline int UsableCores() {
+#ifdef __linux__
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set);
+#endif
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+class Helpers {
+ public:
+  static constexpr int kSpinMicros = 200;
+
+  static Helpers& Get() {
+    static Helpers* helpers = new Helpers();  // never destroyed: its threads outlive main's return
+    return *helpers;
+  }
+  // Hands `state` to an idle helper; false if none is idle (the caller then uses XLA's pool).
+  // After a fork the helpers are gone: a post to one is never taken, the caller claims every
+  // chunk itself, and that slot stays taken, so later posts fall back to the pool.
+  bool Post(const std::shared_ptr<ParallelState>& state) {
+    for (auto& slot : slots_) {
+      std::unique_lock<std::mutex> lock(slot->mu, std::try_to_lock);
+      if (!lock.owns_lock() || slot->job || slot->busy) continue;
+      slot->job = state;
+      slot->pending.store(true, std::memory_order_release);
+      if (slot->sleeping) slot->cv.notify_one();
+      return true;
+    }
+    return false;
+  }
+  int size() const { return static_cast<int>(slots_.size()); }
+
+ private:
+  struct Slot {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::shared_ptr<ParallelState> job;
+    std::atomic<bool> pending{false};
+    bool busy = false, sleeping = false;
+  };
+
+  Helpers() {   // one per usable core but the caller's
+    for (int i = 1; i < UsableCores(); ++i) slots_.push_back(std::make_unique<Slot>());
+    for (auto& slot : slots_) std::thread([s = slot.get()] { Loop(s); }).detach();
+  }
+
+  static void Loop(Slot* s) {
+    using Clock = std::chrono::steady_clock;
+    auto last = Clock::now();
+    for (;;) {
+      if (!s->pending.load(std::memory_order_acquire)) {
+        if (Clock::now() - last < std::chrono::microseconds(kSpinMicros)) {
+          for (int i = 0; i < 16; ++i) CpuRelax();
+          continue;
+        }
+        std::unique_lock<std::mutex> lock(s->mu);
+        s->sleeping = true;
+        s->cv.wait(lock, [&] { return s->job != nullptr; });
+        s->sleeping = false;
+      }
+      std::shared_ptr<ParallelState> job;
+      {
+        std::lock_guard<std::mutex> lock(s->mu);
+        job = std::move(s->job);
+        s->pending.store(false, std::memory_order_relaxed);
+        s->busy = job != nullptr;
+      }
+      if (job) job->Work(job->ids.fetch_add(1));
+      {
+        std::lock_guard<std::mutex> lock(s->mu);
+        s->busy = false;
+      }
+      last = Clock::now();
+    }
+  }
+
+  std::vector<std::unique_ptr<Slot>> slots_;
+};
+
+// `one_image`: the op is on a single image (latency-bound); its other workers are the spinning
+// helpers where idle ones are left, and XLA's pool otherwise.
 inline void ParallelFor(ffi::ThreadPool& pool, int workers, int64_t total, int64_t grain,
-                        std::function<void(int64_t, int64_t, int)> body) {
+                        std::function<void(int64_t, int64_t, int)> body, bool one_image = false) {
   if (workers <= 1) {
     body(0, total, 0);
     return;
@@ -82,10 +186,19 @@ inline void ParallelFor(ffi::ThreadPool& pool, int workers, int64_t total, int64
   state->total = total;
   state->grain = grain;
   state->body = std::move(body);
-  for (int t = 1; t < workers; ++t) {
+  int posted = 1;
+  if (one_image) {
+    Helpers& helpers = Helpers::Get();
+    while (posted < workers && posted <= helpers.size() && helpers.Post(state)) ++posted;
+  }
+  for (int t = posted; t < workers; ++t) {
     pool.Schedule([state] { state->Work(state->ids.fetch_add(1)); });
   }
   state->Work(0);
+  if (posted > 1) {   // the chunks still running are on awake helpers: wait for them spinning
+    for (int i = 0; i < (1 << 16) && state->done.load(std::memory_order_acquire) != total; ++i)
+      CpuRelax();
+  }
   std::unique_lock<std::mutex> lock(state->mu);
   state->cv.wait(lock, [&] { return state->done.load() == total; });
 }

@@ -231,7 +231,7 @@ void RunRows(ffi::ThreadPool& pool, const Geometry& g, RowFn fn, const float* a,
   const int64_t grain = Grain(row_floats);
   ParallelFor(pool, Workers(pool, rows, grain), rows, grain, [&](int64_t lo, int64_t hi, int) {
     for (int64_t r = lo; r < hi; ++r) fn(g, a, b, out, r);
-  });
+  }, g.n == 1);
 }
 
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,

@@ -298,7 +298,7 @@ ffi::Error GhostRun(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, const ffi::Bu
       else
         fn(g, a, n, r0, r1, scratch, a.out + (n * g.h + r0) * g.w * a.cout);
     }
-  });
+  }, g.n == 1);
   return ffi::Error::Success();
 }
 

@@ -110,7 +110,7 @@ ffi::Error StemImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   const int64_t rows = g.n * g.ho, grain = Grain(g.wo * cout);
   ParallelFor(pool, Workers(pool, rows, grain), rows, grain, [&](int64_t lo, int64_t hi, int) {
     for (int64_t r = lo; r < hi; ++r) fn(g, cout, a, r);
-  });
+  }, g.n == 1);
   return ffi::Error::Success();
 }
 
