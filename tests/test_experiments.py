@@ -14,7 +14,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:   # experiments/ is a folder of the checkout, not an installed package
     sys.path.insert(0, str(REPO))
 
-from experiments import costs, report, sweep, thunks  # noqa: E402
+from experiments import checkouts_ab, costs, report, sweep, thunks  # noqa: E402
 
 TINY = str(REPO / 'configs' / 'tiny.py')
 ATTENTION = str(REPO / 'experiments' / 'sweeps' / 'attention.py')
@@ -195,6 +195,18 @@ def test_thunk_profile_groups_a_calls_thunks_by_kind_and_rejects_unknown_forms(t
     assert thunks.main(['--forms', 'eval,deploy']) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('error: --forms')
+
+
+def test_checkouts_ab_times_both_forms_of_two_checkouts_and_rejects_a_folder_that_is_not_one(tmp_path, capsys):
+    args = [str(REPO), str(REPO), '--size', '64', '--rounds', '2', '--calls', '1']
+    assert checkouts_ab.main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith('ghostnetv2_100, batch 1, 64x64') and '2 alternating rounds of 1 calls' in lines[0]
+    assert [line.split(':')[0] for line in lines[1:]] == ['eval', 'folded']
+    assert all('A / B per round' in line and 'quartiles' in line for line in lines[1:])
+    assert checkouts_ab.main([str(REPO), str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == f'error: {tmp_path} is not a checkout of this project'
 
 
 def test_a_run_leaves_chance_at_its_first_evaluation_clear_of_it():
