@@ -198,10 +198,10 @@ def test_thunk_profile_groups_a_calls_thunks_by_kind_and_rejects_unknown_forms(t
 
 
 def test_checkouts_ab_times_both_forms_of_two_checkouts_and_rejects_a_folder_that_is_not_one(tmp_path, capsys):
-    args = [str(REPO), str(REPO), '--size', '64', '--rounds', '2', '--calls', '1']
+    args = [str(REPO), str(REPO), '--model', 'ghostnet_050', '--size', '32', '--rounds', '2', '--calls', '1']
     assert checkouts_ab.main(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith('ghostnetv2_100, batch 1, 64x64') and '2 alternating rounds of 1 calls' in lines[0]
+    assert lines[0].startswith('ghostnet_050, batch 1, 32x32') and '2 alternating rounds of 1 calls' in lines[0]
     assert [line.split(':')[0] for line in lines[1:]] == ['eval', 'folded']
     assert all('A / B per round' in line and 'quartiles' in line for line in lines[1:])
     assert checkouts_ab.main([str(REPO), str(tmp_path)]) == 2
