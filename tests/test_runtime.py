@@ -181,6 +181,28 @@ def test_a_batch_of_more_images_keeps_xlas_matmul_for_the_1x1_convs():
     assert rel_err(predict(variables, images), unfused) <= 1e-6
 
 
+def test_only_unstrided_unpadded_1x1_convs_run_as_the_pointwise_op():
+    """A 1x1 conv with stride 2, or padding, or a 3x3 kernel runs as written; a plain one (with or
+    without its bias) runs as the op. The same outputs either way."""
+    import flax.linen as nn
+
+    class Convs(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return (nn.Conv(8, (1, 1), strides=2)(x), nn.Conv(8, (1, 1), padding=1)(x), nn.Conv(8, (3, 3))(x),
+                    nn.Conv(8, (1, 1))(x), nn.Conv(8, (1, 1), use_bias=False)(x))
+
+    model, x = Convs(), _images(1, (6, 6))
+    variables = randomized_variables(model, x)
+
+    def fused(v, x):
+        with cpu_fusion.fused():
+            return model.apply(v, x)
+    assert len(re.findall(r'custom_call @gnv2_pointwise\(', jax.jit(fused).lower(variables, x).as_text())) == 2
+    for got, want in zip(jax.jit(fused)(variables, x), model.apply(variables, x)):
+        assert rel_err(got, want) <= 1e-6
+
+
 def test_stride2_block_with_a_kernel_the_fused_ops_lack_keeps_its_own_conv():
     """A 7x7 stride-2 block (no fused kernel of that size): ghost1 still fuses, conv_dw runs after."""
     cfgs = (((3, 16, 16, 0, 1),), ((7, 48, 24, 0, 2),))

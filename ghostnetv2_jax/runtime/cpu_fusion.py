@@ -91,7 +91,7 @@ def _pointwise_fusible(m: nn.Conv, args, kwargs) -> bool:
     x = args[0] if args else kwargs.get('inputs')
     params = m.variables.get('params', {})
     kernel = params.get('kernel')
-    one = lambda v: v is None or v == 1 or tuple(v) == (1, 1)
+    one = lambda v: v is None or (v == 1 if isinstance(v, int) else tuple(v) == (1, 1))
     return (x is not None and kernel is not None and x.ndim == 4 and kernel.ndim == 4
             and kernel.shape[:2] == (1, 1) and _few_images(x) and m.feature_group_count == 1
             and x.dtype == jnp.float32 and m.dtype in (None, jnp.float32) and m.use_bias == ('bias' in params)
