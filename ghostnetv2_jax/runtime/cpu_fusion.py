@@ -47,8 +47,8 @@ from ghostnetv2_jax.layers.depthwise import DepthwiseConv
 # wider matmuls are compute-bound and faster in XLA (measured at batch 32 on 2 cores).
 FUSED_PRIMARY_MAX_CHANNELS = 40
 FUSIBLE_IMPLS = ('auto', 'native')
-# 1x1 convs (and the classifier) run as the native pointwise op on inputs of fewer images than
-# this: XLA's matmul runs a single image's few hundred rows on one thread, the op on every core;
+# 1x1 convs (and the classifier) run as the native pointwise op on inputs of at most this many
+# images: XLA's matmul runs a single image's few hundred rows on one thread, the op on every core;
 # at a chunk of the batch (chunking.CPU_CHUNK images, two chunks at once) XLA's is as fast.
 NATIVE_POINTWISE_MAX_IMAGES = 7
 

@@ -21,9 +21,7 @@
 
 #include "xla/ffi/api/ffi.h"
 
-#ifdef __linux__
 #include <sched.h>
-#endif
 
 namespace ffi = xla::ffi;
 
@@ -80,8 +78,9 @@ inline int Workers(ffi::ThreadPool& pool, int64_t total, int64_t grain) {
 
 // Threads of this library for the ops on one image, which take a few to a few hundred
 // microseconds: XLA's pool parks an idle thread, and waking one costs about as much as such an
-// op, so a parked pool gives these ops nothing. A helper spins (with `pause`) for kSpinMicros
-// after its last task, so the next op starts on it at once, then sleeps until posted to. Used
+// op, so a parked pool gives these ops nothing. A helper spins (with `pause`, yielding the core
+// every kYieldMicros) for kSpinMicros after its last task, so the next op starts on it at once,
+// then sleeps until posted to. Used
 // only for one image: with a batch, XLA runs two chunks of it at once on its own threads, and a
 // spinning third thread would take their cores (a chunk claimed by a preempted helper holds up
 // its op for a time slice).
@@ -106,6 +105,7 @@ inline int UsableCores() {
 class Helpers {
  public:
   static constexpr int kSpinMicros = 200;
+  static constexpr int kYieldMicros = 25;
 
   static Helpers& Get() {
     static Helpers* helpers = new Helpers();  // never destroyed: its threads outlive main's return
@@ -144,10 +144,18 @@ class Helpers {
   static void Loop(Slot* s) {
     using Clock = std::chrono::steady_clock;
     auto last = Clock::now();
+    Clock::duration yielded{};
     for (;;) {
       if (!s->pending.load(std::memory_order_acquire)) {
-        if (Clock::now() - last < std::chrono::microseconds(kSpinMicros)) {
+        const auto idle = Clock::now() - last;
+        if (idle < std::chrono::microseconds(kSpinMicros)) {
           for (int i = 0; i < 16; ++i) CpuRelax();
+          // Every kYieldMicros, the core goes to any other thread waiting for it (another
+          // process's, or XLA's): a spinning helper then costs others a syscall, not a time slice.
+          if (idle - yielded >= std::chrono::microseconds(kYieldMicros)) {
+            sched_yield();
+            yielded = idle;
+          }
           continue;
         }
         std::unique_lock<std::mutex> lock(s->mu);
@@ -168,6 +176,7 @@ class Helpers {
         s->busy = false;
       }
       last = Clock::now();
+      yielded = Clock::duration{};
     }
   }
 
