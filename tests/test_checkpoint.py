@@ -252,3 +252,36 @@ def test_a_save_onto_a_full_disk_is_one_line_without_orbax_tracebacks(tmp_path, 
     assert errors[0].endswith('; the earlier checkpoints are intact') and 'File too large' in errors[0]
     assert 'Traceback' not in result.stderr and 'future.py' not in result.stderr, result.stderr[-4000:]
     assert committed_steps(workdir) == []
+
+
+def test_an_unawaited_failed_save_task_logs_nothing_but_other_task_errors_still_do(tmp_path, caplog):
+    """orbax's write tasks left unawaited by a failed save log "Task exception was never
+    retrieved" with a traceback whenever the garbage collector reaches them; that record is
+    dropped once a Checkpoints exists, and the same record from any other code still shows."""
+    import asyncio
+    import gc
+    import os
+
+    from ghostnetv2_jax.train.checkpoint import Checkpoints
+
+    Checkpoints(tmp_path / 'run')
+
+    def failing_coroutine(filename):
+        namespace = {}
+        exec(compile('async def write():\n    raise OSError("File too large")\n', filename, 'exec'), namespace)
+        return namespace['write']()
+
+    def leave_unretrieved(filename):
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(failing_coroutine(filename))
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+        del task
+        gc.collect()
+
+    orbax_file = os.path.join(os.sep, 'site-packages', 'orbax', 'checkpoint', '_src', 'serialization.py')
+    with caplog.at_level('ERROR', logger='asyncio'):
+        leave_unretrieved(orbax_file)
+        assert [r for r in caplog.records if r.name == 'asyncio'] == []
+        leave_unretrieved(str(tmp_path / 'user_code.py'))
+        assert any('never retrieved' in r.getMessage() for r in caplog.records if r.name == 'asyncio')

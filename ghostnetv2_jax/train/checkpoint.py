@@ -67,7 +67,26 @@ class _QuietBackgroundSaveFailures(logging_std.Filter):
         return not (record.exc_info or 'fail' in record.getMessage().lower())
 
 
+class _QuietUnretrievedSaveTasks(logging_std.Filter):
+    """Drops asyncio's "Task exception was never retrieved" records for orbax's write tasks: when
+    a save fails (a full disk), the tasks left unawaited log their error, with a traceback, once
+    the garbage collector reaches them, at a moment that depends on the collector. The failure
+    itself is raised by ``Checkpoints.wait`` as one ``CheckpointSaveError`` line. Other asyncio
+    records pass, and all of them do at debug verbosity."""
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        if logging.get_verbosity() >= logging.DEBUG or not record.exc_info:
+            return True
+        tb = record.exc_info[2]
+        while tb is not None:
+            if f'{os.sep}orbax{os.sep}checkpoint{os.sep}' in tb.tb_frame.f_code.co_filename:
+                return False
+            tb = tb.tb_next
+        return True
+
+
 _QUIET = _QuietBackgroundSaveFailures()
+_QUIET_TASKS = _QuietUnretrievedSaveTasks()
 
 
 def _quiet_closed_loop_callbacks(unraisable) -> None:
@@ -111,6 +130,7 @@ class Checkpoints:
             save_interval_steps=0 if read_only else 1,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
         logging.get_absl_logger().addFilter(_QUIET)   # a failed save is one line (CheckpointSaveError)
+        logging_std.getLogger('asyncio').addFilter(_QUIET_TASKS)
         self.manager = ocp.CheckpointManager(self.directory, item_names=('state', 'meta'), options=options)
         self._pending: List[int] = []   # saved steps not yet checked on disk (see wait)
         sys.unraisablehook = _quiet_closed_loop_callbacks
