@@ -78,6 +78,18 @@ def _source(function) -> str:
     return text[start.start():] if start else text
 
 
+def shared_compile_cache(tmp_path_factory) -> pathlib.Path:
+    """One persistent XLA cache for the session's own processes (both xdist workers and the
+    notebook kernels): tests compile the same models at the same sizes many times over."""
+    return tmp_path_factory.getbasetemp().parent / 'ghostnetv2_test_xla_cache'
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _compile_cache(tmp_path_factory):
+    import jax
+    jax.config.update('jax_compilation_cache_dir', str(shared_compile_cache(tmp_path_factory)))
+
+
 @pytest.fixture(scope='session', autouse=True)
 def _torch_threads():
     try:

@@ -11,6 +11,8 @@ import re
 
 import pytest
 
+from conftest import shared_compile_cache
+
 nbformat = pytest.importorskip('nbformat')
 nbclient = pytest.importorskip('nbclient')
 
@@ -38,10 +40,11 @@ def _needs_torch(path: str) -> bool:
 
 @pytest.mark.parametrize('path', [pytest.param(p, marks=pytest.mark.torch) if _needs_torch(p) else p
                                   for p in NOTEBOOKS], ids=os.path.basename)
-def test_notebook_runs_top_to_bottom(path, monkeypatch):
+def test_notebook_runs_top_to_bottom(path, monkeypatch, tmp_path_factory):
     committed = nbformat.read(path, as_version=4)
     assert _images(committed) > 0, 'the committed notebook carries its plots as images'
     monkeypatch.setenv('NOTEBOOK_BUDGET', 'ci')
+    monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(shared_compile_cache(tmp_path_factory)))
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name='python3',
                                      resources={'metadata': {'path': NOTEBOOK_DIR}})
