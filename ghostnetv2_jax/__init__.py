@@ -2,9 +2,9 @@
 from ghostnetv2_jax import runtime
 from ghostnetv2_jax.models.registry import create_model, get_spec, list_models
 from ghostnetv2_jax.process import fast_cpu_defaults
-from ghostnetv2_jax.runtime import fold_batchnorm, predict_fn, reparameterize
+from ghostnetv2_jax.runtime import bound_predict_fn, fold_batchnorm, predict_fn, reparameterize
 
-__all__ = ['create_model', 'fast_cpu_defaults', 'fold_batchnorm', 'get_spec', 'list_models', 'load_pretrained', 'predict_fn',
+__all__ = ['bound_predict_fn', 'create_model', 'fast_cpu_defaults', 'fold_batchnorm', 'get_spec', 'list_models', 'load_pretrained', 'predict_fn',
            'reparameterize', 'runtime']
 __version__ = '0.1.0'
 

@@ -18,7 +18,9 @@ this project's ``data.create_split`` with the recipe's train and eval transforms
 (bench_pipeline.py: generated in ``--pipeline-data`` or a temporary directory, or a user's folder)
 and over the same files as tfds records; every pipeline uses all usable cores and is stopped
 between its turns, and the report gives img/s per core and cores per 1,000 img/s (``run_group``
-says what a round times). ``--apply`` (default) also times plain ``jax.jit(model.apply)``. Every worker runs in
+says what a round times). ``--apply`` (default) also times plain ``jax.jit(model.apply)``, and
+``--bound`` (default) ``jax.jit(runtime.bound_predict_fn(model, variables))`` of the eval and
+the folded model, the weights compiled into the program. Every worker runs in
 the environment its users' processes have (``--malloc default``): the JAX workers call
 ``process.fast_cpu_defaults()`` first, as this project's commands do, and timm's change nothing;
 ``--malloc retain`` adds glibc tunables that keep freed memory mapped (RETAIN_TUNABLES) to every
@@ -45,6 +47,9 @@ MODES = ('infer', 'train', 'deploy', 'pipeline')
 DEFAULT_MODES = ('infer', 'train')
 DTYPES = ('float32', 'bfloat16')
 JAX_IMPLS = ('auto', 'native', 'shift', 'xla')
+# JAX inference variants of the whole model (the backend's default depthwise impl): the BN-folded
+# model, plain model.apply, and bound_predict_fn of the eval and of the folded model.
+WHOLE_MODEL_VARIANTS = ('deploy', 'apply', 'bound', 'bound-deploy')
 XLA_OPTIONS = ('project', 'default')
 TORCH_LAYOUTS = ('nchw', 'channels_last')
 # The deploy mode: each runtime runs this project's ONNX export ('ours') and timm's ('timm').
@@ -68,7 +73,8 @@ PIPELINE_SKIP = 2          # untimed batches at the start of each round, after t
 class Contender:
     framework: str            # 'jax' | 'torch' | a deployment runtime ('onnxruntime', 'openvino') |
                               # a pipeline's ('ours', 'timm')
-    variant: str              # depthwise impl (jax), 'deploy' (jax, folded BN), memory layout (torch),
+    variant: str              # depthwise impl (jax), 'deploy' (jax, folded BN), 'bound' / 'bound-deploy'
+                              # (jax, bound_predict_fn of either), memory layout (torch),
                               # whose ONNX file a runtime runs ('ours' | 'timm'), or a pipeline's
                               # transforms ('train' | 'eval')
     dtype: str
@@ -121,6 +127,9 @@ def plan(args) -> List[Group]:
                             cs += [Contender('jax', impl, dtype, opts, chunk) for impl in args.impls]
                             if args.deploy and mode == 'infer':
                                 cs.append(Contender('jax', 'deploy', dtype, opts, chunk))
+                            if getattr(args, 'bound', False) and mode == 'infer':
+                                cs += [Contender('jax', v, dtype, opts, chunk)
+                                       for v in ('bound', 'bound-deploy')[:1 + bool(args.deploy)]]
                     if args.apply and mode == 'infer':
                         cs.append(Contender('jax', 'apply', dtype))
                     if args.torch:
@@ -186,7 +195,7 @@ def train_config(spec: Dict[str, Any]):
     config = module.get_config()
     config.model, config.batch_size, config.dtype = spec['model'], spec['batch'], spec['dtype']
     config.grad_accum_steps = 1
-    if spec['framework'] == 'jax' and spec['variant'] not in ('deploy', 'apply'):
+    if spec['framework'] == 'jax' and spec['variant'] not in WHOLE_MODEL_VARIANTS:
         config.model_overrides.depthwise_impl = spec['variant']
     return config
 
@@ -204,8 +213,9 @@ class _JaxRunner:
         process.fast_cpu_defaults()   # before the backend starts, as this project's commands do
         self.jax = jax
         self.chunk = None
+        self.bound = False
         dtype = jnp.bfloat16 if spec['dtype'] == 'bfloat16' else jnp.float32
-        impl = 'auto' if spec['variant'] in ('deploy', 'apply') else spec['variant']
+        impl = 'auto' if spec['variant'] in WHOLE_MODEL_VARIANTS else spec['variant']
         if impl == 'native' and jax.default_backend() != 'cpu':
             raise Skip(f"the native depthwise kernels are CPU-only (backend: {jax.default_backend()})")
         rng = np.random.default_rng(0)
@@ -233,19 +243,22 @@ class _JaxRunner:
             from ghostnetv2_jax import runtime
             model = create_model(spec['model'], depthwise_impl=impl, dtype=dtype)
             variables = xla_options.run_once(lambda r: init_variables(model, r, spec['size']), jax.random.PRNGKey(0))
-            if spec['variant'] == 'deploy':
+            if spec['variant'] in ('deploy', 'bound-deploy'):
                 model, variables = runtime.fold_batchnorm(model, variables)
             chunk = spec.get('chunk', 'auto')
             chunk = chunk if chunk == 'auto' else int(chunk)
             self.chunk = runtime.resolve_chunk(chunk, jax.default_backend())
             self.variables, self.images = variables, images
             t0 = time.perf_counter()
+            options = xla_options.compiler_options(train=False) if project else None
+            self.bound = spec['variant'] in ('bound', 'bound-deploy')
             if spec['variant'] == 'apply':   # what a user writes first: no predict_fn, XLA's options
                 fn = jax.jit(model.apply)
+            elif self.bound:                 # the weights compiled in: a call passes the images
+                fn = jax.jit(runtime.bound_predict_fn(model, variables, chunk), compiler_options=options)
             else:
-                fn = jax.jit(runtime.predict_fn(model, chunk),
-                             compiler_options=xla_options.compiler_options(train=False) if project else None)
-            self.compiled = fn.lower(variables, images).compile()
+                fn = jax.jit(runtime.predict_fn(model, chunk), compiler_options=options)
+            self.compiled = fn.lower(*(() if self.bound else (variables,)), images).compile()
         self.compile_s = time.perf_counter() - t0
         self.train = spec['mode'] == 'train'
         self.device = jax.devices()[0]
@@ -254,6 +267,8 @@ class _JaxRunner:
         if self.train:
             self.state, metrics = self.compiled(self.state, self.batch)   # the state is donated
             self.jax.block_until_ready((self.state, metrics))
+        elif self.bound:
+            self.jax.block_until_ready(self.compiled(self.images))
         else:
             self.jax.block_until_ready(self.compiled(self.variables, self.images))
 

@@ -5,8 +5,9 @@ the ``predict`` command).
 weights (model name and overrides in the file), a PyTorch file with a model name, or a training
 workdir. Images are read with Pillow and preprocessed as the model is evaluated: the
 registered model's eval preprocessing (224 px, crop 0.875, bicubic, ImageNet mean/std), or a
-workdir's own data settings. Inference is ``predict_fn(model)``, jitted, over batches of a fixed
-size (the last one padded) so that one compiled program serves every batch.
+workdir's own data settings. Inference is ``bound_predict_fn(model, variables)``, jitted (the
+weights compiled in), over batches of a fixed size (the last one padded) so that one compiled
+program serves every batch.
 
 Class names: a workdir's are its dataset's (WordNet ids of ImageNet become readable names); a
 checkpoint with 1000 classes and no dataset gets ImageNet-1k's (``data/imagenet_class_names.txt``);
@@ -171,7 +172,8 @@ def top_k(probs: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
 @dataclasses.dataclass(frozen=True)
 class Classifier:
     """A loaded checkpoint ready to classify: ``probabilities(images)`` is softmax of the logits
-    of ``predict_fn(model)``, jitted; ``preprocessing`` is what ``preprocess`` needs."""
+    of ``bound_predict_fn(model, variables)``, jitted (the weights compiled in);
+    ``preprocessing`` is what ``preprocess`` needs."""
     model_name: str
     model: Any
     variables: Any
@@ -180,7 +182,7 @@ class Classifier:
     forward: Callable
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        return np.asarray(self.forward(self.variables, images))
+        return np.asarray(self.forward(images))
 
 
 def load_classifier(source: str, model_name: Optional[str] = None, ema: bool = False,
@@ -196,13 +198,12 @@ def classifier_of(w) -> Classifier:
     import jax
     import jax.numpy as jnp
     from ghostnetv2_jax import xla_options
-    from ghostnetv2_jax.runtime import predict_fn
+    from ghostnetv2_jax.runtime import bound_predict_fn
 
-    model = w.model()
-    logits = predict_fn(model)
-    forward = xla_options.jit(lambda v, x: jax.nn.softmax(logits(v, x).astype(jnp.float32), axis=-1),
-                              train=False)
-    return Classifier(w.model_name, model, jax.device_put(w.variables),
+    model, variables = w.model(), jax.device_put(w.variables)
+    logits = bound_predict_fn(model, variables)
+    forward = xla_options.jit(lambda x: jax.nn.softmax(logits(x).astype(jnp.float32), axis=-1), train=False)
+    return Classifier(w.model_name, model, variables,
                       eval_preprocessing(w.model_name, None if w.config is None else w.config['data']),
                       class_names(model.num_classes, w.config), forward)
 

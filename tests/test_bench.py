@@ -25,8 +25,9 @@ def test_smoke_run_writes_json_and_markdown_with_ratios(tmp_path):
     assert report['machine']['usable_cpus'] == len(os.sched_getaffinity(0)) == report['machine']['torch_threads']
     assert report['config']['rounds'] == 2 and report['command'].startswith('ghostnetv2-jax bench')
     by_label = {r['label']: r for r in report['results']}
-    assert set(by_label) == {'jax:native:float32', 'jax:apply:float32', 'torch:nchw:float32',
-                             'torch:channels_last:float32'}   # apply: plain jax.jit(model.apply)
+    assert set(by_label) == {'jax:native:float32', 'jax:apply:float32', 'jax:bound:float32', 'torch:nchw:float32',
+                             'torch:channels_last:float32'}   # apply: plain jax.jit(model.apply); bound:
+    # bound_predict_fn, the weights compiled in
     for r in by_label.values():
         assert 'error' not in r, r.get('error')
         assert len(r['times']) == 2 and len(r['img_per_s_rounds']) == 2     # 2 rounds x 1 repeat
@@ -63,10 +64,10 @@ def test_plan_alternates_every_contender_of_a_group():
     groups = bench.plan(args)
     assert [(g.batch, g.mode) for g in groups] == [(1, 'infer'), (1, 'train'), (32, 'infer'), (32, 'train')]
     infer = [c.label for c in groups[0].contenders]
-    assert infer == ['jax:shift:float32', 'jax:xla:float32', 'jax:deploy:float32', 'jax:apply:float32',
-                     'torch:nchw:float32', 'torch:channels_last:float32']
+    assert infer == ['jax:shift:float32', 'jax:xla:float32', 'jax:deploy:float32', 'jax:bound:float32',
+                     'jax:bound-deploy:float32', 'jax:apply:float32', 'torch:nchw:float32', 'torch:channels_last:float32']
     train = [c.label for c in groups[1].contenders]
-    assert 'jax:deploy:float32' not in train and 'jax:apply:float32' not in train   # inference only
+    assert not {'jax:deploy:float32', 'jax:apply:float32', 'jax:bound:float32'} & set(train)   # inference only
 
 
 def test_plan_adds_xla_default_contenders_on_request():
@@ -82,8 +83,9 @@ def test_plan_times_inference_chunkings_on_request_and_train_once():
         ['--batches', '8', '--dtypes', 'float32', '--impls', 'native', '--chunks', 'auto,0', '--no-torch'])
     infer, train = bench.plan(args)
     assert [c.label for c in infer.contenders] == [
-        'jax:native:float32', 'jax:deploy:float32', 'jax:native+chunk0:float32', 'jax:deploy+chunk0:float32',
-        'jax:apply:float32']   # plain jax.jit(model.apply): once, it has no chunking
+        'jax:native:float32', 'jax:deploy:float32', 'jax:bound:float32', 'jax:bound-deploy:float32',
+        'jax:native+chunk0:float32', 'jax:deploy+chunk0:float32', 'jax:bound+chunk0:float32',
+        'jax:bound-deploy+chunk0:float32', 'jax:apply:float32']   # plain jax.jit(model.apply): once, it has no chunking
     assert [c.label for c in train.contenders] == ['jax:native:float32']   # a train step is never chunked
 
 

@@ -327,3 +327,20 @@ def test_eval_step_sums_are_the_same_chunked():
     got = jax.jit(make_eval_step(model, 4), compiler_options=O0)(variables, batch)
     assert float(got['count']) == 9.0
     chex.assert_trees_all_close(got, ref, rtol=TOLERANCE)
+
+
+@pytest.mark.parametrize('folded', [False, True])
+def test_bound_predict_fn_takes_only_the_images_and_gives_predict_fns_numbers(folded):
+    """The weights are part of the compiled program: its one argument is the images. The numbers
+    are predict_fn's (the eval model's BatchNorm affines, computed while compiling, within an ulp
+    of XLA's at run time)."""
+    model, variables, images = _setup(batch=3)
+    if folded:
+        model, variables = runtime.fold_batchnorm(model, variables)
+    bound = jax.jit(runtime.bound_predict_fn(model, variables), compiler_options=O0)
+    assert len(jax.tree.leaves(bound.lower(images).args_info)) == 1
+    want = jax.jit(runtime.predict_fn(model), compiler_options=O0)(variables, images)
+    assert float(jnp.abs(want).max()) > 0.1
+    assert rel_err(bound(images), want) <= 1e-6
+    features = runtime.bound_predict_fn(model, variables, method='forward_features')
+    assert jax.jit(features)(images).shape == model.apply(variables, images, method='forward_features').shape

@@ -53,6 +53,9 @@ def build_parser() -> Parser:
                    help='infer: also time plain jax.jit(model.apply) (no predict_fn)')
     p.add_argument('--deploy', action=argparse.BooleanOptionalAction, default=True,
                    help='also time the BN-folded inference model (ghostnetv2_jax.fold_batchnorm)')
+    p.add_argument('--bound', action=argparse.BooleanOptionalAction, default=True,
+                   help='infer: also time bound_predict_fn (the weights compiled into the program) of '
+                        'the eval model and, with --deploy, of the BN-folded one')
     p.add_argument('--layouts', type=_csv(str, TORCH_LAYOUTS), default=list(TORCH_LAYOUTS))
     p.add_argument('--runtimes', type=_csv(str, RUNTIMES), default=list(RUNTIMES),
                    help='the deploy mode\'s runtimes, each with --threads threads')

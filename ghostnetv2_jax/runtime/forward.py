@@ -57,3 +57,18 @@ def predict_fn(model, chunk: Chunk = 'auto', fuse: bool = True, method: Method =
     def predict(variables, images):
         return jax.lax.platform_dependent(variables, images, cpu=cpu, default=default)
     return predict
+
+
+def bound_predict_fn(model, variables, chunk: Chunk = 'auto', fuse: bool = True, method: Method = '__call__',
+                     **method_kwargs) -> Callable[[jax.Array], Any]:
+    """``images -> predict_fn(model, ...)(variables, images)`` for one fixed set of variables:
+    the deploy form of ``predict_fn``. Jitted, the variables are constants of the compiled
+    program, as in a deployment runtime's compiled model: a call passes only the images (not
+    hundreds of variable arrays), and what depends on the variables alone (the eval model's
+    BatchNorm affines) is computed once, when compiling. Each set of variables compiles its own
+    program, which holds its own copy of them. Same numbers as ``predict_fn``."""
+    forward = predict_fn(model, chunk, fuse, method, **method_kwargs)
+
+    def predict(images):
+        return forward(variables, images)
+    return predict
