@@ -292,8 +292,15 @@ def test_deploy_mode_times_our_onnx_against_timms_in_each_runtime(tmp_path):
     assert bench_cli.main(argv) == 0
     report = json.loads((out / 'bench.json').read_text())
     by_label = {r['label']: r for r in report['results']}
-    assert list(by_label) == [f'{rt}:{v}:float32' for rt in bench.RUNTIMES for v in ('ours', 'timm')]
+    assert list(by_label) == ['jax:bound-deploy:float32'] + [f'{rt}:{v}:float32' for rt in bench.RUNTIMES
+                                                             for v in ('ours', 'timm')]
     md = (out / 'bench.md').read_text()
+    # this project's deploy form (bound_predict_fn, BN folded) in the same rounds, over the fastest runtime
+    jax_res = by_label.pop('jax:bound-deploy:float32')
+    fastest = max(by_label.values(), key=lambda r: r['img_per_s'])
+    assert jax_res['runtime_best'] == fastest['label'] and 'ratio_vs_timm_best' not in jax_res
+    assert jax_res['ratio_vs_runtime_best'] == pytest.approx(jax_res['img_per_s'] / fastest['img_per_s'])
+    assert f'{jax_res["ratio_vs_runtime_best"]:.2f}x {fastest["label"]}' in md
     for rt in bench.RUNTIMES:
         ours, timm = by_label[f'{rt}:ours:float32'], by_label[f'{rt}:timm:float32']
         for r in (ours, timm):
@@ -317,8 +324,10 @@ def test_deploy_mode_is_opt_in_and_follows_runtimes_and_torch():
     assert parse([]).modes == ['infer', 'train']
     (group,) = bench.plan(parse(['--batches', '1', '--modes', 'deploy', '--dtypes', 'bfloat16']))
     assert [c.label for c in group.contenders] == [
-        'onnxruntime:ours:float32', 'onnxruntime:timm:float32', 'openvino:ours:float32', 'openvino:timm:float32']
-    (group,) = bench.plan(parse(['--batches', '1', '--modes', 'deploy', '--runtimes', 'openvino', '--no-torch']))
+        'jax:bound-deploy:float32', 'onnxruntime:ours:float32', 'onnxruntime:timm:float32', 'openvino:ours:float32',
+        'openvino:timm:float32']
+    (group,) = bench.plan(parse(['--batches', '1', '--modes', 'deploy', '--runtimes', 'openvino', '--no-torch',
+                                 '--no-bound']))
     assert [c.label for c in group.contenders] == ['openvino:ours:float32']
 
 
