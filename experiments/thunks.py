@@ -1,11 +1,13 @@
 """Where the time of one ``predict_fn`` call goes on CPU: XLA's thunks by kind, from a profile.
 
   python experiments/thunks.py [--model ghostnetv2_100] [--batch 1] [--size 224] \
-      [--forms eval,folded] [--calls 40] [--rounds 300] [--out FILE.md]
+      [--forms eval,folded,bound,bound-folded] [--calls 40] [--rounds 300] [--out FILE.md]
 
-Each form is ``jax.jit(ghostnetv2_jax.predict_fn(model))`` called as a user calls it, with the
-variables as arguments: ``eval`` is the model with its BatchNorm, ``folded`` the deploy form
-(``fold_batchnorm``). The process is set up as this project's commands set it up
+Each form is called as a user calls it: ``eval`` and ``folded`` are
+``jax.jit(ghostnetv2_jax.predict_fn(model))`` with the variables as arguments, of the model with
+its BatchNorm and of the BN-folded one (``fold_batchnorm``); ``bound`` and ``bound-folded`` are
+``jax.jit(ghostnetv2_jax.bound_predict_fn(model, variables))`` of the same two, the weights
+compiled in (a call passes the images). The process is set up as this project's commands set it up
 (``fast_cpu_defaults()``). For each form: the median wall time of a call (a copy compiled with
 XLA's defaults; ``--rounds`` rounds of one call of every form, ``measure.interleaved_ms``, the cost
 table's method), then ``--calls`` calls of a copy
@@ -37,7 +39,7 @@ if str(REPO) not in sys.path:   # run as a script from any cwd: the checkout's p
 
 from ghostnetv2_jax import fast_cpu_defaults  # noqa: E402
 
-FORMS = ('eval', 'folded')
+FORMS = ('eval', 'folded', 'bound', 'bound-folded')
 # Control flow: its events enclose the thunks of its body, which are counted themselves.
 CONTROL = re.compile(r'(while|conditional|call)(\.\d+)?$')
 
@@ -107,33 +109,36 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     from experiments import measure
     from experiments.sweep import code_version
-    from ghostnetv2_jax import create_model, fold_batchnorm, predict_fn
+    from ghostnetv2_jax import bound_predict_fn, create_model, fold_batchnorm, predict_fn
 
     model = create_model(args.model)
     variables = measure.random_variables(model, args.size)
     images = jnp.zeros((args.batch, args.size, args.size, 3), jnp.float32)
     compiled = {}
     for form in forms:
-        m, v = (model, variables) if form == 'eval' else fold_batchnorm(model, variables)
-        lowered = jax.jit(predict_fn(m)).lower(v, images)
+        m, v = (model, variables) if form in ('eval', 'bound') else fold_batchnorm(model, variables)
+        if form.startswith('bound'):   # the weights compiled in: a call passes the images
+            lowered, call_args = jax.jit(bound_predict_fn(m, v)).lower(images), (images,)
+        else:
+            lowered, call_args = jax.jit(predict_fn(m)).lower(v, images), (v, images)
         timed, traced = lowered.compile(), lowered.compile({'xla_cpu_enable_xprof_traceme': True})
-        jax.block_until_ready(timed(v, images))
-        jax.block_until_ready(traced(v, images))
-        compiled[form] = (timed, traced, v, len(jax.tree_util.tree_leaves(v)))
-    walls = measure.interleaved_ms({form: (lambda c=compiled[form]: c[0](c[2], images)) for form in forms}, args.rounds)
+        jax.block_until_ready(timed(*call_args))
+        jax.block_until_ready(traced(*call_args))
+        compiled[form] = (timed, traced, call_args, len(jax.tree_util.tree_leaves(call_args)))
+    walls = measure.interleaved_ms({form: (lambda c=compiled[form]: c[0](*c[2])) for form in forms}, args.rounds)
 
     lines = [f'`predict_fn({args.model})`, batch {args.batch}, {args.size}x{args.size}, float32, '
              f'{jax.device_count()} CPU device(s); code `{code_version()}`; load average before '
              f'the profiles {os.getloadavg()[0]:.2f}.', '']
     for form in forms:
-        timed, traced, v, leaves = compiled[form]
+        timed, traced, call_args, leaves = compiled[form]
         text = traced.as_text()
-        rows = thunk_table(profile(traced, (v, images), args.calls), _targets(text), args.calls, _instructions(text))
+        rows = thunk_table(profile(traced, call_args, args.calls), _targets(text), args.calls, _instructions(text))
         wall = 1e3 * statistics.median(walls[form])
         total = sum(us for _, _, us in rows)
         outside = (f'outside them {(wall - total) / 1e3:.2f} ms (arguments, dispatch, the gaps between thunks)'
                    if wall >= total else 'their sum exceeds the wall time: independent thunks ran at once')
-        lines += [f'**{form}** ({leaves} variable arrays as arguments): {wall / 1e3:.2f} ms a call '
+        lines += [f'**{form}** ({leaves} array{"s" if leaves != 1 else ""} as arguments): {wall / 1e3:.2f} ms a call '
                   f'(median of {args.rounds} interleaved rounds); thunks {total / 1e3:.2f} ms in '
                   f'{sum(n for _, n, _ in rows)} thunks; {outside}.', '',
                   '| kind | thunks per call | us per call | share of the thunks |', '|---|---:|---:|---:|']

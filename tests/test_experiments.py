@@ -185,13 +185,14 @@ def test_costs_table_on_a_tiny_model(tmp_path):
 
 def test_thunk_profile_groups_a_calls_thunks_by_kind_and_rejects_unknown_forms(tmp_path, capsys):
     out = tmp_path / 'thunks.md'
-    assert thunks.main(['--size', '64', '--forms', 'eval', '--rounds', '1', '--calls', '2', '--out', str(out)]) == 0
+    assert thunks.main(['--size', '64', '--forms', 'eval,bound', '--rounds', '1', '--calls', '2', '--out', str(out)]) == 0
     md = out.read_text()
     rows = [line.split(' | ') for line in md.splitlines() if line.startswith('| ') and not line.startswith('| kind')]
     kinds = {r[0].lstrip('| ') for r in rows}
     assert 'native op gnv2_stem_conv' in kinds and any(k.startswith('XLA ') for k in kinds)
     assert all(int(r[1]) > 0 and float(r[2]) >= 0 for r in rows if not r[0].endswith('(the rest)'))
-    assert '642 variable arrays as arguments' in md and 'ms a call' in md
+    assert '**eval** (643 arrays as arguments)' in md and 'ms a call' in md   # 642 variables, the images
+    assert '**bound** (1 array as arguments)' in md   # bound_predict_fn: the images alone
     assert thunks.main(['--forms', 'eval,deploy']) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('error: --forms')
