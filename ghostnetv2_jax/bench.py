@@ -13,8 +13,9 @@ trainer's own step against timm's equivalent, both set up from ``--train-config`
 deploy`` (not in the default modes) times this project's ONNX export (``export.to_bytes``) against
 timm's ``torch.onnx.export`` of the same weights in ONNX Runtime and OpenVINO (``--runtimes``),
 float32, and in the same rounds (``--bound``) this project's own deploy form,
-``bound_predict_fn`` of the BN-folded model, reported over the fastest runtime. ``--modes pipeline`` (not in the default modes either) times input pipelines, no model:
-this project's ``data.create_split`` with the recipe's train and eval transforms against timm's
+``bound_predict_fn`` of the BN-folded model, reported over the fastest runtime. ``--modes
+pipeline`` (not in the default modes either) times input pipelines, no model: this project's
+``data.create_split`` with the recipe's train and eval transforms against timm's
 ``create_loader`` with the same ones, over a JPEG folder derived from one photograph
 (bench_pipeline.py: generated in ``--pipeline-data`` or a temporary directory, or a user's folder)
 and over the same files as tfds records; every pipeline uses all usable cores and is stopped
@@ -118,7 +119,7 @@ def plan(args) -> List[Group]:
                 if mode == 'deploy':     # float32 ONNX files, whatever --dtypes says
                     variants = DEPLOY_VARIANTS if args.torch else ('ours',)
                     cs = [Contender(rt, v, 'float32') for rt in args.runtimes for v in variants]
-                    if getattr(args, 'bound', False):   # this project's own deploy form, in the same rounds
+                    if args.bound:   # this project's own deploy form, in the same rounds
                         cs.insert(0, Contender('jax', 'bound-deploy', 'float32'))
                     groups.append(Group(model, batch, mode, tuple(cs)))
                     continue
@@ -130,7 +131,7 @@ def plan(args) -> List[Group]:
                             cs += [Contender('jax', impl, dtype, opts, chunk) for impl in args.impls]
                             if args.deploy and mode == 'infer':
                                 cs.append(Contender('jax', 'deploy', dtype, opts, chunk))
-                            if getattr(args, 'bound', False) and mode == 'infer':
+                            if args.bound and mode == 'infer':
                                 cs += [Contender('jax', v, dtype, opts, chunk)
                                        for v in ('bound', 'bound-deploy')[:1 + bool(args.deploy)]]
                     if args.apply and mode == 'infer':

@@ -68,11 +68,12 @@ class _QuietBackgroundSaveFailures(logging_std.Filter):
 
 
 class _QuietUnretrievedSaveTasks(logging_std.Filter):
-    """Drops asyncio's "Task exception was never retrieved" records for orbax's write tasks: when
-    a save fails (a full disk), the tasks left unawaited log their error, with a traceback, once
-    the garbage collector reaches them, at a moment that depends on the collector. The failure
-    itself is raised by ``Checkpoints.wait`` as one ``CheckpointSaveError`` line. Other asyncio
-    records pass, and all of them do at debug verbosity."""
+    """Drops the asyncio records whose traceback runs through orbax's checkpoint code: when a
+    save fails (a full disk), orbax's write tasks left unawaited log "Task exception was never
+    retrieved" with a traceback once the garbage collector reaches them, at a moment that depends
+    on the collector. The failure itself is raised by ``Checkpoints.wait`` as one
+    ``CheckpointSaveError`` line. Every other asyncio record passes, and all of them do at debug
+    verbosity."""
 
     def filter(self, record: logging_std.LogRecord) -> bool:
         if logging.get_verbosity() >= logging.DEBUG or not record.exc_info:
